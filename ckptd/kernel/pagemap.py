@@ -1,0 +1,178 @@
+"""PAGEMAP_SCAN on /proc/PID/pagemap: every matching region exactly once.
+
+The ioctl may stop early for three reasons: the output vector is full (vec_len), the page
+budget is used up (max_pages), or the walk finished. Linux 6.18 leaves `walk_end` stale
+when one call returns more than 512 regions (it is only updated when the kernel's internal
+512-entry buffer is flushed), so completion is decided from the counts instead:
+fewer regions than vec_len and budget not reached means the range is done; otherwise the
+next call starts at the end of the last region returned. Pages after that point were not
+reported, so (with PM_SCAN_WP_MATCHING) they were not write-protected either, and are
+reported by the next call: nothing is lost, nothing is reported twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import abi
+from .syscalls import ioctl
+
+Region = tuple[int, int, int]
+"""(start, end exclusive, categories) as reported by the kernel."""
+
+DEFAULT_VEC_LEN = 4096
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which pages match, in the kernel's terms (see docs/kernel.md)."""
+
+    category_mask: int = 0
+    category_inverted: int = 0
+    category_anyof_mask: int = 0
+    return_mask: int = 0
+    flags: int = 0
+
+
+# Pages worth dumping (CRIU's rule): present or swapped, not file-backed, not the zero page.
+_NOT_FILE_NOT_ZERO = abi.PAGE_IS_PFNZERO | abi.PAGE_IS_FILE
+DUMPABLE = Query(
+    category_mask=_NOT_FILE_NOT_ZERO,
+    category_inverted=_NOT_FILE_NOT_ZERO,
+    category_anyof_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED,
+    return_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED,
+)
+# Same, but only pages written since they were last write-protected, and write-protect them
+# again in the same call: the atomic get-and-clear.
+WRITTEN_GET_AND_CLEAR = Query(
+    category_mask=_NOT_FILE_NOT_ZERO | abi.PAGE_IS_WRITTEN,
+    category_inverted=_NOT_FILE_NOT_ZERO,
+    category_anyof_mask=abi.PAGE_IS_PRESENT | abi.PAGE_IS_SWAPPED,
+    return_mask=abi.PAGE_IS_WRITTEN,
+    flags=abi.PM_SCAN_WP_MATCHING,
+)
+# Ranges registered for async write-protect (a per-VMA property).
+WP_ALLOWED = Query(
+    category_mask=abi.PAGE_IS_WPALLOWED,
+    return_mask=abi.PAGE_IS_WPALLOWED,
+)
+
+
+@dataclass
+class ScanResult:
+    regions: list[Region] = field(default_factory=list)
+    pages: int = 0
+    calls: int = 0
+    # True when the page budget stopped the scan before the end of the ranges; the
+    # unreported pages keep their state for the next scan.
+    truncated: bool = False
+    # Address to resume from when truncated.
+    resume_at: int | None = None
+
+
+class Pagemap:
+    """An open /proc/PID/pagemap. Needs ptrace-read access to PID."""
+
+    def __init__(self, pid: int, vec_len: int = DEFAULT_VEC_LEN) -> None:
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._vec_len = vec_len
+        self._vec = (abi.PageRegion * vec_len)()
+        self._words = memoryview(self._vec).cast("B").cast("Q")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Pagemap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, start: int, end: int, query: Query, vec_len: int, max_pages: int) -> tuple[
+        list[Region], int
+    ]:
+        """One raw ioctl. Returns (regions, walk_end). vec_len <= the buffer size."""
+        if vec_len > self._vec_len:
+            raise ValueError("vec_len larger than the buffer")
+        arg = abi.PmScanArg(
+            size=ctypes.sizeof(abi.PmScanArg),
+            flags=query.flags,
+            start=start,
+            end=end,
+            walk_end=0,
+            vec=ctypes.addressof(self._vec),
+            vec_len=vec_len,
+            max_pages=max_pages,
+            category_inverted=query.category_inverted,
+            category_mask=query.category_mask,
+            category_anyof_mask=query.category_anyof_mask,
+            return_mask=query.return_mask,
+        )
+        n = ioctl(self.fd, abi.PAGEMAP_SCAN, arg)
+        flat = self._words[: 3 * n].tolist()
+        return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * n, 3)], arg.walk_end
+
+    def scan(
+        self,
+        ranges: Iterable[tuple[int, int]],
+        query: Query,
+        max_pages: int = 0,
+        vec_len: int | None = None,
+    ) -> ScanResult:
+        """Scan each [start, end) in order, reporting every matching region exactly once.
+
+        max_pages bounds the total over all ranges (0 = unbounded). Adjacent regions with
+        equal categories are merged.
+        """
+        vec_len = vec_len or self._vec_len
+        result = ScanResult()
+        out = result.regions
+        for start, end in ranges:
+            pos = start
+            while pos < end:
+                budget = max_pages - result.pages if max_pages else 0
+                regions, _walk_end = self.call(pos, end, query, vec_len, budget)
+                result.calls += 1
+                got = 0
+                for r_start, r_end, cats in regions:
+                    got += (r_end - r_start) >> abi.PAGE_SHIFT
+                    if out and out[-1][1] == r_start and out[-1][2] == cats:
+                        out[-1] = (out[-1][0], r_end, cats)
+                    else:
+                        out.append((r_start, r_end, cats))
+                result.pages += got
+                if max_pages and result.pages >= max_pages:
+                    result.truncated = True
+                    result.resume_at = regions[-1][1] if regions else pos
+                    return result
+                if len(regions) < vec_len:
+                    break  # the walk reached `end`; walk_end is not trusted (see above)
+                pos = regions[-1][1]
+        return result
+
+
+def probe_scan(pid: int, category_mask: int) -> tuple[bool, str]:
+    """Can this kernel do PAGEMAP_SCAN with these category bits? (False, reason) if not."""
+    try:
+        pm = Pagemap(pid, vec_len=16)
+    except OSError as e:
+        return False, f"cannot open /proc/{pid}/pagemap: {e.strerror}"
+    try:
+        pm.call(0, abi.PAGE_SIZE, Query(category_mask=category_mask, return_mask=category_mask),
+                16, 0)
+    except OSError as e:
+        if e.errno == errno.ENOTTY:
+            return False, "PAGEMAP_SCAN not supported by this kernel (ENOTTY; needs Linux 6.7+)"
+        if e.errno == errno.EINVAL:
+            return False, f"PAGEMAP_SCAN rejects category mask {category_mask:#x} (EINVAL)"
+        return False, f"PAGEMAP_SCAN failed: {e.strerror}"
+    finally:
+        pm.close()
+    return True, "supported"

@@ -1,0 +1,147 @@
+"""Readers for /proc/PID files: maps, status, stat, fds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# Kernel-provided special mappings that are not process memory to checkpoint.
+SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]", "[uprobes]"})
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    perms: str  # "rwxp" style, as in /proc/PID/maps
+    offset: int
+    dev: str
+    inode: int
+    path: str | None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3] == "p"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def special(self) -> bool:
+        return self.path in SPECIAL_MAPPINGS
+
+    @property
+    def file_backed(self) -> bool:
+        return self.inode != 0
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    with open(f"/proc/{pid}/maps", "rb") as f:
+        data = f.read().decode("utf-8", "surrogateescape")
+    out: list[Mapping] = []
+    for line in data.splitlines():
+        parts = line.split(None, 5)
+        lo, hi = parts[0].split("-")
+        path = parts[5] if len(parts) > 5 else None
+        out.append(
+            Mapping(
+                start=int(lo, 16),
+                end=int(hi, 16),
+                perms=parts[1],
+                offset=int(parts[2], 16),
+                dev=parts[3],
+                inode=int(parts[4]),
+                path=path,
+            )
+        )
+    return out
+
+
+def read_status(pid: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def read_stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat, 1-based numbering as in proc(5) (index 0 is the pid)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read().decode("utf-8", "surrogateescape")
+    # comm may contain spaces and parentheses: split around the last ')'.
+    head, _, tail = raw.rpartition(")")
+    pid_s, _, comm = head.partition(" (")
+    return [pid_s, comm, *tail.split()]
+
+
+def process_state(pid: int) -> str:
+    """One-letter state from /proc/PID/stat (R, S, D, T, t, Z, ...)."""
+    return read_stat_fields(pid)[2]
+
+
+def start_time(pid: int) -> int:
+    """Start time in clock ticks since boot; with the pid, identifies a process."""
+    return int(read_stat_fields(pid)[21])
+
+
+def mm_fingerprint(pid: int) -> str:
+    """Addresses the kernel fixes at exec (stack, brk, args, env). They change when the
+    process execs (a new mm), and stay put otherwise."""
+    f = read_stat_fields(pid)
+    # 28 startstack, 47 start_brk, 48 arg_start, 50 env_start (proc(5) numbering).
+    return ":".join(f[i] for i in (27, 46, 47, 49))
+
+
+def thread_ids(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    out: dict[int, str] = {}
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            out[int(name)] = os.readlink(f"{base}/{name}")
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def fd_flags(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise ValueError(f"no flags in /proc/{pid}/fdinfo/{fd}")
+
+
+def userfaultfd_fds(pid: int) -> list[int]:
+    return sorted(fd for fd, t in fd_targets(pid).items() if t == "anon_inode:[userfaultfd]")
+
+
+def uffd_vma_flags(pid: int) -> list[tuple[int, int, set[str]]]:
+    """VMAs whose VmFlags show userfaultfd registration (um, uw, ui) in /proc/PID/smaps."""
+    out: list[tuple[int, int, set[str]]] = []
+    start = end = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0] if line.strip() else ""
+            if "-" in first and not first.endswith(":"):
+                lo, hi = first.split("-")
+                start, end = int(lo, 16), int(hi, 16)
+            elif first == "VmFlags:":
+                flags = set(line.split()[1:]) & {"um", "uw", "ui"}
+                if flags:
+                    out.append((start, end, flags))
+    return out

@@ -1,0 +1,219 @@
+"""ptrace: freeze every thread of a process, and inject one syscall into it.
+
+Only PTRACE_SEIZE is used: if ckptd dies, the kernel detaches and every thread resumes
+(a thread that was in group-stop before stays stopped). Signals that arrive while a thread
+is held are remembered and handed back on detach, so the target never loses one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+
+from . import abi, procfs
+from .syscalls import ptrace
+
+
+class TargetGone(Exception):
+    """The target process exited (or its thread did) while we were working on it."""
+
+
+@dataclass
+class _Thread:
+    tid: int
+    pending_signal: int = 0  # a signal intercepted in signal-delivery-stop, re-sent on detach
+    stopped: bool = False
+
+
+@dataclass
+class Freezer:
+    """Holds every thread of `pid` in a ptrace stop. Use as a context manager."""
+
+    pid: int
+    suspend_seccomp: bool = False
+    threads: dict[int, _Thread] = field(default_factory=dict)
+
+    def __enter__(self) -> Freezer:
+        self.freeze()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thaw()
+
+    def _seize(self, tid: int) -> bool:
+        options = abi.PTRACE_O_SUSPEND_SECCOMP if self.suspend_seccomp else 0
+        try:
+            ptrace(abi.PTRACE_SEIZE, tid, 0, options)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                return False  # thread exited between listing and seizing
+            raise
+        self.threads[tid] = _Thread(tid)
+        try:
+            ptrace(abi.PTRACE_INTERRUPT, tid)
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise
+        return True
+
+    def _wait_stop(self, th: _Thread) -> None:
+        while not th.stopped:
+            try:
+                _, status = os.waitpid(th.tid, abi.WAIT_ALL_THREADS)
+            except ChildProcessError:
+                del self.threads[th.tid]
+                if th.tid == self.pid:
+                    raise TargetGone(f"process {self.pid} exited") from None
+                return
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                del self.threads[th.tid]
+                if th.tid == self.pid:
+                    raise TargetGone(f"process {self.pid} exited")
+                return
+            if not os.WIFSTOPPED(status):
+                continue
+            sig = os.WSTOPSIG(status)
+            event = status >> 16
+            if event == 0 and sig != signal.SIGTRAP:
+                # Signal-delivery-stop: the signal is held back by this stop; hand it
+                # over at detach. The thread stays stopped here, which is all we need.
+                th.pending_signal = sig
+            th.stopped = True
+
+    def freeze(self) -> None:
+        try:
+            while True:
+                try:
+                    tids = procfs.thread_ids(self.pid)
+                except FileNotFoundError:
+                    raise TargetGone(f"process {self.pid} exited") from None
+                new = [t for t in tids if t not in self.threads]
+                if not new:
+                    break
+                for tid in new:
+                    self._seize(tid)
+                for tid in new:
+                    th = self.threads.get(tid)
+                    if th is not None:
+                        self._wait_stop(th)
+            if self.pid not in self.threads:
+                raise TargetGone(f"process {self.pid} exited")
+        except BaseException:
+            self.thaw()
+            raise
+
+    def thaw(self) -> None:
+        errors: list[BaseException] = []
+        for th in list(self.threads.values()):
+            if not th.stopped:
+                # Seized but never reported a stop: it must stop before it can be
+                # detached; the INTERRUPT is pending, so this wait is short.
+                try:
+                    self._wait_stop(th)
+                except TargetGone:
+                    continue
+                if th.tid not in self.threads:
+                    continue
+            try:
+                ptrace(abi.PTRACE_DETACH, th.tid, 0, th.pending_signal)
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    errors.append(e)
+        self.threads.clear()
+        if errors:
+            raise errors[0]
+
+    # --- syscall injection -----------------------------------------------------------
+
+    def inject_syscall(self, number: int, *args: int, tid: int | None = None) -> int:
+        """Run one syscall in the target (its main thread by default) and return its raw
+        result (negative errno on failure). Registers are restored exactly afterwards, so
+        an interrupted syscall restarts as if nothing happened."""
+        tid = tid or self.pid
+        th = self.threads[tid]
+        saved = abi.UserRegs()
+        ptrace(abi.PTRACE_GETREGS, tid, 0, saved)
+        insn_addr, borrowed = _syscall_instruction(self.pid, saved.rip)
+        try:
+            regs = abi.UserRegs()
+            ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
+            regs.rip = insn_addr
+            regs.rax = number
+            # orig_rax = -1: the kernel's syscall-restart logic must leave these
+            # registers alone when the thread leaves this stop.
+            regs.orig_rax = ctypes.c_ulong(-1).value
+            for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+                setattr(regs, name, ctypes.c_ulong(value).value)
+            ptrace(abi.PTRACE_SETREGS, tid, 0, regs)
+            try:
+                result = self._single_step_syscall(th, insn_addr)
+            finally:
+                ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
+        finally:
+            if borrowed is not None:
+                _write_mem(self.pid, insn_addr, borrowed)
+        return result
+
+    def _single_step_syscall(self, th: _Thread, insn_addr: int) -> int:
+        regs = abi.UserRegs()
+        for _ in range(64):
+            # A pending signal may be reported before the instruction runs; remember it
+            # (it is re-sent on detach) and step again.
+            ptrace(abi.PTRACE_SINGLESTEP, th.tid, 0, 0)
+            try:
+                _, status = os.waitpid(th.tid, abi.WAIT_ALL_THREADS)
+            except ChildProcessError:
+                raise TargetGone(f"thread {th.tid} exited during injection") from None
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self.threads.pop(th.tid, None)
+                raise TargetGone(f"process {self.pid} died during injection")
+            sig = os.WSTOPSIG(status)
+            ptrace(abi.PTRACE_GETREGS, th.tid, 0, regs)
+            if regs.rip == insn_addr + len(abi.SYSCALL_INSN):
+                if sig != signal.SIGTRAP and (status >> 16) == 0:
+                    th.pending_signal = th.pending_signal or sig
+                return ctypes.c_long(regs.rax).value
+            if (status >> 16) == 0 and sig != signal.SIGTRAP:
+                th.pending_signal = th.pending_signal or sig
+        raise RuntimeError(f"injected syscall in {th.tid} did not complete after 64 steps")
+
+
+def _read_mem(pid: int, addr: int, size: int) -> bytes:
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
+    finally:
+        os.close(fd)
+
+
+def _write_mem(pid: int, addr: int, data: bytes) -> None:
+    fd = os.open(f"/proc/{pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if os.pwrite(fd, data, addr) != len(data):
+            raise OSError(errno.EIO, f"short write restoring code at {addr:#x} in {pid}")
+    finally:
+        os.close(fd)
+
+
+def _syscall_instruction(pid: int, rip: int) -> tuple[int, bytes | None]:
+    """Address of a `syscall` instruction in the target. Prefers one that already exists in
+    an executable mapping (nothing written). Falls back to borrowing two bytes at rip,
+    returning the original bytes to put back."""
+    for m in procfs.read_maps(pid):
+        if m.perms[2] != "x" or m.path == "[vsyscall]":
+            continue
+        chunk = 1 << 20
+        for lo in range(m.start, m.end, chunk):
+            try:
+                data = _read_mem(pid, lo, min(chunk, m.end - lo))
+            except OSError:
+                break
+            i = data.find(abi.SYSCALL_INSN)
+            if i >= 0:
+                return lo + i, None
+    original = _read_mem(pid, rip, len(abi.SYSCALL_INSN))
+    _write_mem(pid, rip, abi.SYSCALL_INSN)
+    return rip, original
