@@ -19,10 +19,11 @@ from .syscalls import process_vm_readv
 Run = tuple[int, int]  # [start, end) in the target
 
 
-def alloc_buffer(size: int) -> mmap.mmap:
+def alloc_buffer(size: int, populate: bool = False) -> mmap.mmap:
     """An anonymous buffer of `size` bytes (>= 1), backed by transparent huge pages where
-    possible so that filling it costs few page faults."""
-    buf = mmap.mmap(-1, max(size, abi.PAGE_SIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    possible so that filling it costs few page faults; `populate` faults it in now."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
+    buf = mmap.mmap(-1, max(size, abi.PAGE_SIZE), flags=flags)
     if size >= (2 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     return buf

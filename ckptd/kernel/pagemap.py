@@ -176,3 +176,99 @@ def probe_scan(pid: int, category_mask: int) -> tuple[bool, str]:
     finally:
         pm.close()
     return True, "supported"
+
+
+# --- /proc/PID/pagemap entries (64-bit per page) -------------------------------------------
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_FILE = 1 << 61
+PM_UFFD_WP = 1 << 57
+PM_FRAME_MASK = (1 << 55) - 1
+SWP_TYPE_MASK = 0x1F
+# pte markers (uffd-wp on an unpopulated page) are swap entries of the last swap type.
+SWP_PTE_MARKER = 31
+
+
+def read_entries(pid: int, start: int, end: int) -> list[int]:
+    """Raw /proc/PID/pagemap entries for [start, end)."""
+    from array import array
+
+    n = (end - start) >> abi.PAGE_SHIFT
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = bytearray()
+        pos = (start >> abi.PAGE_SHIFT) * 8
+        want = n * 8
+        while len(raw) < want:
+            chunk = os.pread(fd, want - len(raw), pos + len(raw))
+            if not chunk:
+                break
+            raw += chunk
+    finally:
+        os.close(fd)
+    arr = array("Q")
+    arr.frombytes(bytes(raw[: len(raw) - len(raw) % 8]))
+    return arr.tolist()
+
+
+def _runs_where(start: int, flags: list[bool]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    run_start = -1
+    for i, f in enumerate(flags):
+        if f and run_start < 0:
+            run_start = i
+        elif not f and run_start >= 0:
+            out.append((start + (run_start << abi.PAGE_SHIFT), start + (i << abi.PAGE_SHIFT)))
+            run_start = -1
+    if run_start >= 0:
+        out.append((start + (run_start << abi.PAGE_SHIFT), start + (len(flags) << abi.PAGE_SHIFT)))
+    return out
+
+
+def split_swapped(pid: int, spans: Iterable[tuple[int, int]]) -> tuple[
+    list[tuple[int, int]], list[tuple[int, int]]
+]:
+    """Split pages that PAGEMAP_SCAN reports as SWAPPED (and not present) into
+    (may hold content, certainly empty).
+
+    PAGEMAP_SCAN reports a uffd-wp pte marker (a never-populated page under async
+    write-protect) as SWAPPED, like a real swap entry. /proc/PID/pagemap tells them apart by
+    the swap type, but only to a reader with CAP_SYS_ADMIN (otherwise the frame bits read
+    as 0): without it every page is returned as "may hold content", and reading it gives
+    its true content either way (zeros for a marker)."""
+    content: list[tuple[int, int]] = []
+    empty: list[tuple[int, int]] = []
+    for start, end in spans:
+        entries = read_entries(pid, start, end)
+        distinct = set(entries)
+        is_marker = {
+            v: bool(v & PM_SWAP) and not v & PM_PRESENT and (v & PM_FRAME_MASK) != 0
+            and (v & SWP_TYPE_MASK) == SWP_PTE_MARKER
+            for v in distinct
+        }
+        if all(is_marker.values()):
+            empty.append((start, end))
+        elif not any(is_marker.values()):
+            content.append((start, end))
+        else:
+            flags = [is_marker[v] for v in entries]
+            empty.extend(_runs_where(start, flags))
+            content.extend(_runs_where(start, [not f for f in flags]))
+    return content, empty
+
+
+def dumpable_from_entries(pid: int, spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pages worth dumping, from /proc/PID/pagemap alone (for kernels without
+    PAGEMAP_SCAN): present or swapped, and not a file/shared page. The zero page cannot be
+    told apart without PFNs, so it is included (it reads as zeros)."""
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        entries = read_entries(pid, start, end)
+        flags = [
+            bool(v & (PM_PRESENT | PM_SWAP)) and not v & PM_FILE
+            and not (v & PM_SWAP and (v & SWP_TYPE_MASK) == SWP_PTE_MARKER
+                     and v & PM_FRAME_MASK)
+            for v in entries
+        ]
+        out.extend(_runs_where(start, flags))
+    return out

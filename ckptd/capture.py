@@ -1,0 +1,276 @@
+"""One snapshot: identify -> arm -> (freeze -> harvest -> read -> thaw) -> select ->
+compress -> commit.
+
+The freeze covers only the scan and the copy: compression and fsync run after the thaw.
+Nothing becomes visible in the store until the data is durable and the metadata is
+published (Store.publish); any failure before that leaves no trace in the listing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from .errors import PermissionDenied, TargetGone, TargetNotFound, UserError
+from .intervals import Span, normalize, total
+from .kernel import abi, memread, pagemap, procfs
+from .kernel.ptrace import Freezer
+from .kernel.ptrace import TargetGone as PtraceTargetGone
+from .store import ChainInfo, SnapshotMeta, Store
+from .store.format import Counts, Timings, Vma
+from .store.writer import SnapshotWriter
+from .track.base import TrackContext, Tracker, capturable
+
+log = logging.getLogger(__name__)
+
+FrozenHook = Callable[[int, list[procfs.Mapping]], None]
+
+
+@dataclass
+class Identity:
+    pid: int
+    start_time: int
+    mm_fingerprint: str
+    comm: str
+    exe: str | None
+    cmdline: list[str]
+    uid: int
+
+
+def identify(pid: int) -> Identity:
+    """Who is PID, with clear errors for the usual mistakes."""
+    if pid <= 0:
+        raise UserError(f"{pid} is not a valid PID")
+    if pid == os.getpid():
+        raise UserError("ckptd cannot snapshot itself")
+    try:
+        fields = procfs.read_stat_fields(pid)
+    except FileNotFoundError:
+        raise TargetNotFound(f"no process with PID {pid}") from None
+    if fields[2] in ("Z", "X"):
+        raise TargetNotFound(f"process {pid} has exited (zombie)")
+    try:
+        os.close(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+        maps = procfs.read_maps(pid)
+    except PermissionError:
+        raise PermissionDenied(
+            f"no permission to trace PID {pid}: run ckptd as root or as the process's owner"
+        ) from None
+    except FileNotFoundError:
+        raise TargetNotFound(f"no process with PID {pid}") from None
+    if not maps:
+        raise UserError(f"PID {pid} is a kernel thread: it has no user memory to snapshot")
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    return Identity(
+        pid=pid,
+        start_time=int(fields[21]),
+        mm_fingerprint=procfs.mm_fingerprint(pid),
+        comm=fields[1],
+        exe=exe,
+        cmdline=cmdline,
+        uid=os.stat(f"/proc/{pid}").st_uid,
+    )
+
+
+class BufferPool:
+    """Reuses one capture buffer: fresh memory costs a page fault per page (about 7 us
+    on these machines), too much to pay inside the freeze."""
+
+    def __init__(self, retain_bytes: int = 256 << 20) -> None:
+        self.buf: mmap.mmap | None = None
+        self.retain_bytes = retain_bytes
+
+    def get(self, size: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < size:
+            if self.buf is not None:
+                self.buf.close()
+            self.buf = memread.alloc_buffer(max(size, 1 << 20))
+        return self.buf
+
+    def ensure(self, size: int) -> None:
+        """Make a populated buffer of at least `size` bytes ready, before freezing."""
+        if self.buf is None or len(self.buf) < size:
+            if self.buf is not None:
+                self.buf.close()
+            self.buf = memread.alloc_buffer(max(size, 1 << 20), populate=True)
+
+    def release(self) -> None:
+        if self.buf is not None and len(self.buf) > self.retain_bytes:
+            self.buf.close()
+            self.buf = None
+
+
+def vma_models(vmas: list[procfs.Mapping]) -> list[Vma]:
+    return [
+        Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset, dev=m.dev,
+            inode=m.inode, path=m.path,
+            capture="special" if m.special else ("private" if m.private else "shared"))
+        for m in vmas
+    ]
+
+
+def estimate_pages(pid: int, vmas: list[procfs.Mapping], full: bool) -> int:
+    """Roughly how many pages the snapshot will read (before freezing, to size the
+    buffer): every page with content for a full one, written pages for a delta."""
+    spans = normalize((m.start, m.end) for m in capturable(vmas))
+    query = pagemap.DUMPABLE if full else pagemap.Query(
+        category_mask=pagemap.WRITTEN_GET_AND_CLEAR.category_mask,
+        category_inverted=pagemap.WRITTEN_GET_AND_CLEAR.category_inverted,
+        category_anyof_mask=pagemap.WRITTEN_GET_AND_CLEAR.category_anyof_mask,
+        return_mask=abi.PAGE_IS_WRITTEN,
+    )
+    try:
+        with pagemap.Pagemap(pid) as pm:
+            return pm.scan(spans, query).pages
+    except OSError:
+        return 0
+
+
+def take_snapshot(
+    store: Store,
+    ident: Identity,
+    chain: ChainInfo,
+    parent: SnapshotMeta | None,
+    tracker: Tracker,
+    tracker_reason: str,
+    *,
+    fuzzy: bool,
+    max_pages: int,
+    privileged: bool,
+    buffers: BufferPool,
+    executor: Executor,
+    full_reason: str | None,
+    on_frozen: FrozenHook | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SnapshotMeta:
+    pid = ident.pid
+    t_start = time.perf_counter()
+    ctx = TrackContext(
+        pid=pid,
+        state_dir=store.chain_dir(chain.chain) / "state",
+        parent_present=[(s, e) for s, e in parent.present] if parent else None,
+        parent_id=parent.id if parent else None,
+        fuzzy=fuzzy,
+        max_pages=max_pages,
+        privileged=privileged,
+    )
+    pre_vmas = procfs.read_maps(pid)
+    armed = tracker.arm(ctx, pre_vmas)
+    full_reason = full_reason or armed.full_reason
+    if parent is None and full_reason is None:
+        full_reason = "first snapshot of this process"
+    full = full_reason is not None
+    estimate = estimate_pages(pid, pre_vmas, full or tracker.name == "hash")
+    buffers.ensure(int(estimate * 1.25 + 256) * abi.PAGE_SIZE)
+    tracker.begin(ctx)
+    t_prepared = time.perf_counter()
+
+    seq = parent.seq + 1 if parent else 1
+    snapshot_id = f"{chain.chain}-{seq}"
+    reader = memread.PageReader(pid)
+    try:
+        freeze_ctx = nullcontext() if fuzzy else Freezer(pid)
+        t_freeze = time.perf_counter()
+        with freeze_ctx:
+            t_frozen = time.perf_counter()
+            vmas = procfs.read_maps(pid)
+            harvest = tracker.harvest(ctx, vmas, full)
+            t_scanned = time.perf_counter()
+            to_read = harvest.to_read
+            nbytes = total(to_read)
+            buf = buffers.get(nbytes)
+            unreadable = [(m.start, m.end) for m in vmas if not m.readable]
+            reader.read_runs(to_read, buf, unreadable)
+            t_read = time.perf_counter()
+            if on_frozen is not None:
+                on_frozen(pid, vmas)
+        t_thawed = time.perf_counter()
+    except (PtraceTargetGone, ProcessLookupError) as e:
+        tracker.abandon(ctx)
+        raise TargetGone(f"process {pid} exited during the snapshot; nothing was stored") from e
+    except OSError as e:
+        tracker.abandon(ctx)
+        if e.errno in (errno.ESRCH, errno.ENOENT) or not os.path.exists(f"/proc/{pid}"):
+            raise TargetGone(
+                f"process {pid} exited during the snapshot; nothing was stored") from e
+        raise
+    finally:
+        reader.close()
+
+    view = memoryview(buf)[:nbytes]
+    keep = tracker.select(ctx, to_read, view)
+    writer = SnapshotWriter(store, chain.chain, snapshot_id, executor)
+    try:
+        writer.write_runs(to_read, buf, keep, progress)
+        view.release()
+        data_file, data_bytes = writer.commit_data()
+        stored_pages = sum(e.pages for e in writer.extents)
+        zero_pages = sum(z.pages for z in writer.zeros)
+        t_written = time.perf_counter()
+        meta = SnapshotMeta(
+            id=snapshot_id,
+            chain=chain.chain,
+            seq=seq,
+            parent=None if full else (parent.id if parent else None),
+            kind="full" if full else "delta",
+            full_reason=full_reason,
+            pid=pid,
+            created=time.time(),
+            tracker=tracker.name,  # type: ignore[arg-type]
+            tracker_reason=tracker_reason,
+            consistency="fuzzy" if fuzzy else "frozen",
+            truncated=harvest.truncated,
+            vmas=vma_models(vmas),
+            present=harvest.present,
+            data_file=data_file,
+            data_bytes=data_bytes,
+            extents=writer.extents,
+            zeros=writer.zeros,
+            counts=Counts(
+                pages_dirty=harvest.pages_dirty if not full else nbytes // abi.PAGE_SIZE,
+                pages_read=nbytes // abi.PAGE_SIZE,
+                pages_stored=stored_pages,
+                pages_zero=zero_pages,
+                pages_unchanged=(nbytes // abi.PAGE_SIZE) - stored_pages - zero_pages,
+                pages_present=total(harvest.present) // abi.PAGE_SIZE,
+                bytes_read=nbytes,
+                bytes_stored=data_bytes,
+            ),
+            timings=Timings(
+                prepare_ms=(t_prepared - t_start) * 1e3,
+                freeze_ms=0.0 if fuzzy else (t_thawed - t_freeze) * 1e3,
+                scan_ms=(t_scanned - t_frozen) * 1e3,
+                read_ms=(t_read - t_scanned) * 1e3,
+                compress_ms=writer.compress_s * 1e3,
+                write_ms=writer.write_s * 1e3,
+                total_ms=(time.perf_counter() - t_start) * 1e3,
+            ),
+        )
+        store.publish(meta)
+        _ = t_written
+    except BaseException:
+        writer.abort()
+        tracker.abandon(ctx)
+        raise
+    finally:
+        buffers.release()
+    tracker.commit(ctx, snapshot_id)
+    for note in harvest.notes:
+        log.info("snapshot %s: %s", snapshot_id, note)
+    return meta
+
+
+def span_pages(spans: list[Span]) -> int:
+    return total(spans) // abi.PAGE_SIZE

@@ -1,0 +1,171 @@
+"""The capture engine: takes snapshots of processes into a store, keeping per-process
+tracking state (our userfaultfd copies, page hashes) between rounds.
+
+Synchronous and thread-compatible per process; the service runs it in executors and never
+runs two snapshots of one process at once (a chain lock also guards against other ckptd
+processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
+from .errors import TrackerUnavailable, UserError
+from .store import ChainInfo, SnapshotMeta, Store
+from .track import hash as hash_tracker
+from .track import uffd_wp
+from .track.base import Tracker
+
+log = logging.getLogger(__name__)
+
+TRACKERS = ("auto", "uffd-wp", "hash")
+
+
+def privileged() -> bool:
+    """CAP_SYS_ADMIN in our effective set (needed to suspend seccomp and to read the swap
+    type of /proc/PID/pagemap entries)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 21))
+    return False
+
+
+@dataclass
+class _Process:
+    trackers: dict[str, Tracker] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tracker(self, name: str) -> Tracker:
+        t = self.trackers.get(name)
+        if t is None:
+            t = uffd_wp.UffdWpTracker() if name == "uffd-wp" else hash_tracker.HashTracker()
+            self.trackers[name] = t
+        return t
+
+    def close(self) -> None:
+        for t in self.trackers.values():
+            t.close()
+        self.trackers.clear()
+
+
+class Engine:
+    def __init__(self, store: Store, compress_threads: int | None = None,
+                 retain_buffer_bytes: int = 256 << 20) -> None:
+        self.store = store
+        self.executor = ThreadPoolExecutor(
+            max_workers=compress_threads or min(2, os.cpu_count() or 1),
+            thread_name_prefix="ckptd-zstd",
+        )
+        self.buffers = BufferPool(retain_buffer_bytes)
+        self.privileged = privileged()
+        self._procs: dict[int, _Process] = {}
+        self._lock = threading.Lock()
+        self._uffd_probe: tuple[bool, str] | None = None
+
+    def close(self) -> None:
+        for p in self._procs.values():
+            p.close()
+        self._procs.clear()
+        self.executor.shutdown(wait=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            p = self._procs.pop(pid, None)
+        if p is not None:
+            p.close()
+
+    def uffd_probe(self) -> tuple[bool, str]:
+        if self._uffd_probe is None:
+            self._uffd_probe = uffd_wp.probe()
+        return self._uffd_probe
+
+    def _chain_for(self, ident: Identity) -> tuple[ChainInfo, SnapshotMeta | None, str | None]:
+        """The chain to extend (and its latest snapshot), or a new one with the reason."""
+        chains = self.store.find_chain(ident.pid, ident.start_time)
+        if chains:
+            last = chains[-1]
+            if last.mm_fingerprint == ident.mm_fingerprint:
+                return last, self.store.latest(last.chain), None
+            reason = "the process exec'd (new address space): new chain"
+        else:
+            reason = None
+        info = self.store.create_chain({
+            "pid": ident.pid, "start_time": ident.start_time,
+            "mm_fingerprint": ident.mm_fingerprint, "comm": ident.comm, "exe": ident.exe,
+            "cmdline": ident.cmdline, "uid": ident.uid,
+        })
+        return info, None, reason
+
+    def snapshot(
+        self,
+        pid: int,
+        *,
+        tracker: str = "auto",
+        fuzzy: bool = False,
+        max_pages: int = 0,
+        on_frozen: FrozenHook | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> SnapshotMeta:
+        if tracker not in TRACKERS:
+            raise UserError(f"unknown tracker {tracker!r}: choose one of {', '.join(TRACKERS)}")
+        if max_pages < 0:
+            raise UserError("the page budget must be 0 (unbounded) or positive")
+        ident = identify(pid)
+        with self._lock:
+            proc = self._procs.setdefault(pid, _Process())
+        with proc.lock:
+            chain, parent, chain_reason = self._chain_for(ident)
+            with self.store.lock_chain(chain.chain):
+                # Re-read under the lock: another ckptd may have added a snapshot.
+                parent = self.store.latest(chain.chain)
+                self.store.clean_tmp()
+                chosen, reason = self._choose(proc, tracker, ident)
+                try:
+                    return self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
+                                      max_pages, chain_reason, on_frozen, progress)
+                except TrackerUnavailable as e:
+                    if tracker != "auto" or chosen.name == "hash":
+                        raise UserError(f"tracker {chosen.name} cannot track PID {pid}: {e}") \
+                            from e
+                    log.warning("pid %d: uffd-wp unavailable (%s); using the hash tracker",
+                                pid, e)
+                    return self._take(proc, ident, chain, parent, proc.tracker("hash"),
+                                      f"auto: uffd-wp unavailable: {e}", fuzzy, max_pages,
+                                      chain_reason, on_frozen, progress)
+
+    def _choose(self, proc: _Process, tracker: str, ident: Identity) -> tuple[Tracker, str]:
+        if tracker == "hash":
+            return proc.tracker("hash"), "requested"
+        ok, why = self.uffd_probe()
+        if not ok:
+            if tracker == "uffd-wp":
+                raise UserError(f"tracker uffd-wp is not available on this system: {why}")
+            return proc.tracker("hash"), f"auto: uffd-wp unavailable: {why}"
+        return proc.tracker("uffd-wp"), "requested" if tracker == "uffd-wp" else f"auto: {why}"
+
+    def _take(self, proc: _Process, ident: Identity, chain: ChainInfo,
+              parent: SnapshotMeta | None, tracker: Tracker, reason: str, fuzzy: bool,
+              max_pages: int, chain_reason: str | None, on_frozen: FrozenHook | None,
+              progress: Callable[[int], None] | None) -> SnapshotMeta:
+        full_reason = chain_reason
+        if parent is not None and parent.tracker != tracker.name:
+            full_reason = full_reason or f"tracker changed from {parent.tracker} to {tracker.name}"
+        return take_snapshot(
+            self.store, ident, chain, parent, tracker, reason,
+            fuzzy=fuzzy, max_pages=max_pages, privileged=self.privileged,
+            buffers=self.buffers, executor=self.executor, full_reason=full_reason,
+            on_frozen=on_frozen, progress=progress,
+        )

@@ -1,0 +1,43 @@
+"""Error types. A UserError's message is one line telling what is wrong and what to do;
+the CLI prints it without a traceback. Anything else is an internal failure and is logged
+with its context."""
+
+from __future__ import annotations
+
+
+class CkptdError(Exception):
+    """Base for errors ckptd raises on purpose."""
+
+
+class UserError(CkptdError):
+    """A mistake the user can fix (bad PID, missing store, unknown id, no permission)."""
+
+    exit_code = 2
+
+
+class TargetNotFound(UserError):
+    pass
+
+
+class PermissionDenied(UserError):
+    exit_code = 13
+
+
+class StoreError(UserError):
+    """The store is missing, of an unknown version, or not usable."""
+
+
+class UnknownSnapshot(UserError):
+    pass
+
+
+class TargetGone(CkptdError):
+    """The target exited while a snapshot was being taken; nothing was published."""
+
+
+class TrackerUnavailable(CkptdError):
+    """A tracker cannot work on this target/kernel; the reason says why."""
+
+
+class CorruptStore(CkptdError):
+    """Data on disk does not match its checksum or metadata."""

@@ -1,0 +1,142 @@
+"""Sorted, non-overlapping half-open address intervals, with an optional value each.
+
+Page maps and page sets are kept as such lists rather than per-page dicts, so a 1 GiB
+process with few distinct runs costs a few entries, not 262144.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+Span = tuple[int, int]
+
+
+def normalize(spans: Iterable[Span]) -> list[Span]:
+    """Sort and merge overlapping or touching spans; drop empty ones."""
+    out: list[Span] = []
+    for s, e in sorted(x for x in spans if x[1] > x[0]):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def intersect(a: list[Span], b: list[Span]) -> list[Span]:
+    """Intersection of two normalized span lists."""
+    out: list[Span] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        s = max(a[i][0], b[j][0])
+        e = min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: list[Span], b: list[Span]) -> list[Span]:
+    """a minus b, both normalized."""
+    out: list[Span] = []
+    j = 0
+    for s, e in a:
+        cur = s
+        while j < len(b) and b[j][1] <= cur:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def total(spans: Iterable[Span]) -> int:
+    return sum(e - s for s, e in spans)
+
+
+class IntervalMap(Generic[V]):
+    """Non-overlapping [start, end) -> value. Values should be immutable.
+
+    `value_at_offset` semantics: a value describes its whole original span; when a span
+    is cut, the pieces keep the same value, and users compute positions from the span
+    start they stored inside the value.
+    """
+
+    def __init__(self, items: Iterable[tuple[int, int, V]] = ()) -> None:
+        self._items: list[tuple[int, int, V]] = sorted(items, key=lambda t: t[0])
+
+    def __iter__(self) -> Iterator[tuple[int, int, V]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def spans(self) -> list[Span]:
+        return normalize((s, e) for s, e, _ in self._items)
+
+    def overlay(self, new: Iterable[tuple[int, int, V]]) -> None:
+        """Put `new` (non-overlapping among themselves) on top, replacing what they cover."""
+        new_items = sorted(new, key=lambda t: t[0])
+        if not new_items:
+            return
+        covered = normalize((s, e) for s, e, _ in new_items)
+        kept: list[tuple[int, int, V]] = []
+        for s, e, v in self._items:
+            for ks, ke in subtract([(s, e)], _clip(covered, s, e)):
+                kept.append((ks, ke, v))
+        kept.extend(new_items)
+        kept.sort(key=lambda t: t[0])
+        self._items = kept
+
+    def restrict(self, keep: list[Span]) -> None:
+        """Keep only the parts inside the normalized spans `keep`."""
+        out: list[tuple[int, int, V]] = []
+        for s, e, v in self._items:
+            for ks, ke in intersect([(s, e)], _clip(keep, s, e)):
+                out.append((ks, ke, v))
+        self._items = out
+
+    def lookup(self, addr: int) -> tuple[int, int, V] | None:
+        import bisect
+
+        i = bisect.bisect_right(self._items, addr, key=lambda t: t[0]) - 1
+        if i >= 0 and self._items[i][0] <= addr < self._items[i][1]:
+            return self._items[i]
+        return None
+
+    def clip(self, start: int, end: int) -> list[tuple[int, int, V]]:
+        """Items overlapping [start, end), cut to it."""
+        import bisect
+
+        i = max(bisect.bisect_right(self._items, start, key=lambda t: t[0]) - 1, 0)
+        out: list[tuple[int, int, V]] = []
+        while i < len(self._items) and self._items[i][0] < end:
+            s, e, v = self._items[i]
+            if e > start:
+                out.append((max(s, start), min(e, end), v))
+            i += 1
+        return out
+
+
+def _clip(spans: list[Span], start: int, end: int) -> list[Span]:
+    """The normalized spans overlapping [start, end) (not cut)."""
+    import bisect
+
+    i = max(bisect.bisect_right(spans, (start, end)) - 1, 0)
+    out: list[Span] = []
+    while i < len(spans) and spans[i][0] < end:
+        if spans[i][1] > start:
+            out.append(spans[i])
+        i += 1
+    return out

@@ -1,0 +1,198 @@
+"""Service configuration: pydantic models, embedded defaults, TOML loading.
+
+Every setting has a default, so `ckptd serve` runs with no file at all. A bad file is
+refused with one line that names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from ..errors import UserError
+
+DEFAULT_CONFIG_PATH = Path("/etc/ckptd/ckptd.toml")
+DEFAULT_STORE = Path("/var/lib/ckptd/store")
+DEFAULT_SOCKET = Path("/run/ckptd/ckptd.sock")
+
+TrackerChoice = Literal["auto", "uffd-wp", "hash"]
+Consistency = Literal["frozen", "fuzzy"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(UserError):
+    """The configuration file cannot be used; the message names the key and the fix."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+_NUM_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string like "500ms", "30s", "5m", "2h", "7d"."""
+    if isinstance(value, str):
+        m = _NUM_UNIT.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in {*_DURATION_UNITS, ""}:
+            raise ValueError("expected seconds or a duration like 500ms, 30s, 5m, 2h, 7d")
+        return float(m.group(1)) * _DURATION_UNITS.get(unit or "s", 1.0)
+    return value
+
+
+def parse_size(value: Any) -> Any:
+    """Bytes as an integer, or a string like "64MiB", "1GiB", "500k"."""
+    if isinstance(value, str):
+        m = _NUM_UNIT.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ValueError("expected bytes or a size like 512KiB, 64MiB, 2GiB")
+        return int(float(m.group(1)) * _SIZE_UNITS[unit or ""])
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Retention(_Strict):
+    """Which snapshots of a registered process to keep. 0 disables a limit; the newest
+    snapshot is always kept."""
+
+    keep_last: int = Field(default=0, ge=0, description="keep at most this many snapshots")
+    keep_age: Duration = Field(default=0.0, description="drop snapshots older than this")
+    max_bytes: Size = Field(
+        default=0, description="drop the oldest beyond this many stored bytes"
+    )
+    compact_after: int = Field(
+        default=32, ge=2, description="compact when a chain holds more snapshots than this"
+    )
+
+
+class Policy(_Strict):
+    """How one registered process is snapshotted (the [defaults] table)."""
+
+    interval: Duration = Field(
+        default=60.0, gt=0, description="seconds between snapshot starts"
+    )
+    jitter: float = Field(default=0.1, ge=0, le=0.5, description="fraction of interval, random")
+    tracker: TrackerChoice = "auto"
+    consistency: Consistency = "frozen"
+    max_bytes_per_round: Size = Field(
+        default=0, description="cap on bytes captured per round (0: none); the rest waits"
+    )
+    retention: Retention = Field(default_factory=lambda: Retention())
+
+
+class RetentionOverride(_Strict):
+    keep_last: int | None = Field(default=None, ge=0)
+    keep_age: Duration | None = None
+    max_bytes: Size | None = None
+    compact_after: int | None = Field(default=None, ge=2)
+
+
+class PolicyOverride(_Strict):
+    """What a registration sets for itself; None means "use the service default"."""
+
+    interval: Duration | None = Field(default=None, gt=0)
+    jitter: float | None = Field(default=None, ge=0, le=0.5)
+    tracker: TrackerChoice | None = None
+    consistency: Consistency | None = None
+    max_bytes_per_round: Size | None = None
+    retention: RetentionOverride = Field(default_factory=lambda: RetentionOverride())
+
+    def apply(self, defaults: Policy) -> Policy:
+        """The effective policy: these overrides on top of the current defaults."""
+        top = {k: v for k, v in self.model_dump(exclude={"retention"}).items() if v is not None}
+        ret = {k: v for k, v in self.retention.model_dump().items() if v is not None}
+        return defaults.model_copy(
+            update={**top, "retention": defaults.retention.model_copy(update=ret)}
+        )
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = Field(
+        default=True, description="serve the 'metrics' op on the control socket"
+    )
+    listen: str = Field(
+        default="", description='also serve HTTP GET /metrics on "127.0.0.1:PORT" ("" = off)'
+    )
+
+
+class ServiceSection(_Strict):
+    store: Path = DEFAULT_STORE
+    socket: Path = DEFAULT_SOCKET
+    socket_group: str = Field(default="", description="group owning the socket (mode 0660)")
+    concurrency: int = Field(default=2, ge=1, le=64, description="snapshots running at once")
+    log_level: LogLevel = "info"
+    shutdown_grace: Duration = Field(
+        default=20.0, description="on SIGTERM, wait this long for in-flight snapshots"
+    )
+    max_registrations: int = Field(default=1024, ge=1)
+
+
+class ServiceConfig(_Strict):
+    service: ServiceSection = Field(default_factory=lambda: ServiceSection())
+    defaults: Policy = Field(default_factory=lambda: Policy())
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One line: where, which key, the bad value, and what is allowed."""
+    first = err.errors()[0]
+    key = _loc(first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown setting '{key}' (remove it, or check its spelling)"
+    value = first.get("input")
+    msg = first["msg"]
+    if kind == "literal_error":
+        allowed = (first.get("ctx") or {}).get("expected", "")
+        msg = f"allowed: {allowed}"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    more = len(err.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key} = {value!r} is invalid: {msg}{tail}"
+
+
+def parse_config(text: str, source: str = "<config>") -> ServiceConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return ServiceConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+
+
+def load_config(path: Path | None) -> ServiceConfig:
+    """Load `path`; with None, load the default path if it exists, else use defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return ServiceConfig()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (omit --config to use defaults)") from None
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    return parse_config(text, str(path))

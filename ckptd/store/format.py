@@ -1,0 +1,130 @@
+"""The delta store's on-disk metadata, as pydantic models. docs/store-format.md is the
+prose description of the same thing; the two must change together.
+
+Version rule: FORMAT_VERSION changes whenever a reader of the previous version would
+misread a file written by this one. Readers refuse any version they do not know.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_NAME = "ckptd-store"
+FORMAT_VERSION = 1
+
+TrackerName = Literal["uffd-wp", "hash"]
+Kind = Literal["full", "delta"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreInfo(_Model):
+    """STORE.json: identifies the directory as a ckptd store."""
+
+    format: Literal["ckptd-store"] = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    created: float
+
+
+class ChainInfo(_Model):
+    """chains/<chain>/CHAIN.json: the process (one mm) a chain of snapshots belongs to."""
+
+    format_version: int = FORMAT_VERSION
+    chain: str
+    pid: int
+    start_time: int = Field(description="process start time, clock ticks since boot")
+    mm_fingerprint: str = Field(description="stack/brk/arg/env addresses fixed at exec")
+    comm: str
+    exe: str | None
+    cmdline: list[str]
+    uid: int
+    created: float
+
+
+class Vma(_Model):
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str | None
+    # How the snapshot treats this mapping's memory:
+    #   "private": captured (anonymous or private file mapping; clean file pages excluded)
+    #   "shared": MAP_SHARED; content lives in the file or shmem object, not captured
+    #   "special": kernel-provided ([vdso], [vvar], ...), not captured
+    capture: Literal["private", "shared", "special"]
+
+
+class Extent(_Model):
+    """Up to EXTENT_PAGES contiguous non-zero pages, stored as one zstd frame."""
+
+    addr: int
+    pages: int
+    offset: int = Field(description="byte offset of the frame in the snapshot's data file")
+    length: int = Field(description="compressed length of the frame in bytes")
+    crc32: int = Field(description="zlib.crc32 of the uncompressed pages")
+
+
+class ZeroRun(_Model):
+    """Contiguous pages whose content is all zero bytes (no data stored)."""
+
+    addr: int
+    pages: int
+
+
+class Timings(_Model):
+    prepare_ms: float = 0.0
+    freeze_ms: float = 0.0
+    scan_ms: float = 0.0
+    read_ms: float = 0.0
+    compress_ms: float = 0.0
+    write_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Counts(_Model):
+    pages_dirty: int = Field(0, description="pages reported changed by the tracker")
+    pages_read: int = 0
+    pages_stored: int = Field(0, description="pages with data in this snapshot's file")
+    pages_zero: int = 0
+    pages_unchanged: int = Field(0, description="read but equal to the parent (hash tracker)")
+    pages_present: int = Field(0, description="pages with content in the process at this time")
+    bytes_read: int = 0
+    bytes_stored: int = 0
+
+
+class SnapshotMeta(_Model):
+    """chains/<chain>/snapshots/<id>.json: everything needed to restore this snapshot,
+    given its ancestors."""
+
+    format_version: int = FORMAT_VERSION
+    id: str
+    chain: str
+    seq: int
+    parent: str | None
+    kind: Kind
+    full_reason: str | None = Field(None, description="why this is a full snapshot")
+    pid: int
+    created: float
+    tracker: TrackerName
+    tracker_reason: str = Field("", description="why this tracker was chosen")
+    consistency: Literal["frozen", "fuzzy"]
+    truncated: bool = Field(
+        False, description="a page budget stopped capture early; the rest comes next round"
+    )
+    vmas: list[Vma]
+    present: list[tuple[int, int]] = Field(
+        description="[start, end) ranges of pages that hold content (not clean file pages, "
+        "not unpopulated, not the zero page) at snapshot time"
+    )
+    data_file: str | None = Field(description="file name under data/, or null if no extents")
+    data_bytes: int
+    extents: list[Extent]
+    zeros: list[ZeroRun]
+    counts: Counts
+    timings: Timings

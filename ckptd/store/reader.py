@@ -1,0 +1,269 @@
+"""Reading the store: page maps, materializing memory, verifying integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from ..errors import CorruptStore, UserError
+from ..intervals import IntervalMap, Span, intersect, normalize, subtract
+from ..kernel.abi import PAGE_SIZE
+from .format import SnapshotMeta, Vma
+from .fsutil import FILE_MODE, fsync_dir, make_private_dir
+from .store import Store
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Page content stored in `snapshot`'s data file, in the frame of extent `extent`."""
+
+    snapshot: str
+    extent: int
+    extent_addr: int
+
+
+ZERO = "zero"
+Source = DataRef | str  # DataRef, or ZERO
+
+
+def page_map(store: Store, snapshot_id: str) -> tuple[SnapshotMeta, IntervalMap[Source],
+                                                       list[SnapshotMeta]]:
+    """For every page holding content at `snapshot_id`: where its content lives.
+    Pages not in the map are absent (zeros in anonymous memory, the file's content in a
+    private file mapping). Returns (meta, map, lineage)."""
+    lineage = store.lineage(snapshot_id)
+    pm: IntervalMap[Source] = IntervalMap()
+    for meta in lineage:
+        items: list[tuple[int, int, Source]] = [
+            (e.addr, e.addr + e.pages * PAGE_SIZE, DataRef(meta.id, i, e.addr))
+            for i, e in enumerate(meta.extents)
+        ]
+        items.extend((z.addr, z.addr + z.pages * PAGE_SIZE, ZERO) for z in meta.zeros)
+        pm.overlay(items)
+        # Pages that no longer hold content (unmapped, dropped) fall out of the map.
+        pm.restrict([tuple(p) for p in meta.present])  # type: ignore[misc]
+    return lineage[-1], pm, lineage
+
+
+def unsourced(meta: SnapshotMeta, pm: IntervalMap[Source]) -> list[Span]:
+    """Pages the snapshot says hold content but for which no snapshot stored any."""
+    return subtract(normalize(tuple(p) for p in meta.present), pm.spans())  # type: ignore[misc]
+
+
+class FrameReader:
+    """Decompresses extents, keeping a few recent frames (materialize walks in order)."""
+
+    def __init__(self, store: Store, metas: dict[str, SnapshotMeta], cache: int = 8) -> None:
+        self.store = store
+        self.metas = metas
+        self.files: dict[str, int] = {}
+        self.cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.cache_size = cache
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+    def frame(self, snapshot: str, index: int, check: bool = True) -> bytes:
+        key = (snapshot, index)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cache.move_to_end(key)
+            return hit
+        meta = self.metas[snapshot]
+        ext = meta.extents[index]
+        fd = self.files.get(snapshot)
+        if fd is None:
+            path = self.store.data_path(meta)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise CorruptStore(f"snapshot {snapshot}: data file {path} is missing") from None
+            self.files[snapshot] = fd
+        raw = os.pread(fd, ext.length, ext.offset)
+        if len(raw) != ext.length:
+            raise CorruptStore(f"snapshot {snapshot}: data file truncated at extent {index}")
+        try:
+            data = self.dctx.decompress(raw, max_output_size=ext.pages * PAGE_SIZE)
+        except zstandard.ZstdError as e:
+            raise CorruptStore(f"snapshot {snapshot}: extent {index} "
+                               f"({ext.addr:#x}): {e}") from e
+        if len(data) != ext.pages * PAGE_SIZE or (check and zlib.crc32(data) != ext.crc32):
+            raise CorruptStore(f"snapshot {snapshot}: extent {index} ({ext.addr:#x}) "
+                               "does not match its checksum")
+        self.cache[key] = data
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return data
+
+
+def _vma_file_name(v: Vma) -> str:
+    return f"{v.start:016x}-{v.end:016x}.mem"
+
+
+def materialize(store: Store, snapshot_id: str, out_dir: Path,
+                progress: Progress | None = None) -> dict[str, object]:
+    """Write the memory of every captured mapping at `snapshot_id` into out_dir, plus
+    index.json. Returns the index."""
+    meta, pm, lineage = page_map(store, snapshot_id)
+    metas = {m.id: m for m in lineage}
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} exists and is not empty: choose a new directory")
+    make_private_dir(out_dir)
+    reader = FrameReader(store, metas)
+    captured = [v for v in meta.vmas if v.capture == "private"]
+    total_bytes = sum(v.end - v.start for v in captured)
+    done = 0
+    index_vmas: list[dict[str, object]] = []
+    missing = unsourced(meta, pm)
+    try:
+        for v in captured:
+            name = _vma_file_name(v)
+            path = out_dir / name
+            sourced = [(s, e) for s, e, _ in pm.clip(v.start, v.end)]
+            not_held = subtract([(v.start, v.end)], normalize(sourced))
+            file_status = None
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            try:
+                os.ftruncate(fd, v.end - v.start)
+                if v.inode and v.path and not_held:
+                    file_status = _fill_from_file(fd, v, not_held)
+                for s, e, src in pm.clip(v.start, v.end):
+                    if isinstance(src, DataRef):
+                        frame = reader.frame(src.snapshot, src.extent)
+                        off = s - src.extent_addr
+                        os.pwrite(fd, frame[off : off + (e - s)], s - v.start)
+                    elif file_status == "filled":
+                        os.pwrite(fd, bytes(e - s), s - v.start)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            done += v.end - v.start
+            if progress:
+                progress(done, total_bytes)
+            entry: dict[str, object] = {
+                "start": v.start, "end": v.end, "perms": v.perms, "path": v.path,
+                "offset": v.offset, "file": name,
+            }
+            if v.inode:
+                entry["clean_file_pages"] = {
+                    "ranges": [[s, e] for s, e in not_held],
+                    "content": file_status,
+                }
+            gaps = intersect(missing, [(v.start, v.end)])
+            if gaps:
+                entry["unsourced_pages"] = [[s, e] for s, e in gaps]
+            index_vmas.append(entry)
+    finally:
+        reader.close()
+    index: dict[str, object] = {
+        "id": meta.id,
+        "pid": meta.pid,
+        "kind": meta.kind,
+        "truncated": meta.truncated,
+        "vmas": index_vmas,
+        "not_captured": [
+            {"start": v.start, "end": v.end, "perms": v.perms, "path": v.path,
+             "reason": "shared mapping: content lives in the file or shared memory object"
+             if v.capture == "shared" else "kernel-provided mapping"}
+            for v in meta.vmas if v.capture != "private"
+        ],
+    }
+    idx = out_dir / "index.json"
+    fd = os.open(idx, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(out_dir)
+    return index
+
+
+def _fill_from_file(fd: int, v: Vma, spans: list[Span]) -> str:
+    """Copy the mapped file's content for pages the snapshot does not hold. Returns
+    "filled", or why not ("file missing", "file changed")."""
+    assert v.path is not None
+    try:
+        src = os.open(v.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"not filled: {v.path}: {e.strerror}"
+    try:
+        st = os.fstat(src)
+        if st.st_ino != v.inode:
+            return f"not filled: {v.path} is no longer the mapped file (inode changed)"
+        for s, e in spans:
+            file_off = v.offset + (s - v.start)
+            data = os.pread(src, e - s, file_off)  # past EOF reads short: zeros remain
+            if data:
+                os.pwrite(fd, data, s - v.start)
+    finally:
+        os.close(src)
+    return "filled"
+
+
+def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[str]]:
+    """Check every snapshot: metadata, chain links, data files, every extent's checksum,
+    and that every page holding content has a source. Returns (snapshots, problems)."""
+    problems: list[str] = []
+    metas: dict[str, SnapshotMeta] = {}
+    for chain in store.chain_ids():
+        try:
+            store.chain_info(chain)
+            for m in store.chain_snapshots(chain):
+                metas[m.id] = m
+        except (CorruptStore, UserError) as e:
+            problems.append(str(e))
+    total_bytes = sum(m.data_bytes for m in metas.values())
+    done = 0
+    reader = FrameReader(store, metas, cache=1)
+    try:
+        for m in metas.values():
+            if m.kind == "delta":
+                if m.parent is None or m.parent not in metas:
+                    problems.append(f"{m.id}: parent {m.parent} is missing")
+                    continue
+                if metas[m.parent].chain != m.chain or metas[m.parent].seq >= m.seq:
+                    problems.append(f"{m.id}: parent {m.parent} is not earlier in its chain")
+            if m.data_file is not None:
+                path = store.data_path(m)
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    problems.append(f"{m.id}: data file {path} is missing")
+                    continue
+                if size != m.data_bytes:
+                    problems.append(f"{m.id}: data file is {size} bytes, metadata says "
+                                    f"{m.data_bytes}")
+                    continue
+            for i in range(len(m.extents)):
+                try:
+                    reader.frame(m.id, i)
+                except CorruptStore as e:
+                    problems.append(str(e))
+                    break
+            done += m.data_bytes
+            if progress:
+                progress(done, total_bytes)
+            if not m.truncated:
+                try:
+                    meta, pm, _ = page_map(store, m.id)
+                    gaps = unsourced(meta, pm)
+                    if gaps:
+                        problems.append(f"{m.id}: {sum(e - s for s, e in gaps) // PAGE_SIZE} "
+                                        f"pages hold content but no snapshot stored it")
+                except CorruptStore as e:
+                    problems.append(str(e))
+    finally:
+        reader.close()
+    return len(metas), problems

@@ -1,0 +1,253 @@
+"""The store directory: chains of snapshots, listed by their published metadata.
+
+Layout (docs/store-format.md is the full description):
+  STORE.json                        store identity and format version
+  tmp/                              files being written; anything here is garbage
+  chains/<chain>/CHAIN.json         the process this chain belongs to
+  chains/<chain>/snapshots/<id>.json  published snapshot metadata (the commit point)
+  chains/<chain>/data/<file>.zst    page data: independent zstd frames
+  chains/<chain>/state/             tracker state for the next snapshot (not needed to restore)
+  chains/<chain>/lock               flock()ed by whoever writes to the chain
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..errors import CorruptStore, StoreError, UnknownSnapshot
+from .format import FORMAT_NAME, FORMAT_VERSION, ChainInfo, SnapshotMeta, StoreInfo
+from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
+
+
+def default_store_path() -> Path:
+    env = os.environ.get("CKPTD_STORE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/ckptd")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "ckptd"
+
+
+def _check_version(kind: str, where: Path, version: object) -> None:
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{where} is {kind} format version {version}; this ckptd reads version "
+            f"{FORMAT_VERSION} only: use a ckptd release that matches the store"
+        )
+
+
+def parse_snapshot_id(snapshot_id: str) -> tuple[str, int]:
+    """'<pid>-<n>-<seq>' -> (chain '<pid>-<n>', seq)."""
+    chain, sep, seq = snapshot_id.rpartition("-")
+    if not sep or not seq.isdigit() or chain.count("-") != 1:
+        raise UnknownSnapshot(
+            f"{snapshot_id!r} is not a snapshot id (ids look like 1234-1-5); "
+            "see `ckptd list`"
+        )
+    return chain, int(seq)
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.chains_dir = root / "chains"
+        self.tmp_dir = root / "tmp"
+
+    # --- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path, create: bool = False) -> Store:
+        root = Path(root)
+        info_path = root / "STORE.json"
+        if not info_path.exists():
+            if not create:
+                if not root.exists():
+                    raise StoreError(
+                        f"no store at {root}: take a snapshot first, or pass --store DIR "
+                        "(or set CKPTD_STORE)"
+                    )
+                raise StoreError(f"{root} is not a ckptd store (no STORE.json)")
+            make_private_dir(root)
+            atomic_write(info_path, StoreInfo(created=time.time()).model_dump_json().encode())
+        try:
+            raw = json.loads(info_path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read {info_path}: {e}") from e
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            raise StoreError(f"{root} is not a ckptd store (STORE.json has no ckptd format)")
+        _check_version("a store of", info_path, raw.get("version"))
+        store = cls(root)
+        if create or os.access(root, os.W_OK):
+            make_private_dir(store.chains_dir)
+            make_private_dir(store.tmp_dir)
+        return store
+
+    # --- chains -------------------------------------------------------------------------
+
+    def chain_dir(self, chain: str) -> Path:
+        return self.chains_dir / chain
+
+    def chain_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.chains_dir)
+        except FileNotFoundError:
+            return []
+        return sorted((n for n in names if (self.chains_dir / n / "CHAIN.json").exists()),
+                      key=_chain_sort_key)
+
+    def chain_info(self, chain: str) -> ChainInfo:
+        path = self.chain_dir(chain) / "CHAIN.json"
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise UnknownSnapshot(f"no chain {chain!r} in {self.root}") from None
+        except ValueError as e:
+            raise CorruptStore(f"{path}: {e}") from e
+        _check_version("a chain of", path, raw.get("format_version"))
+        try:
+            return ChainInfo.model_validate(raw)
+        except ValidationError as e:
+            raise CorruptStore(f"{path}: {e}") from e
+
+    def find_chain(self, pid: int, start_time: int) -> list[ChainInfo]:
+        """Chains of this process incarnation (same pid and start time), oldest first."""
+        out = []
+        for c in self.chain_ids():
+            if c.split("-")[0] != str(pid):
+                continue
+            info = self.chain_info(c)
+            if info.start_time == start_time:
+                out.append(info)
+        return out
+
+    def create_chain(self, info_fields: dict[str, object]) -> ChainInfo:
+        pid = info_fields["pid"]
+        k = 1
+        while True:
+            chain = f"{pid}-{k}"
+            d = self.chain_dir(chain)
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:
+                k += 1
+                continue
+            break
+        for sub in ("snapshots", "data", "state"):
+            (d / sub).mkdir(mode=0o700)
+        info = ChainInfo.model_validate({**info_fields, "chain": chain, "created": time.time()})
+        atomic_write(d / "CHAIN.json", info.model_dump_json(indent=1).encode())
+        fsync_dir(self.chains_dir)
+        return info
+
+    @contextmanager
+    def lock_chain(self, chain: str) -> Iterator[None]:
+        """Exclusive writer lock on a chain (released by the kernel if we die)."""
+        fd = os.open(self.chain_dir(chain) / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    def snapshot_path(self, snapshot_id: str) -> Path:
+        chain, _ = parse_snapshot_id(snapshot_id)
+        return self.chain_dir(chain) / "snapshots" / f"{snapshot_id}.json"
+
+    def get(self, snapshot_id: str) -> SnapshotMeta:
+        path = self.snapshot_path(snapshot_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise UnknownSnapshot(
+                f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`"
+            ) from None
+        return _parse_meta(path, raw)
+
+    def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
+        d = self.chain_dir(chain) / "snapshots"
+        try:
+            names = [n for n in os.listdir(d) if n.endswith(".json") and not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+        metas = [_parse_meta(d / n, (d / n).read_bytes()) for n in names]
+        return sorted(metas, key=lambda m: m.seq)
+
+    def list_snapshots(self) -> list[SnapshotMeta]:
+        out: list[SnapshotMeta] = []
+        for c in self.chain_ids():
+            out.extend(self.chain_snapshots(c))
+        return out
+
+    def latest(self, chain: str) -> SnapshotMeta | None:
+        snaps = self.chain_snapshots(chain)
+        return snaps[-1] if snaps else None
+
+    def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
+        """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
+        out: list[SnapshotMeta] = []
+        meta: SnapshotMeta | None = self.get(snapshot_id)
+        seen: set[str] = set()
+        while meta is not None:
+            if meta.id in seen:
+                raise CorruptStore(f"snapshot chain of {snapshot_id} loops at {meta.id}")
+            seen.add(meta.id)
+            out.append(meta)
+            if meta.kind == "full":
+                break
+            if meta.parent is None:
+                raise CorruptStore(f"delta snapshot {meta.id} has no parent")
+            try:
+                meta = self.get(meta.parent)
+            except UnknownSnapshot:
+                raise CorruptStore(
+                    f"snapshot {meta.id} needs its parent {meta.parent}, which is missing"
+                ) from None
+        out.reverse()
+        return out
+
+    def data_path(self, meta: SnapshotMeta) -> Path:
+        assert meta.data_file is not None
+        return self.chain_dir(meta.chain) / "data" / meta.data_file
+
+    def publish(self, meta: SnapshotMeta) -> None:
+        """The commit point: the metadata becomes visible atomically and durably."""
+        atomic_write(self.snapshot_path(meta.id), meta.model_dump_json().encode(),
+                     tmp_dir=self.chain_dir(meta.chain) / "snapshots")
+
+    def clean_tmp(self) -> None:
+        """Remove leftovers of writers that died (only files no live writer holds)."""
+        for p in self.tmp_dir.glob("*"):
+            pid = p.name.split(".")[0]
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                continue
+            p.unlink(missing_ok=True)
+
+
+def _parse_meta(path: Path, raw: bytes) -> SnapshotMeta:
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise CorruptStore(f"{path}: not JSON: {e}") from e
+    _check_version("a snapshot of", path, obj.get("format_version") if isinstance(obj, dict)
+                   else None)
+    try:
+        return SnapshotMeta.model_validate(obj)
+    except ValidationError as e:
+        raise CorruptStore(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+
+
+def _chain_sort_key(chain: str) -> tuple[int, int]:
+    pid, _, k = chain.partition("-")
+    return (int(pid) if pid.isdigit() else 0, int(k) if k.isdigit() else 0)

@@ -1,0 +1,1 @@
+"""Trackers: how ckptd learns which pages changed between snapshots."""

@@ -1,0 +1,90 @@
+"""The tracker interface: what changed in a process since its last snapshot.
+
+Life of a tracker in one snapshot (see ckptd/capture.py):
+  arm()       before the freeze: attach to or set up kernel state; may decide that this
+              snapshot must be full (tracking lost, first snapshot)
+  begin()     durably mark the tracker state as in flight (crash safety)
+  harvest()   while frozen (or not, with --fuzzy): which pages to read, which hold content
+  select()    after the thaw: drop pages whose content did not change (hash tracker)
+  commit()    after the snapshot is durable: persist what the next snapshot needs
+  close()     release fds (never changes the target)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..intervals import Span
+from ..kernel.procfs import Mapping
+
+# Mappings larger than this are never write-protect registered when not writable: the
+# kernel allocates page tables for the markers across the whole range, which would cost
+# the target memory for big PROT_NONE reservations (JVM heaps, Go arenas).
+MAX_READONLY_REGISTER = 64 << 20
+# No mapping above this size is registered at all (ASan shadow, huge reservations).
+MAX_REGISTER = 64 << 30
+
+
+@dataclass
+class TrackContext:
+    pid: int
+    state_dir: Path          # chain's tracker state directory (0700)
+    parent_present: list[Span] | None  # pages with content at the parent snapshot
+    parent_id: str | None
+    fuzzy: bool
+    max_pages: int           # 0 = no bound on the get-and-clear
+    privileged: bool         # CAP_SYS_ADMIN: can tell pte markers from swap entries
+
+
+@dataclass
+class Harvest:
+    to_read: list[Span]                      # normalized page ranges to copy
+    present: list[Span]                      # normalized ranges holding content now
+    pages_dirty: int = 0
+    truncated: bool = False
+    scan_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ArmResult:
+    full_reason: str | None  # not None: this snapshot must be full (and why)
+
+
+class Tracker(ABC):
+    name: str
+
+    @abstractmethod
+    def arm(self, ctx: TrackContext, vmas: list[Mapping]) -> ArmResult: ...
+
+    @abstractmethod
+    def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest: ...
+
+    def begin(self, ctx: TrackContext) -> None:  # noqa: B027
+        """Called before harvest. A tracker whose harvest destroys state (get-and-clear)
+        must durably record here that its state no longer matches the parent, so that a
+        crash before the commit forces the next snapshot to be full."""
+
+    def select(self, ctx: TrackContext, runs: list[Span], data: memoryview) -> list[bool] | None:
+        """Per page of `runs` (in order), whether to store it. None = store all."""
+        return None
+
+    def commit(self, ctx: TrackContext, snapshot_id: str) -> None:  # noqa: B027
+        """The snapshot is durable; save tracker state for the next one."""
+
+    def abandon(self, ctx: TrackContext) -> None:  # noqa: B027
+        """The snapshot failed after harvest: the next one must not rely on this one."""
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+def capturable(vmas: list[Mapping]) -> list[Mapping]:
+    """Mappings whose private memory a snapshot holds."""
+    return [m for m in vmas if m.private and not m.special]
+
+
+class TrackerUnavailableError(Exception):
+    pass

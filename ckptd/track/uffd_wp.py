@@ -1,0 +1,344 @@
+"""uffd-wp: async userfaultfd write-protect + PAGEMAP_SCAN get-and-clear.
+
+The target is made to create a userfaultfd (one injected syscall, see kernel/ptrace.py).
+The fd stays open in the target, close-on-exec, so registration (which lives as long as
+any copy of the fd is open) survives ckptd exiting and restarting; ckptd takes its own
+copy with pidfd_getfd whenever it works. An exec closes the fd and gives a new address
+space; ckptd then starts a new chain with a full snapshot.
+
+What the target can observe: one extra fd (anon_inode:[userfaultfd], O_CLOEXEC), and the
+first write to each page after a snapshot costing a minor fault.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from ..errors import TrackerUnavailable
+from ..intervals import Span, intersect, normalize, subtract
+from ..kernel import abi, pagemap, procfs, ptrace, syscalls, uffd
+from ..kernel.procfs import Mapping
+from ..store.fsutil import atomic_write
+from .base import (
+    MAX_READONLY_REGISTER,
+    MAX_REGISTER,
+    ArmResult,
+    Harvest,
+    TrackContext,
+    Tracker,
+    capturable,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "uffd-wp.json"
+
+
+def probe() -> tuple[bool, str]:
+    """Does this kernel offer async write-protect and PAGEMAP_SCAN? Checked on a
+    userfaultfd of our own, without touching any target."""
+    ok, why = pagemap.probe_scan(os.getpid(), abi.PAGE_IS_WPALLOWED | abi.PAGE_IS_WRITTEN)
+    if not ok:
+        return False, why
+    try:
+        fd = syscalls.syscall(
+            abi.SYS_userfaultfd, abi.O_CLOEXEC | abi.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY
+        )
+    except OSError as e:
+        return False, f"userfaultfd() unavailable: {e.strerror}"
+    try:
+        uffd.api_handshake(fd)
+    except uffd.UffdUnsupported as e:
+        return False, str(e)
+    except OSError as e:
+        return False, f"UFFDIO_API failed: {e.strerror}"
+    finally:
+        os.close(fd)
+    return True, "async write-protect (WP_ASYNC) and PAGEMAP_SCAN available"
+
+
+@dataclass
+class _State:
+    target_fd: int
+    inode: int
+    start_time: int
+    synced_with: str | None  # the snapshot the write-protect state corresponds to
+
+
+class UffdWpTracker(Tracker):
+    name = "uffd-wp"
+
+    def __init__(self) -> None:
+        self.fd = -1  # our copy of the target's userfaultfd
+        self.state: _State | None = None
+        self.pm: pagemap.Pagemap | None = None
+        self._pid = 0
+
+    # --- state ------------------------------------------------------------------------
+
+    def _load_state(self, ctx: TrackContext) -> _State | None:
+        try:
+            raw = json.loads((ctx.state_dir / STATE_FILE).read_text())
+            return _State(**raw)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as e:
+            log.warning("pid %d: unreadable tracker state, starting over: %s", ctx.pid, e)
+            return None
+
+    def _save_state(self, ctx: TrackContext) -> None:
+        assert self.state is not None
+        atomic_write(ctx.state_dir / STATE_FILE, json.dumps(self.state.__dict__).encode())
+
+    # --- arm --------------------------------------------------------------------------
+
+    def arm(self, ctx: TrackContext, vmas: list[Mapping]) -> ArmResult:
+        if self._pid != ctx.pid:
+            self.close()
+            self._pid = ctx.pid
+        start_time = procfs.start_time(ctx.pid)
+        if self.fd >= 0 and self.state and self._still_ours(ctx.pid, self.state, start_time):
+            return ArmResult(self._sync_reason(ctx))
+        self.close()
+        self._pid = ctx.pid
+        state = self._load_state(ctx)
+        if state and self._still_ours(ctx.pid, state, start_time):
+            try:
+                with _pidfd(ctx.pid) as pidfd:
+                    self.fd = syscalls.pidfd_getfd(pidfd, state.target_fd)
+            except OSError as e:
+                raise TrackerUnavailable(f"cannot take the tracking fd from the target: "
+                                         f"{e.strerror}") from e
+            self.state = state
+            self.pm = pagemap.Pagemap(ctx.pid)
+            return ArmResult(self._sync_reason(ctx))
+        self._inject(ctx, start_time)
+        self.pm = pagemap.Pagemap(ctx.pid)
+        return ArmResult("write-protect tracking started with this snapshot")
+
+    def _sync_reason(self, ctx: TrackContext) -> str | None:
+        assert self.state is not None
+        if ctx.parent_id is None:
+            return "first snapshot of this process"
+        if self.state.synced_with != ctx.parent_id:
+            return (f"tracking state belongs to {self.state.synced_with or 'no snapshot'}, "
+                    f"not the parent {ctx.parent_id} (an earlier snapshot did not complete)")
+        return None
+
+    @staticmethod
+    def _still_ours(pid: int, state: _State, start_time: int) -> bool:
+        if state.start_time != start_time:
+            return False
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{state.target_fd}")
+            link = os.readlink(f"/proc/{pid}/fd/{state.target_fd}")
+        except OSError:
+            return False
+        return link == "anon_inode:[userfaultfd]" and st.st_ino == state.inode
+
+    def _inject(self, ctx: TrackContext, start_time: int) -> None:
+        pid = ctx.pid
+        foreign = procfs.userfaultfd_fds(pid)
+        if foreign:
+            raise TrackerUnavailable(
+                f"the target already uses userfaultfd (fd {', '.join(map(str, foreign))}); "
+                "write-protect tracking would interfere with it"
+            )
+        registered = procfs.uffd_vma_flags(pid)
+        if registered:
+            s, e, flags = registered[0]
+            raise TrackerUnavailable(
+                f"the target has userfaultfd-registered memory ({s:#x}-{e:#x}: "
+                f"{','.join(sorted(flags))})"
+            )
+        seccomp = procfs.read_status(pid).get("Seccomp", "0")
+        suspend = False
+        if seccomp != "0":
+            if not ctx.privileged:
+                raise TrackerUnavailable(
+                    "the target runs under seccomp; injecting userfaultfd() could kill it, "
+                    "and suspending seccomp needs CAP_SYS_ADMIN"
+                )
+            suspend = True
+        try:
+            with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
+                ret = fz.inject_syscall(
+                    abi.SYS_userfaultfd,
+                    abi.O_CLOEXEC | abi.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY,
+                )
+                if ret < 0:
+                    raise TrackerUnavailable(
+                        f"userfaultfd() in the target failed: {os.strerror(-ret)}"
+                    )
+                target_fd = ret
+                try:
+                    with _pidfd(pid) as pidfd:
+                        self.fd = syscalls.pidfd_getfd(pidfd, target_fd)
+                    uffd.api_handshake(self.fd)
+                except (OSError, uffd.UffdUnsupported) as e:
+                    # Leave no trace: close the fd we made the target open.
+                    if self.fd >= 0:
+                        os.close(self.fd)
+                        self.fd = -1
+                    fz.inject_syscall(3, target_fd)  # close(2)
+                    raise TrackerUnavailable(f"cannot set up write-protect tracking: {e}") \
+                        from e
+        except PermissionError as e:
+            raise TrackerUnavailable(f"ptrace denied: {e.strerror}") from e
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                raise TrackerUnavailable("ptrace denied (EPERM)") from e
+            raise
+        inode = os.stat(f"/proc/{pid}/fd/{target_fd}").st_ino
+        self.state = _State(target_fd, inode, start_time, None)
+        self._save_state(ctx)
+        log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
+
+    # --- harvest ----------------------------------------------------------------------
+
+    def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest:
+        assert self.pm is not None and self.fd >= 0
+        pm = self.pm
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        cap = capturable(vmas)
+        want_reg = [m for m in cap if _registrable(m)]
+        never_reg = normalize((m.start, m.end) for m in cap if not _registrable(m))
+
+        want_spans = normalize((m.start, m.end) for m in want_reg)
+        registered = normalize(
+            (s, e) for s, e, _ in pm.scan(want_spans, pagemap.WP_ALLOWED).regions
+        )
+        new_vmas = [m for m in want_reg if intersect([(m.start, m.end)], registered)
+                    != [(m.start, m.end)]]
+
+        # Newly seen memory: in a frozen snapshot read its presence before write-protecting
+        # (no markers yet); in a fuzzy one write-protect first so no write slips between.
+        new_spans = normalize((m.start, m.end) for m in new_vmas)
+        new_present: list[Span] = []
+        if not ctx.fuzzy:
+            new_present, _ = self._present(ctx, new_spans, None)
+        failed = self._register(new_vmas, notes)
+        if ctx.fuzzy:
+            new_present, _ = self._present(ctx, subtract(new_spans, failed), None)
+        else:
+            new_present = subtract(new_present, failed)
+        untracked = normalize([*never_reg, *failed])
+        untracked_present, _ = self._present(ctx, untracked, None)
+
+        # The atomic get-and-clear over memory that was already tracked.
+        written = pm.scan(registered, pagemap.WRITTEN_GET_AND_CLEAR,
+                          max_pages=0 if full else ctx.max_pages)
+        written_spans = normalize((s, e) for s, e, _ in written.regions)
+        tracked_present, unsure = self._present(
+            ctx, registered, None if full else (ctx.parent_present or []))
+
+        present = normalize([*tracked_present, *new_present, *untracked_present])
+        if full:
+            to_read = present
+        else:
+            to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
+        return Harvest(
+            to_read=to_read,
+            present=present,
+            pages_dirty=written.pages,
+            truncated=written.truncated,
+            scan_ms=(time.perf_counter() - t0) * 1e3,
+            notes=notes,
+        )
+
+    def _present(self, ctx: TrackContext, spans: list[Span], previously: list[Span] | None
+                 ) -> tuple[list[Span], list[Span]]:
+        """(pages holding content in `spans`, pages among them that must be re-read).
+
+        PAGEMAP_SCAN reports a uffd-wp marker (unpopulated page) as SWAPPED, like a real
+        swap entry. Only SWAPPED pages that matter are examined: all of them when
+        `previously` is None, else those that held content at the parent (elsewhere a
+        SWAPPED page without WRITTEN can only be a marker). /proc/PID/pagemap tells markers
+        from swap entries to a privileged reader; an unprivileged one cannot, so it
+        re-reads those pages, which yields their true content (zeros for a marker)."""
+        assert self.pm is not None
+        if not spans:
+            return [], []
+        regions = self.pm.scan(spans, pagemap.DUMPABLE).regions
+        present = [(s, e) for s, e, c in regions if c & abi.PAGE_IS_PRESENT]
+        swapped = normalize((s, e) for s, e, c in regions if not c & abi.PAGE_IS_PRESENT)
+        check = swapped if previously is None else intersect(swapped, previously)
+        must_read: list[Span] = []
+        if check:
+            content, _markers = pagemap.split_swapped(ctx.pid, check)
+            present.extend(content)
+            if not ctx.privileged:
+                must_read = content
+        return normalize(present), must_read
+
+    def _register(self, vmas: list[Mapping], notes: list[str]) -> list[Span]:
+        """Register and write-protect; returns the spans that could not be registered."""
+        failed: list[Span] = []
+        for m in vmas:
+            try:
+                uffd.register_wp(self.fd, m.start, m.end)
+                uffd.write_protect(self.fd, m.start, m.end)
+            except OSError as e:
+                if e.errno == errno.ENOMEM:
+                    continue  # the mapping went away (fuzzy mode)
+                failed.append((m.start, m.end))
+                notes.append(f"{m.start:#x}-{m.end:#x} {m.path or ''}: not write-protectable "
+                             f"({errno.errorcode.get(e.errno or 0, e.errno)}); captured whole")
+        return normalize(failed)
+
+    # --- after ------------------------------------------------------------------------
+
+    def begin(self, ctx: TrackContext) -> None:
+        # The get-and-clear is about to reset "written": until the new snapshot is
+        # published, the write-protect state matches no snapshot.
+        assert self.state is not None
+        if self.state.synced_with is not None:
+            self.state.synced_with = None
+            self._save_state(ctx)
+
+    def commit(self, ctx: TrackContext, snapshot_id: str) -> None:
+        assert self.state is not None
+        self.state.synced_with = snapshot_id
+        self._save_state(ctx)
+
+    def abandon(self, ctx: TrackContext) -> None:
+        if self.state is not None and self.state.synced_with is not None:
+            self.state.synced_with = None
+            self._save_state(ctx)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.pm is not None:
+            self.pm.close()
+            self.pm = None
+        self.state = None
+
+
+def _registrable(m: Mapping) -> bool:
+    if m.size > MAX_REGISTER:
+        return False
+    return m.writable or m.size <= MAX_READONLY_REGISTER
+
+
+class _pidfd:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        self.fd = syscalls.pidfd_open(self.pid)
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+__all__ = ["UffdWpTracker", "probe"]
