@@ -1,0 +1,3 @@
+"""ckptd: incremental memory checkpoints of live Linux processes."""
+
+__version__ = "0.1.0"
