@@ -1,0 +1,244 @@
+"""CLI subcommands that run or talk to the service: serve, register, unregister,
+status, ps. ckptd/cli.py adds them with add_service_commands()."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import UserError
+from .client import Client, default_socket
+from .config import DEFAULT_CONFIG_PATH, PolicyOverride, parse_duration, parse_size
+from .views import human_age
+
+
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, metavar="PATH", default=None,
+                   help="control socket of the service (default: $CKPTD_SOCKET, else "
+                        "/run/ckptd/ckptd.sock)")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a PID (a positive integer)")
+    return int(text)
+
+
+def _duration(text: str) -> float:
+    try:
+        v = float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return v
+
+
+def _size(text: str) -> int:
+    try:
+        return int(parse_size(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _nonneg_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.socket or default_socket())
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def add_service_commands(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "serve", help="run the ckptd service (systemd runs this)", formatter_class=fmt,
+        description=(
+            "Run the long-running service: it takes periodic incremental snapshots of the\n"
+            "processes registered with it and answers the control socket. It reads\n"
+            f"--config (default {DEFAULT_CONFIG_PATH}; built-in defaults if that file does\n"
+            "not exist). SIGHUP reloads the config and keeps registrations; SIGTERM\n"
+            "finishes the snapshots in flight and exits 0. Under systemd it speaks\n"
+            "sd_notify (Type=notify, watchdog). See docs/service.md."),
+        epilog=("examples:\n"
+                "  ckptd serve --config /etc/ckptd/ckptd.toml\n"
+                "  ckptd serve --config ./dev.toml --check   validate the file and exit"))
+    p.add_argument("--config", type=Path, metavar="PATH", default=None,
+                   help=f"TOML config file (default: {DEFAULT_CONFIG_PATH} if it exists)")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the configuration, print the effective settings")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "register", help="have the service snapshot a process periodically",
+        formatter_class=fmt,
+        description=(
+            "Register PID with the running service. It takes a snapshot right away (full),\n"
+            "then one every --interval seconds (incremental). Options override the\n"
+            "service's [defaults] for this process only; registering an already registered\n"
+            "PID replaces its overrides. Registrations survive service restarts, and end\n"
+            "when the process exits (its snapshots are kept). Non-root users may register\n"
+            "only their own processes."),
+        epilog=("examples:\n"
+                "  ckptd register 1234 --interval 30s\n"
+                "  ckptd register 1234 --interval 5m --keep-last 12 --max-bytes-per-round 64MiB"))
+    p.add_argument("pid", type=_pid, metavar="PID")
+    p.add_argument("--interval", type=_duration, metavar="DURATION",
+                   help="time between snapshot starts: seconds, or 500ms, 30s, 5m, 2h")
+    p.add_argument("--jitter", type=float, metavar="FRACTION",
+                   help="random delay of each start, as a fraction of the interval (0-0.5)")
+    p.add_argument("--tracker", choices=["auto", "uffd-wp", "hash"],
+                   help="how changed pages are found (auto: uffd-wp when the kernel allows)")
+    cons = p.add_mutually_exclusive_group()
+    cons.add_argument("--fuzzy", dest="consistency", action="store_const", const="fuzzy",
+                      help="do not freeze the process (faster; pages may be inconsistent)")
+    cons.add_argument("--frozen", dest="consistency", action="store_const", const="frozen",
+                      help="freeze the process while pages are found and copied (default)")
+    p.add_argument("--max-bytes-per-round", type=_size, metavar="SIZE",
+                   help="cap on memory captured per round (0: none); the rest stays marked "
+                        "written and is captured next round, so nothing is lost")
+    p.add_argument("--keep-last", type=_nonneg_int, metavar="N",
+                   help="keep at most the N newest snapshots (0: no limit)")
+    p.add_argument("--keep-age", type=_duration, metavar="DURATION",
+                   help="drop snapshots older than this (0: no limit)")
+    p.add_argument("--max-bytes", type=_size, metavar="SIZE",
+                   help="stored-bytes budget for this process's snapshots (0: no limit)")
+    p.add_argument("--compact-after", type=int, metavar="N",
+                   help="fold old deltas into a new base when a restore would need more "
+                        "than N snapshots")
+    _socket_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser(
+        "unregister", help="stop snapshotting a process", formatter_class=fmt,
+        description="Stop the service's periodic snapshots of PID. Its snapshots are kept.")
+    p.add_argument("pid", type=_pid, metavar="PID")
+    _socket_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=cmd_unregister)
+
+    p = sub.add_parser(
+        "status", help="is the service running, and how is it doing", formatter_class=fmt,
+        description=("Show the running service: version, uptime, store, registered\n"
+                     "processes, snapshots taken, failures and overruns. Exits 2 with one\n"
+                     "line when no service answers on the socket."))
+    _socket_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "ps", help="list the processes registered with the service", formatter_class=fmt,
+        description=("One line per registered process: interval, rounds, last snapshot,\n"
+                     "next one, failures and overruns. Non-root users see their own."))
+    _socket_arg(p)
+    _json_arg(p)
+    p.set_defaults(func=cmd_ps)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    if args.check:
+        cfg = load_config(args.config)
+        _print_json(cfg.model_dump(mode="json"))
+        return 0
+    from .daemon import serve
+
+    return serve(args.config)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    top = {k: getattr(args, k) for k in
+           ("interval", "jitter", "tracker", "consistency", "max_bytes_per_round")
+           if getattr(args, k) is not None}
+    ret = {k: getattr(args, k) for k in ("keep_last", "keep_age", "max_bytes", "compact_after")
+           if getattr(args, k) is not None}
+    body: dict[str, Any] = {**top, "retention": ret}
+    try:
+        PolicyOverride.model_validate(body)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        opt = "--" + str(e["loc"][-1]).replace("_", "-")
+        raise UserError(f"{opt} {e.get('input')!r}: {e['msg']}") from None
+    return body
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    policy = _overrides(args)
+    with _client(args) as c:
+        res = c.call("register", pid=args.pid, policy=policy)
+    if args.json:
+        _print_json(res)
+    else:
+        what = "updated" if res.get("updated") else "registered"
+        print(f"{what} PID {res['pid']} ({res['comm']}): a snapshot every "
+              f"{res['policy']['interval']:g}s")
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        res = c.call("unregister", pid=args.pid)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"unregistered PID {args.pid}; its snapshots are kept "
+              f"(last: {res.get('last_snapshot') or 'none this run'})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        res = c.call("status")
+    if args.json:
+        _print_json(res)
+        return 0
+    up = res["uptime"]
+    print(f"ckptd {res['version']} running, pid {res['pid']}, up {up:.0f}s")
+    print(f"  {res['status']}")
+    print(f"  store      {res['store']}")
+    print(f"  socket     {res['socket']}")
+    print(f"  config     {res['config'] or 'built-in defaults'}")
+    print(f"  snapshots  {res['snapshots']} taken, {res['failures']} failed, "
+          f"{res['overruns']} overruns, {res['in_flight']} in flight")
+    return 0
+
+
+def _ago(v: float | None) -> str:
+    return human_age(v) if v is not None else "-"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        res = c.call("list")
+    procs = res["processes"]
+    if args.json:
+        _print_json(procs)
+        return 0
+    if not procs:
+        print("no processes registered (see `ckptd register --help`)")
+        return 0
+    print(f"{'PID':>7}  {'COMM':<15} {'INTERVAL':>8} {'ROUNDS':>6} {'LAST':>10} "
+          f"{'NEXT':>6} {'FAIL':>4} {'OVERRUN':>7}  LAST SNAPSHOT")
+    for p in sorted(procs, key=lambda x: x["pid"]):
+        nxt = "-" if p["next_in"] is None else f"{p['next_in']:.0f}s"
+        print(f"{p['pid']:>7}  {p['comm'][:15]:<15} {p['policy']['interval']:>7g}s "
+              f"{p['rounds']:>6} {_ago(p['last_snapshot_age']):>10} {nxt:>6} "
+              f"{p['failures']:>4} {p['overruns']:>7}  {p['last_snapshot'] or '-'}")
+    return 0

@@ -1,0 +1,825 @@
+"""The long-running service: wires config, registry, scheduler, engine, control socket,
+sd_notify and metrics together on an asyncio (uvloop) event loop.
+
+Blocking work never runs on the loop:
+  capture pool  (service.concurrency threads)  engine.snapshot: ptrace, reads, compression
+  work pool     (2 threads)                    store reads for requests: list, show,
+                                               materialize, verify
+  maint pool    (1 thread)                     retention and compaction, in the background
+The engine has its own zstd pool (2 threads). All are sized for a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .. import __version__
+from ..capture import BufferPool
+from ..engine import Engine
+from ..errors import (
+    CkptdError,
+    PermissionDenied,
+    TargetGone,
+    TargetNotFound,
+    UnknownSnapshot,
+    UserError,
+)
+from ..kernel.abi import PAGE_SIZE
+from ..store import SnapshotMeta, Store
+from ..store import reader as store_reader
+from . import aio, auth, maintenance, protocol
+from .auth import Peer
+from .config import ConfigError, Policy, PolicyOverride, ServiceConfig, load_config
+from .logsetup import set_level, setup_logging
+from .metrics import CONTENT_TYPE, Metrics
+from .notify import Notifier
+from .protocol import ErrorCode, ProtocolError
+from .registry import REGISTRY_FILE, Registration, Registry, new_record, open_process
+from .scheduler import Scheduler, Slot
+from .views import registration_view, snapshot_detail, snapshot_summary, status_line
+
+log = logging.getLogger("ckptd.service")
+T = TypeVar("T")
+
+MAX_CLIENTS = 128
+READ_CHUNK = 1 << 16
+
+
+class ThreadLocalBufferPool(BufferPool):
+    """The engine's capture buffer, one per capture thread: rounds of different processes
+    run at once and must not share a buffer."""
+
+    def __init__(self, retain_bytes: int) -> None:
+        super().__init__(retain_bytes)
+        self._local = threading.local()
+
+    def _pool(self) -> BufferPool:
+        pool: BufferPool | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = BufferPool(self.retain_bytes)
+            self._local.pool = pool
+        return pool
+
+    def get(self, size: int) -> Any:
+        return self._pool().get(size)
+
+    def ensure(self, size: int) -> None:
+        self._pool().ensure(size)
+
+    def release(self) -> None:
+        self._pool().release()
+
+
+def error_code(exc: BaseException) -> ErrorCode:
+    if isinstance(exc, (TargetNotFound, UnknownSnapshot)):
+        return "not-found"
+    if isinstance(exc, PermissionDenied):
+        return "permission"
+    if isinstance(exc, UserError):
+        return "user-error"
+    if isinstance(exc, TargetGone):
+        return "gone"
+    return "internal"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, stable label for metrics."""
+    if isinstance(exc, (TargetGone, TargetNotFound)):
+        return "gone"
+    if isinstance(exc, PermissionDenied):
+        return "permission"
+    if isinstance(exc, UserError):
+        return "user"
+    if isinstance(exc, CkptdError):
+        name = type(exc).__name__
+        return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    if isinstance(exc, OSError):
+        return "os_error"
+    return "internal"
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, config_path: Path | None) -> None:
+        self.cfg = config
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.notifier = Notifier.from_env()
+        self.started = time.time()
+        self.last_snapshot_at: float | None = None
+        self.stopping = False
+        self._stop_event: asyncio.Event | None = None
+        self._persist_lock: asyncio.Lock | None = None
+        self._adhoc_slots: dict[int, Slot] = {}
+        self._watched: set[int] = set()  # pids whose pidfd we watch for exit
+        self._adhoc_pidfds: dict[int, int] = {}
+        self._maint_running: set[str] = set()
+        self._clients = 0
+        self._busy: set[asyncio.Future[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._http: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.store: Store
+        self.engine: Engine
+        self.registry: Registry
+        self.scheduler: Scheduler
+        self.capture_pool = ThreadPoolExecutor(config.service.concurrency, "ckptd-capture")
+        self.work_pool = ThreadPoolExecutor(2, "ckptd-work")
+        self.maint_pool = ThreadPoolExecutor(1, "ckptd-maint")
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def policy_of(self, reg: Registration) -> Policy:
+        return reg.policy(self.cfg.defaults)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background task %s failed: %r", task.get_name(), exc,
+                      exc_info=exc)
+
+    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any,
+                  **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+        self._busy.add(fut)
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self._busy.discard(fut)
+            else:
+                fut.add_done_callback(self._busy.discard)
+
+    # --- start --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._persist_lock = asyncio.Lock()
+        svc = self.cfg.service
+        self.store = await self._in(self.work_pool, Store.open, svc.store, create=True)
+        state_dir = svc.store / "service"
+        await self._in(self.work_pool, _private_dir, state_dir)
+        self.engine = Engine(self.store, compress_threads=2, retain_buffer_bytes=16 << 20)
+        self.engine.buffers = ThreadLocalBufferPool(16 << 20)
+        self.registry = Registry(state_dir / REGISTRY_FILE)
+        self.scheduler = Scheduler(self._scheduled_round, self.policy_of, svc.concurrency,
+                                   on_overrun=lambda _r: self.metrics.overruns.inc())
+        maintenance.check_available()
+
+        restored, gone = await self._in(self.work_pool, self.registry.restore)
+        for rec, why in gone:
+            log.warning("registration of pid %d (%s) dropped: %s; its snapshots are kept",
+                        rec.pid, rec.comm, why)
+        for reg in restored:
+            self._watch_exit(reg.pid, reg.pidfd)
+            self.scheduler.start(reg, first_delay=0.0)
+            log.info("pid %d (%s) restored; re-arming with a snapshot now", reg.pid,
+                     reg.record.comm)
+        if gone:
+            await self._persist()
+        self.metrics.registered.set(len(self.registry))
+
+        await self._bind()
+        await self._start_http()
+        for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
+                             (signal.SIGHUP, self._on_hup)):
+            loop.add_signal_handler(sig, handler)
+        log.info("ckptd %s serving on %s, store %s, %d registration(s) restored, "
+                 "%d dropped", __version__, svc.socket, svc.store, len(restored), len(gone))
+        self.notifier.ready(self._status_text())
+        self._spawn(self._ticker(), "ticker")
+        await self._stop_event.wait()
+        return await self._shutdown()
+
+    async def _bind(self) -> None:
+        path = self.cfg.service.socket
+        await self._in(self.work_pool, _prepare_socket_path, path)
+        old = os.umask(0o117)  # the socket is created 0660: never briefly wider
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(path),
+                                                           limit=protocol.MAX_MESSAGE + 2)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+        group = self.cfg.service.socket_group
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ConfigError(f"service.socket_group = {group!r}: no such group") from None
+            os.chown(path, -1, gid)
+
+    async def _start_http(self) -> None:
+        listen = self.cfg.metrics.listen
+        if not listen:
+            return
+        host, _, port = listen.rpartition(":")
+        self._http = await asyncio.start_server(self._http_client, host=host or "127.0.0.1",
+                                                port=int(port))
+        log.info("metrics on http://%s/metrics", listen)
+
+    # --- signals, reload, shutdown ------------------------------------------------------
+
+    def _on_term(self) -> None:
+        if not self.stopping:
+            log.info("stop requested: finishing snapshots in flight")
+            self.stopping = True
+            assert self._stop_event is not None
+            self._stop_event.set()
+
+    def _on_hup(self) -> None:
+        self._spawn(self.reload(), "reload")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file; keep registrations. A bad file keeps the old config."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is not None:
+                text = await aio.read_text(self.config_path)
+                from .config import parse_config
+                new = parse_config(text, str(self.config_path))
+            else:
+                new = await self._in(self.work_pool, load_config, None)
+        except (ConfigError, OSError) as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.ready(self._status_text())
+            raise ConfigError(f"reload refused: {exc}") from None
+        old = self.cfg
+        restart_needed = [k for k in ("store", "socket", "socket_group")
+                          if getattr(old.service, k) != getattr(new.service, k)]
+        if old.metrics.listen != new.metrics.listen:
+            restart_needed.append("metrics.listen")
+        if restart_needed:
+            log.warning("reload: %s changed; this takes effect on restart",
+                        ", ".join(restart_needed))
+        keep = {"store": old.service.store, "socket": old.service.socket,
+                "socket_group": old.service.socket_group}
+        new = new.model_copy(update={
+            "service": new.service.model_copy(update=keep),
+            "metrics": new.metrics.model_copy(update={"listen": old.metrics.listen}),
+        })
+        self.cfg = new
+        set_level(new.service.log_level)
+        if new.service.concurrency != old.service.concurrency:
+            self.scheduler.set_concurrency(new.service.concurrency)
+            old_pool = self.capture_pool
+            self.capture_pool = ThreadPoolExecutor(new.service.concurrency, "ckptd-capture")
+            old_pool.shutdown(wait=False)
+        log.info("configuration reloaded from %s; %d registration(s) kept",
+                 self.config_path or "defaults", len(self.registry))
+        self.notifier.ready(self._status_text())
+        return {"reloaded": True, "restart_needed": restart_needed,
+                "registered": len(self.registry)}
+
+    async def _shutdown(self) -> int:
+        self.notifier.stopping()
+        if self._server is not None:
+            self._server.close()
+        if self._http is not None:
+            self._http.close()
+        await self.scheduler.shutdown()
+        pending = [f for f in self._busy if not f.done()]
+        if pending:
+            log.info("waiting up to %.0fs for %d operation(s) in flight",
+                     self.cfg.service.shutdown_grace, len(pending))
+            _, still = await asyncio.wait(pending, timeout=self.cfg.service.shutdown_grace)
+            if still:
+                await self._persist()
+                log.warning("abandoning %d operation(s) still running after %.0fs: a "
+                            "snapshot in flight is not published; the store keeps only "
+                            "complete snapshots", len(still), self.cfg.service.shutdown_grace)
+                _unlink_socket(self.cfg.service.socket)
+                logging.shutdown()
+                sys.stderr.flush()
+                os._exit(0)
+        await self._persist()
+        for t in list(self._tasks):
+            t.cancel()
+        _unlink_socket(self.cfg.service.socket)
+        for pid in list(self._watched):
+            self._unwatch(pid)
+        for reg in list(self.registry.by_pid.values()):
+            reg.close()
+        for fd in self._adhoc_pidfds.values():
+            os.close(fd)
+        self.engine.close()
+        for pool in (self.capture_pool, self.work_pool, self.maint_pool):
+            pool.shutdown(wait=True)
+        log.info("stopped")
+        return 0
+
+    async def _persist(self) -> None:
+        assert self._persist_lock is not None
+        async with self._persist_lock:
+            await aio.atomic_write(self.registry.path, self.registry.to_bytes())
+
+    def _status_text(self) -> str:
+        return status_line(len(self.registry), self.last_snapshot_at, time.time())
+
+    async def _ticker(self) -> None:
+        interval = self.notifier.watchdog_interval or 5.0
+        interval = min(interval, 5.0)
+        last_status = 0.0
+        while True:
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            now = time.monotonic()
+            if now - last_status >= 5.0:
+                self.notifier.status(self._status_text())
+                last_status = now
+            await asyncio.sleep(interval)
+
+    # --- process exit watching ----------------------------------------------------------
+
+    def _watch_exit(self, pid: int, pidfd: int) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, self._on_exit, pid)
+        self._watched.add(pid)
+
+    def _unwatch(self, pid: int) -> None:
+        if pid in self._watched:
+            self._watched.discard(pid)
+            reg = self.registry.get(pid)
+            fd = reg.pidfd if reg is not None else self._adhoc_pidfds.get(pid)
+            if fd is not None:
+                asyncio.get_running_loop().remove_reader(fd)
+
+    def _on_exit(self, pid: int) -> None:
+        self._unwatch(pid)
+        if self.registry.get(pid) is not None:
+            self._spawn(self.unregister(pid, "the process exited"), f"exit-{pid}")
+        else:
+            fd = self._adhoc_pidfds.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+            self._adhoc_slots.pop(pid, None)
+            self.engine.forget(pid)
+
+    # --- registrations ------------------------------------------------------------------
+
+    async def register(self, peer: Peer, req: protocol.RegisterReq) -> dict[str, Any]:
+        own = auth.check_process(peer, req.pid)
+        existing = self.registry.get(req.pid)
+        if existing is not None:
+            self.registry.update(req.pid, policy=req.policy)
+            await self._persist()
+            log.info("pid %d: policy updated by uid %d", req.pid, peer.uid)
+            return {"registered": True, "updated": True,
+                    **registration_view(existing, self.policy_of(existing))}
+        if len(self.registry) >= self.cfg.service.max_registrations:
+            raise UserError(f"already {len(self.registry)} registrations "
+                            "(service.max_registrations); unregister some first")
+        if req.pid == os.getpid():
+            raise UserError("ckptd cannot snapshot itself")
+        pidfd, start = open_process(req.pid)
+        rec = new_record(req.pid, start, own.uids[0], peer.uid, req.policy)
+        # A process we snapshotted ad hoc may have a watcher already: take it over.
+        self._forget_adhoc(req.pid)
+        reg = self.registry.add(rec, pidfd)
+        self._watch_exit(req.pid, pidfd)
+        await self._persist()
+        self.metrics.registered.set(len(self.registry))
+        self.scheduler.start(reg, first_delay=0.0)
+        log.info("pid %d (%s) registered by uid %d, interval %.3gs", req.pid, rec.comm,
+                 peer.uid, self.policy_of(reg).interval)
+        return {"registered": True, "updated": False,
+                **registration_view(reg, self.policy_of(reg))}
+
+    def _forget_adhoc(self, pid: int) -> None:
+        fd = self._adhoc_pidfds.pop(pid, None)
+        if fd is not None:
+            if pid in self._watched:
+                self._watched.discard(pid)
+                asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    async def unregister(self, pid: int, why: str) -> dict[str, Any]:
+        reg = self.registry.get(pid)
+        if reg is None:
+            raise TargetNotFound(f"PID {pid} is not registered; see `ckptd ps`")
+        self._unwatch(pid)
+        await self.scheduler.stop(pid)
+        self.registry.remove(pid)
+        await self._in(self.work_pool, self.engine.forget, pid)
+        await self._persist()
+        self.metrics.registered.set(len(self.registry))
+        log.info("pid %d (%s) unregistered: %s; %d snapshot(s) taken this run are kept",
+                 pid, reg.record.comm, why, len(reg.snapshot_ids))
+        return {"unregistered": True, "pid": pid, "rounds": reg.rounds,
+                "last_snapshot": reg.snapshot_ids[-1] if reg.snapshot_ids else None}
+
+    # --- snapshots ----------------------------------------------------------------------
+
+    async def _scheduled_round(self, reg: Registration) -> None:
+        if self.stopping or reg.closed:
+            return
+        pol = self.policy_of(reg)
+        max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
+        try:
+            await self._capture(reg.pid, reg, tracker=pol.tracker,
+                                fuzzy=pol.consistency == "fuzzy", max_pages=max_pages)
+        except Exception:
+            return  # _capture has logged it with context and counted it in the metrics
+
+    async def _capture(self, pid: int, reg: Registration | None, *, tracker: str,
+                       fuzzy: bool, max_pages: int) -> SnapshotMeta:
+        t0 = time.monotonic()
+        self.metrics.in_flight.inc()
+        try:
+            meta = await self._in(self.capture_pool, self.engine.snapshot, pid,
+                                  tracker=tracker, fuzzy=fuzzy, max_pages=max_pages)
+        except Exception as exc:
+            reason = failure_reason(exc)
+            self.metrics.failures.inc(reason=reason)
+            if reg is not None:
+                reg.failures += 1
+                reg.last_error = str(exc)
+            if reason == "gone":
+                log.info("pid %d: %s", pid, exc)
+                if reg is not None:
+                    self._spawn(self.unregister(pid, str(exc)), f"gone-{pid}")
+            elif isinstance(exc, UserError):
+                log.warning("pid %d: snapshot refused: %s", pid, exc)
+            elif isinstance(exc, CkptdError):
+                log.error("pid %d: snapshot failed: %s", pid, exc)
+            else:
+                log.exception("pid %d: snapshot failed with an internal error", pid)
+            raise
+        finally:
+            self.metrics.in_flight.set(self.metrics.in_flight.get() - 1)
+        elapsed = time.monotonic() - t0
+        now = time.time()
+        self.last_snapshot_at = now
+        m = self.metrics
+        m.snapshots.inc(kind=meta.kind)
+        m.bytes_read.inc(meta.counts.bytes_read)
+        m.bytes_stored.inc(meta.counts.bytes_stored)
+        m.freeze_seconds.observe(meta.timings.freeze_ms / 1e3)
+        m.round_seconds.observe(elapsed)
+        if meta.truncated:
+            m.truncated.inc()
+        if reg is not None:
+            reg.rounds += 1
+            reg.last_snapshot_at = now
+            reg.last_duration = elapsed
+            reg.last_error = None
+            reg.snapshot_ids.append(meta.id)
+            del reg.snapshot_ids[:-16]
+            if meta.truncated:
+                reg.truncated_rounds += 1
+            self._maybe_maintain(meta.chain, self.policy_of(reg))
+        log.debug("pid %d: %s %s, %d pages stored, %.1f ms frozen, %.1f ms total", pid,
+                  meta.kind, meta.id, meta.counts.pages_stored, meta.timings.freeze_ms,
+                  meta.timings.total_ms)
+        return meta
+
+    async def snapshot_now(self, peer: Peer, req: protocol.SnapshotNowReq) -> dict[str, Any]:
+        auth.check_process(peer, req.pid)
+        if self.stopping:
+            raise ProtocolError("busy", "the service is stopping", req.id)
+        reg = self.registry.get(req.pid)
+        if reg is not None:
+            pol = self.policy_of(reg)
+            slot = self.scheduler.slots.get(req.pid)
+            default_pages = (-(-pol.max_bytes_per_round // PAGE_SIZE)
+                             if pol.max_bytes_per_round else 0)
+            tracker = req.tracker or pol.tracker
+            fuzzy = pol.consistency == "fuzzy" if req.fuzzy is None else req.fuzzy
+        else:
+            slot = self._adhoc_slot(req.pid)
+            default_pages, tracker = 0, req.tracker or "auto"
+            fuzzy = bool(req.fuzzy)
+        if slot is None:
+            raise TargetNotFound(f"PID {req.pid} is being unregistered")
+        max_pages = default_pages if req.max_pages is None else req.max_pages
+        meta = await self.scheduler.run_exclusive(
+            slot, lambda: self._capture(req.pid, reg, tracker=tracker, fuzzy=fuzzy,
+                                        max_pages=max_pages))
+        return snapshot_summary(meta)
+
+    def _adhoc_slot(self, pid: int) -> Slot:
+        slot = self._adhoc_slots.get(pid)
+        if slot is None:
+            pidfd, start = open_process(pid)
+            self._adhoc_pidfds[pid] = pidfd
+            self._watch_exit(pid, pidfd)
+            rec = new_record(pid, start, -1, -1, PolicyOverride())
+            slot = Slot(Registration(record=rec, pidfd=-1, closed=True))
+            self._adhoc_slots[pid] = slot
+        return slot
+
+    # --- retention and compaction -------------------------------------------------------
+
+    def _maybe_maintain(self, chain: str, pol: Policy) -> None:
+        if chain in self._maint_running or not maintenance.available() or self.stopping:
+            return
+        self._maint_running.add(chain)
+        self._spawn(self._maintain(chain, pol), f"maint-{chain}")
+
+    async def _maintain(self, chain: str, pol: Policy) -> None:
+        try:
+            result = await self._in(self.maint_pool, maintenance.run, self.store, chain,
+                                    pol.retention, time.time())
+            if result is not None:
+                self.metrics.compactions.inc(result="ok")
+                log.info("chain %s: %s", chain, result)
+        except Exception as exc:
+            self.metrics.compactions.inc(result="failed")
+            log.error("chain %s: retention/compaction failed: %s", chain, exc,
+                      exc_info=not isinstance(exc, CkptdError))
+        finally:
+            self._maint_running.discard(chain)
+
+    # --- store queries ------------------------------------------------------------------
+
+    def _chain_uid(self, chain: str) -> int:
+        return self.store.chain_info(chain).uid
+
+    def _visible(self, peer: Peer, chain: str, cache: dict[str, int]) -> bool:
+        if peer.is_root:
+            return True
+        if chain not in cache:
+            cache[chain] = self._chain_uid(chain)
+        return auth.may_see_chain(peer, cache[chain])
+
+    def _list_snapshots(self, peer: Peer, pid: int | None, chain: str | None
+                        ) -> list[dict[str, Any]]:
+        cache: dict[str, int] = {}
+        chains = self.store.chain_ids()
+        if chain is not None:
+            chains = [c for c in chains if c == chain]
+        if pid is not None:
+            chains = [c for c in chains if c.split("-")[0] == str(pid)]
+        out: list[dict[str, Any]] = []
+        for c in chains:
+            if self._visible(peer, c, cache):
+                out.extend(snapshot_summary(m) for m in self.store.chain_snapshots(c))
+        return out
+
+    def _get_visible(self, peer: Peer, snapshot_id: str) -> SnapshotMeta:
+        meta = self.store.get(snapshot_id)
+        if not self._visible(peer, meta.chain, {}):
+            # Same answer as a missing id: do not reveal other users' snapshots.
+            raise UnknownSnapshot(f"no snapshot {snapshot_id!r}; see `ckptd list`")
+        return meta
+
+    def _materialize(self, peer: Peer, snapshot_id: str, out_dir: str) -> dict[str, Any]:
+        self._get_visible(peer, snapshot_id)
+        out = Path(out_dir)
+        if not out.is_absolute():
+            raise UserError(f"out_dir must be an absolute path, got {out_dir!r}")
+        out = Path(os.path.realpath(out))
+        if not peer.is_root:
+            auth.check_output_dir(peer, out)
+        index = store_reader.materialize(self.store, snapshot_id, out)
+        if not peer.is_root:
+            _chown_tree(out, peer.uid, peer.gid)
+        vmas = index.get("vmas")
+        return {"snapshot": snapshot_id, "out_dir": str(out),
+                "files": len(vmas) if isinstance(vmas, list) else 0,
+                "index": str(out / "index.json")}
+
+    def _verify(self) -> dict[str, Any]:
+        count, problems = store_reader.verify(self.store)
+        return {"snapshots": count, "problems": problems, "ok": not problems}
+
+    # --- requests -----------------------------------------------------------------------
+
+    async def dispatch(self, frame: bytes, peer: Peer) -> bytes:
+        try:
+            req = protocol.parse_request(frame)
+        except ProtocolError as exc:
+            log.info("uid %d pid %d: bad request: %s", peer.uid, peer.pid, exc)
+            return protocol.encode_protocol_error(exc)
+        try:
+            result = await self.handle(req, peer)
+        except ProtocolError as exc:
+            return protocol.encode_error(req.id, exc.code, exc.message)
+        except UserError as exc:
+            log.info("uid %d: %s refused: %s", peer.uid, req.op, exc)
+            return protocol.encode_error(req.id, error_code(exc), str(exc))
+        except Exception as exc:
+            if not isinstance(exc, CkptdError):
+                log.exception("uid %d: %s failed with an internal error", peer.uid, req.op)
+            else:
+                log.error("uid %d: %s failed: %s", peer.uid, req.op, exc)
+            return protocol.encode_error(req.id, error_code(exc), f"{type(exc).__name__}: {exc}")
+        return protocol.encode_ok(req.id, result)
+
+    def _require_root(self, peer: Peer, what: str) -> None:
+        if not peer.is_root:
+            raise PermissionDenied(f"{what} needs root (you are uid {peer.uid})")
+
+    def _require_owner(self, peer: Peer, reg: Registration) -> None:
+        if not peer.is_root and peer.uid != reg.record.uid:
+            raise PermissionDenied(
+                f"PID {reg.pid} belongs to uid {reg.record.uid}; you are uid {peer.uid}")
+
+    async def handle(self, req: protocol.Request, peer: Peer) -> dict[str, Any]:
+        if isinstance(req, protocol.PingReq):
+            return {"protocol": protocol.PROTOCOL_VERSION, "version": __version__,
+                    "pid": os.getpid(), "your_uid": peer.uid}
+        if isinstance(req, protocol.RegisterReq):
+            if self.stopping:
+                raise ProtocolError("busy", "the service is stopping")
+            return await self.register(peer, req)
+        if isinstance(req, protocol.UnregisterReq):
+            reg = self.registry.get(req.pid)
+            if reg is None:
+                raise TargetNotFound(f"PID {req.pid} is not registered; see `ckptd ps`")
+            self._require_owner(peer, reg)
+            return await self.unregister(req.pid, f"requested by uid {peer.uid}")
+        if isinstance(req, protocol.ListReq):
+            regs = [registration_view(r, self.policy_of(r))
+                    for r in self.registry.by_pid.values()
+                    if peer.is_root or r.record.uid == peer.uid]
+            return {"processes": regs}
+        if isinstance(req, protocol.StatusReq):
+            return self.status(peer)
+        if isinstance(req, protocol.SnapshotNowReq):
+            return await self.snapshot_now(peer, req)
+        if isinstance(req, protocol.SnapshotsReq):
+            snaps = await self._in(self.work_pool, self._list_snapshots, peer, req.pid,
+                                   req.chain)
+            return {"snapshots": snaps}
+        if isinstance(req, protocol.ShowReq):
+            meta = await self._in(self.work_pool, self._get_visible, peer, req.snapshot)
+            lineage = await self._in(self.work_pool, self.store.lineage, req.snapshot)
+            return {"snapshot": snapshot_detail(meta),
+                    "lineage": [m.id for m in lineage]}
+        if isinstance(req, protocol.MaterializeReq):
+            return await self._in(self.work_pool, self._materialize, peer, req.snapshot,
+                                  req.out_dir)
+        if isinstance(req, protocol.VerifyReq):
+            self._require_root(peer, "verify (it reads every user's snapshots)")
+            return await self._in(self.work_pool, self._verify)
+        if isinstance(req, protocol.CompactReq):
+            if not peer.is_root and self._chain_uid(req.chain) != peer.uid:
+                raise PermissionDenied(f"chain {req.chain} is not yours")
+            if not maintenance.available():
+                raise UserError("compaction is not available in this build")
+            result = await self._in(self.maint_pool, maintenance.compact_now, self.store,
+                                    req.chain, req.upto)
+            return {"chain": req.chain, "result": result}
+        if isinstance(req, protocol.ReloadReq):
+            self._require_root(peer, "reload")
+            return await self.reload()
+        if isinstance(req, protocol.MetricsReq):
+            if not self.cfg.metrics.enabled:
+                raise UserError("metrics are disabled (metrics.enabled = false)")
+            return {"content_type": CONTENT_TYPE, "text": self.metrics.render().decode()}
+        raise ProtocolError("unknown-op", f"unknown op {req.op!r}", req.id)
+
+    def status(self, peer: Peer) -> dict[str, Any]:
+        now = time.time()
+        mine = [r for r in self.registry.by_pid.values()
+                if peer.is_root or r.record.uid == peer.uid]
+        m = self.metrics
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": now - self.started,
+            "config": str(self.config_path) if self.config_path else None,
+            "store": str(self.cfg.service.store),
+            "socket": str(self.cfg.service.socket),
+            "concurrency": self.cfg.service.concurrency,
+            "registered": len(mine),
+            "in_flight": self.scheduler.in_flight,
+            "last_snapshot_age": None if self.last_snapshot_at is None
+            else now - self.last_snapshot_at,
+            "snapshots": int(sum(m.snapshots.values.values())),
+            "failures": int(sum(m.failures.values.values())),
+            "overruns": int(m.overruns.get()),
+            "status": self._status_text(),
+            "defaults": self.cfg.defaults.model_dump(mode="json"),
+        }
+
+    # --- connections --------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            peer = auth.peer_credentials(sock)
+        except OSError as exc:
+            log.warning("cannot read peer credentials, closing: %s", exc)
+            writer.close()
+            return
+        if self._clients >= MAX_CLIENTS:
+            writer.write(protocol.encode_error(None, "busy", "too many clients"))
+            writer.close()
+            return
+        self._clients += 1
+        decoder = protocol.FrameDecoder()
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                for ev in decoder.feed(data):
+                    if isinstance(ev, protocol.Oversize):
+                        log.info("uid %d pid %d: request over %d bytes rejected", peer.uid,
+                                 peer.pid, protocol.MAX_MESSAGE)
+                        reply = protocol.encode_error(
+                            None, "too-large",
+                            f"request exceeds {protocol.MAX_MESSAGE} bytes; it was skipped")
+                    else:
+                        reply = await self.dispatch(ev.data, peer)
+                    writer.write(reply)
+                    await writer.drain()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            log.debug("uid %d pid %d: client went away: %s", peer.uid, peer.pid, exc)
+        finally:
+            self._clients -= 1
+            writer.close()
+
+    async def _http_client(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        line = head.split(b"\r\n", 1)[0].split()
+        if len(line) >= 2 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
+            body = self.metrics.render()
+            status = b"200 OK"
+            ctype = CONTENT_TYPE.encode()
+        else:
+            body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+        writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype +
+                     b"\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\nConnection: close\r\n\r\n" + body)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+
+def _private_dir(path: Path) -> None:
+    from ..store.fsutil import make_private_dir
+    make_private_dir(path)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Create the socket's directory; refuse if a live service owns the path; remove a
+    stale socket left by a crash."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o755, parents=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UserError(f"{path} exists and is not a socket: remove it or set service.socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise UserError(f"another ckptd is already serving on {path}")
+
+
+def _unlink_socket(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def serve(config_path: Path | None) -> int:
+    """Entry point of `ckptd serve`."""
+    import uvloop
+
+    cfg = load_config(config_path)
+    setup_logging(cfg.service.log_level)
+    service = Service(cfg, config_path)
+    return int(uvloop.run(service.run()))
