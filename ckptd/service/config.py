@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 
@@ -122,11 +122,20 @@ class PolicyOverride(_Strict):
         )
 
 
+def _check_listen(value: str) -> str:
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('expected "" or "HOST:PORT", e.g. "127.0.0.1:9469"')
+    return value
+
+
 class MetricsConfig(_Strict):
     enabled: bool = Field(
         default=True, description="serve the 'metrics' op on the control socket"
     )
-    listen: str = Field(
+    listen: Annotated[str, AfterValidator(_check_listen)] = Field(
         default="", description='also serve HTTP GET /metrics on "127.0.0.1:PORT" ("" = off)'
     )
 
