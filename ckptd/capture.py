@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from .errors import PermissionDenied, TargetGone, TargetNotFound, UserError
-from .intervals import Span, normalize, total
+from .intervals import Span, intersect, normalize, subtract, total
 from .kernel import abi, memread, pagemap, procfs
 from .kernel.ptrace import Freezer
 from .kernel.ptrace import TargetGone as PtraceTargetGone
@@ -179,7 +179,7 @@ def take_snapshot(
 
     seq = parent.seq + 1 if parent else 1
     snapshot_id = f"{chain.chain}-{seq}"
-    reader = memread.PageReader(pid)
+    reader = memread.PageReader(pid, tolerate_unmapped=fuzzy)
     try:
         freeze_ctx = nullcontext() if fuzzy else Freezer(pid)
         t_freeze = time.perf_counter()
@@ -192,17 +192,18 @@ def take_snapshot(
             nbytes = total(to_read)
             buf = buffers.get(nbytes)
             unreadable = [(m.start, m.end) for m in vmas if not m.readable]
+            if on_frozen is not None:
+                on_frozen(pid, vmas)  # tests and the demo read ground truth here
+            t_hooked = time.perf_counter()
             reader.read_runs(to_read, buf, unreadable)
             t_read = time.perf_counter()
-            if on_frozen is not None:
-                on_frozen(pid, vmas)
         t_thawed = time.perf_counter()
     except (PtraceTargetGone, ProcessLookupError) as e:
         tracker.abandon(ctx)
         raise TargetGone(f"process {pid} exited during the snapshot; nothing was stored") from e
     except OSError as e:
         tracker.abandon(ctx)
-        if e.errno in (errno.ESRCH, errno.ENOENT) or not os.path.exists(f"/proc/{pid}"):
+        if e.errno in (errno.ESRCH, errno.ENOENT) or _exited(pid):
             raise TargetGone(
                 f"process {pid} exited during the snapshot; nothing was stored") from e
         raise
@@ -211,6 +212,12 @@ def take_snapshot(
 
     view = memoryview(buf)[:nbytes]
     keep = tracker.select(ctx, to_read, view)
+    present = harvest.present
+    if reader.failed:
+        # Unmapped while we read (fuzzy only): those pages are gone, not captured.
+        gone = normalize(reader.failed)
+        present = subtract(present, gone)
+        keep = _drop_pages(to_read, keep, gone)
     writer = SnapshotWriter(store, chain.chain, snapshot_id, executor)
     try:
         writer.write_runs(to_read, buf, keep, progress)
@@ -233,7 +240,7 @@ def take_snapshot(
             consistency="fuzzy" if fuzzy else "frozen",
             truncated=harvest.truncated,
             vmas=vma_models(vmas),
-            present=harvest.present,
+            present=present,
             data_file=data_file,
             data_bytes=data_bytes,
             extents=writer.extents,
@@ -244,7 +251,7 @@ def take_snapshot(
                 pages_stored=stored_pages,
                 pages_zero=zero_pages,
                 pages_unchanged=(nbytes // abi.PAGE_SIZE) - stored_pages - zero_pages,
-                pages_present=total(harvest.present) // abi.PAGE_SIZE,
+                pages_present=total(present) // abi.PAGE_SIZE,
                 bytes_read=nbytes,
                 bytes_stored=data_bytes,
             ),
@@ -252,7 +259,7 @@ def take_snapshot(
                 prepare_ms=(t_prepared - t_start) * 1e3,
                 freeze_ms=0.0 if fuzzy else (t_thawed - t_freeze) * 1e3,
                 scan_ms=(t_scanned - t_frozen) * 1e3,
-                read_ms=(t_read - t_scanned) * 1e3,
+                read_ms=(t_read - t_hooked) * 1e3,
                 compress_ms=writer.compress_s * 1e3,
                 write_ms=writer.write_s * 1e3,
                 total_ms=(time.perf_counter() - t_start) * 1e3,
@@ -272,5 +279,23 @@ def take_snapshot(
     return meta
 
 
-def span_pages(spans: list[Span]) -> int:
-    return total(spans) // abi.PAGE_SIZE
+def _exited(pid: int) -> bool:
+    try:
+        return procfs.process_state(pid) in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _drop_pages(runs: list[Span], keep: list[bool] | None, gone: list[Span]) -> list[bool]:
+    """Per-page keep flags for `runs` with the pages inside `gone` cleared."""
+    flags: list[bool] = []
+    i = 0
+    for start, end in runs:
+        lost = intersect([(start, end)], gone)
+        for addr in range(start, end, abi.PAGE_SIZE):
+            k = keep[i] if keep is not None else True
+            if k and lost and any(s <= addr < e for s, e in lost):
+                k = False
+            flags.append(k)
+            i += 1
+    return flags

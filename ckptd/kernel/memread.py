@@ -8,6 +8,7 @@ through /proc/PID/mem, which reads with FOLL_FORCE.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from array import array
@@ -30,10 +31,15 @@ def alloc_buffer(size: int, populate: bool = False) -> mmap.mmap:
 
 
 class PageReader:
-    def __init__(self, pid: int, use_vm_readv: bool = True) -> None:
+    def __init__(self, pid: int, use_vm_readv: bool = True, tolerate_unmapped: bool = False
+                 ) -> None:
         self.pid = pid
         self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         self.use_vm_readv = use_vm_readv
+        # A process that is not frozen may unmap memory between scan and read; then the
+        # unreadable ranges are recorded in `failed` (and zero-filled) instead of raising.
+        self.tolerate_unmapped = tolerate_unmapped
+        self.failed: list[Run] = []
 
     def close(self) -> None:
         if self.mem_fd >= 0:
@@ -105,13 +111,19 @@ class PageReader:
     def _pread(self, run: Run, buf: mmap.mmap, offset: int) -> None:
         start, end = run
         view = memoryview(buf)[offset : offset + (end - start)]
+        got = 0
         try:
-            got = 0
             while got < len(view):
                 n = os.preadv(self.mem_fd, [view[got:]], start + got)
                 if n <= 0:
-                    raise OSError(5, f"short read of {self.pid}'s memory at {start + got:#x}")
+                    raise OSError(errno.EIO,
+                                  f"short read of {self.pid}'s memory at {start + got:#x}")
                 got += n
+        except OSError as e:
+            if not (self.tolerate_unmapped and e.errno in (errno.EIO, errno.EFAULT)):
+                raise
+            view[got:] = bytes(len(view) - got)
+            self.failed.append((start + got, end))
         finally:
             view.release()
 

@@ -1,0 +1,486 @@
+"""The service end to end: a real `ckptd serve` process, real clients on its socket, real
+target processes. Needs root (ptrace and userfaultfd on other processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptd.errors import PermissionDenied, TargetNotFound, UserError
+from ckptd.service.client import Client, try_service
+from test_service_support import (
+    NOT_ROOT_REASON,
+    PYTHON,
+    ROOT,
+    Daemon,
+    Target,
+    as_user,
+    pattern,
+    raw_exchange,
+    targets,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(not ROOT, reason=NOT_ROOT_REASON)]
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Any:
+    d = Daemon(tmp_path).start()
+    yield d
+    d.kill()
+
+
+def _read_region(out_dir: Path, addr: int, length: int) -> bytes:
+    index = json.loads((out_dir / "index.json").read_text())
+    for v in index["vmas"]:
+        if v["start"] <= addr and addr + length <= v["end"]:
+            with open(out_dir / v["file"], "rb") as f:
+                f.seek(addr - v["start"])
+                return f.read(length)
+    raise AssertionError(f"no mapping holds {addr:#x} in {out_dir}")
+
+
+def _rounds(d: Daemon, pid: int) -> int:
+    for p in d.call("list")["processes"]:
+        if p["pid"] == pid:
+            return int(p["rounds"])
+    return -1
+
+
+def test_register_snapshot_list_materialize_byte_exact(daemon: Daemon, tmp_path: Path) -> None:
+    t = Target(pages=256)
+    try:
+        t.fill(1)
+        reg = daemon.call("register", pid=t.pid)
+        assert reg["pid"] == t.pid and reg["registered"]
+        # Registration takes a first (full) snapshot right away.
+        wait_for(lambda: _rounds(daemon, t.pid) >= 1, "first round")
+        s1 = daemon.call("snapshots", pid=t.pid)["snapshots"][-1]
+        assert s1["kind"] == "full"
+        t.fill(2, first=10, count=5)  # dirty 5 pages
+        s2 = daemon.call("snapshot", pid=t.pid)
+        assert s2["kind"] == "delta" and s2["parent"] == s1["id"]
+        assert s2["pages_stored"] >= 5
+        listed = [s["id"] for s in daemon.call("snapshots", pid=t.pid)["snapshots"]]
+        assert listed[-2:] == [s1["id"], s2["id"]]
+        show = daemon.call("show", snapshot=s2["id"])
+        assert show["lineage"] == [s1["id"], s2["id"]]
+        assert show["snapshot"]["kind"] == "delta"
+
+        expect1 = b"".join(pattern(1, p) for p in range(256))
+        expect2 = (b"".join(pattern(1, p) for p in range(10))
+                   + b"".join(pattern(2, p) for p in range(10, 15))
+                   + b"".join(pattern(1, p) for p in range(15, 256)))
+        for sid, expect in ((s1["id"], expect1), (s2["id"], expect2)):
+            out = tmp_path / f"out-{sid}"
+            res = daemon.call("materialize", snapshot=sid, out_dir=str(out))
+            assert res["out_dir"] == str(out)
+            assert _read_region(out, t.addr, 256 * 4096) == expect
+        v = daemon.call("verify")
+        assert v["ok"], v["problems"]
+
+        # The process exits: it is unregistered, its snapshots are kept.
+        t.kill()
+        wait_for(lambda: _rounds(daemon, t.pid) == -1, "unregister on exit")
+        assert [s["id"] for s in daemon.call("snapshots", pid=t.pid)["snapshots"]] == listed
+        assert "unregistered: the process exited" in daemon.log()
+    finally:
+        t.kill()
+    assert daemon.stop() == 0
+
+
+def test_cli_commands_against_service(daemon: Daemon) -> None:
+    env = {**os.environ, "CKPTD_SOCKET": str(daemon.socket)}
+
+    def ckptd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, "-m", "ckptd", *args], env=env, text=True,
+                              capture_output=True, check=False)
+
+    with targets(1, 16) as (t,):
+        r = ckptd("register", str(t.pid), "--interval", "1h", "--keep-last", "5", "--json")
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert body["policy"]["retention"]["keep_last"] == 5
+        assert body["overrides"] == {"interval": 3600.0, "retention": {"keep_last": 5}}
+        r = ckptd("ps")
+        assert r.returncode == 0 and str(t.pid) in r.stdout
+        r = ckptd("ps", "--json")
+        assert [p["pid"] for p in json.loads(r.stdout)] == [t.pid]
+        r = ckptd("status")
+        assert r.returncode == 0 and "1 process" in r.stdout
+        assert json.loads(ckptd("status", "--json").stdout)["registered"] == 1
+        r = ckptd("unregister", str(t.pid))
+        assert r.returncode == 0 and "kept" in r.stdout
+        # Mistakes: one line, non-zero exit, no traceback.
+        for args in (["unregister", str(t.pid)], ["register", "999999999"],
+                     ["register", str(t.pid), "--jitter", "3"],
+                     ["register", "abc"], ["status", "--socket", "/nonexistent/sock"]):
+            r = ckptd(*args)
+            assert r.returncode != 0, args
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, \
+                (args, r.stderr)
+    assert try_service("/nonexistent/sock") is None
+    c = try_service(daemon.socket)
+    assert c is not None
+    c.close()
+
+
+def test_restart_keeps_registrations(tmp_path: Path) -> None:
+    d = Daemon(tmp_path).start()
+    try:
+        with targets(2, 32) as (keep, dies):
+            for t in (keep, dies):
+                d.call("register", pid=t.pid, policy={"interval": 3600, "jitter": 0.2})
+                wait_for(lambda t=t: _rounds(d, t.pid) >= 1, "first round")
+            before = d.call("snapshots", pid=keep.pid)["snapshots"]
+            assert d.stop() == 0
+            reg_file = d.store / "service" / "registrations.json"
+            assert reg_file.stat().st_mode & 0o777 == 0o600
+            dies.kill()  # gone while the service is down
+            d.start()
+            procs = d.call("list")["processes"]
+            assert [p["pid"] for p in procs] == [keep.pid]
+            assert procs[0]["overrides"] == {"interval": 3600.0, "jitter": 0.2}
+            assert f"registration of pid {dies.pid}" in d.log() and "dropped" in d.log()
+            # Re-armed on start: a snapshot right away, in the same chain.
+            wait_for(lambda: _rounds(d, keep.pid) >= 1, "re-arm round")
+            after = d.call("snapshots", pid=keep.pid)["snapshots"]
+            assert len(after) == len(before) + 1
+            new = after[-1]
+            assert new["chain"] == before[-1]["chain"] and new["seq"] == before[-1]["seq"] + 1
+            # Incremental if tracking survived, full (with the reason) otherwise.
+            assert new["kind"] == "delta" or new["full_reason"]
+            assert d.call("verify")["ok"]
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_sighup_reloads_config_keeps_registrations(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, interval="1h").start()
+    try:
+        with targets(1, 16) as (t,):
+            d.call("register", pid=t.pid)
+            wait_for(lambda: _rounds(d, t.pid) >= 1, "first round")
+            assert d.call("list")["processes"][0]["policy"]["interval"] == 3600
+            text = d.config.read_text().replace('interval = "1h"', 'interval = "200ms"')
+            d.config.write_text(text.replace('log_level = "debug"', 'log_level = "info"'))
+            d.signal(signal.SIGHUP)
+            wait_for(lambda: d.call("list")["processes"][0]["policy"]["interval"] == 0.2,
+                     "new defaults applied")
+            # The new interval drives the existing registration: rounds keep coming.
+            base = _rounds(d, t.pid)
+            wait_for(lambda: _rounds(d, t.pid) >= base + 2, "rounds at the new interval")
+            # A broken file on reload is refused; the service keeps its running config.
+            d.config.write_text(text.replace('interval = "200ms"', 'interval = "-1"'))
+            d.signal(signal.SIGHUP)
+            wait_for(lambda: "reload refused" in d.log(), "refusal logged")
+            assert d.call("list")["processes"][0]["policy"]["interval"] == 0.2
+            # The reload op does the same for root clients.
+            d.config.write_text(text)
+            assert d.call("reload")["registered"] == 1
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+@pytest.mark.parametrize("grace", ["30s", "0s"], ids=["finish", "abandon"])
+def test_sigterm_during_snapshot(tmp_path: Path, grace: str) -> None:
+    d = Daemon(tmp_path, config_extra=f'shutdown_grace = "{grace}"').start()
+    try:
+        t = Target(pages=96 * 1024)  # 384 MiB
+        try:
+            t.fill(1, 0, 16)
+            d.call("register", pid=t.pid)
+            wait_for(lambda: _rounds(d, t.pid) >= 1, "first round")
+            t.cmd(f"rand 0 {t.pages}")  # incompressible: a long compress + write
+            errors: list[BaseException] = []
+
+            def snap() -> None:
+                try:
+                    with Client(d.socket) as c:
+                        c.call("snapshot", pid=t.pid)
+                except BaseException as exc:  # the service may stop before replying
+                    errors.append(exc)
+
+            th = threading.Thread(target=snap)
+            th.start()
+            wait_for(lambda: d.call("status")["in_flight"] >= 1, "snapshot in flight",
+                     step=0.005)
+            d.signal(signal.SIGTERM)
+            assert d.proc is not None
+            assert d.proc.wait(120) == 0
+            th.join(120)
+            log = d.log()
+            if grace == "0s":
+                assert "abandoning" in log
+            # The target runs on, no longer traced or stopped.
+            st = t.state()
+            assert st["TracerPid"] == "0" and st["State"][0] in "RS"
+            t.cmd("fill 3 0 1")
+            # The store holds only complete snapshots: verify with a fresh service.
+            d2 = Daemon(tmp_path).start()
+            try:
+                v = d2.call("verify")
+                assert v["ok"], v["problems"]
+                snaps = d2.call("snapshots", pid=t.pid)["snapshots"]
+                assert [s["seq"] for s in snaps] == list(range(1, len(snaps) + 1))
+                assert d2.stop() == 0
+            finally:
+                d2.kill()
+        finally:
+            t.kill()
+    finally:
+        d.kill()
+
+
+def test_non_root_client(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, config_extra='socket_group = "nogroup"').start()
+    try:
+        assert d.socket.stat().st_mode & 0o777 == 0o660
+        os.chmod(d.socket.parent, 0o755)
+        with targets(1, 16) as (root_t,), targets(1, 16, uid=NOBODY) as (own_t,):
+            d.call("register", pid=root_t.pid)
+            wait_for(lambda: _rounds(d, root_t.pid) >= 1, "root target round")
+
+            def as_nobody(op: str, **fields: Any) -> Any:
+                def call() -> Any:
+                    with Client(d.socket) as c:
+                        return c.call(op, **fields)
+                return as_user(NOBODY, NOBODY, call)
+
+            r = as_nobody("register", pid=root_t.pid)
+            assert r["error"] == PermissionDenied.__name__ and "another user" in r["message"]
+            r = as_nobody("snapshot", pid=root_t.pid)
+            assert r["error"] == PermissionDenied.__name__
+            r = as_nobody("unregister", pid=root_t.pid)
+            assert r["error"] == PermissionDenied.__name__
+            root_snap = d.call("snapshots", pid=root_t.pid)["snapshots"][0]["id"]
+            r = as_nobody("show", snapshot=root_snap)
+            assert r["error"] == TargetNotFound.__name__  # same as missing: not revealed
+            r = as_nobody("verify")
+            assert r["error"] == PermissionDenied.__name__
+            r = as_nobody("reload")
+            assert r["error"] == PermissionDenied.__name__
+            # Its own process: allowed, and it sees only its own.
+            r = as_nobody("register", pid=own_t.pid)
+            assert r["ok"]["pid"] == own_t.pid, r
+            wait_for(lambda: _rounds(d, own_t.pid) >= 1, "own target round")
+            r = as_nobody("list")
+            assert [p["pid"] for p in r["ok"]["processes"]] == [own_t.pid]
+            r = as_nobody("snapshots")
+            assert {s["pid"] for s in r["ok"]["snapshots"]} == {own_t.pid}
+            own_snap = r["ok"]["snapshots"][0]["id"]
+            # Materialize only where it could write itself.
+            r = as_nobody("materialize", snapshot=own_snap, out_dir="/root/x")
+            assert r["error"] == PermissionDenied.__name__
+            out = tmp_path / "mine"
+            out.mkdir()
+            os.chown(out, NOBODY, NOBODY)
+            r = as_nobody("materialize", snapshot=own_snap, out_dir=str(out / "m"))
+            assert "ok" in r, r
+            assert (out / "m" / "index.json").stat().st_uid == NOBODY
+            r = as_nobody("unregister", pid=own_t.pid)
+            assert r["ok"]["unregistered"]
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_malformed_and_oversized_requests(daemon: Daemon) -> None:
+    replies = raw_exchange(daemon.socket, [
+        b"this is not json\n",
+        b"[1, 2, 3]\n",
+        b'{"id": 1, "op": "fly"}\n',
+        b'{"id": 2, "op": "register", "pid": "many"}\n',
+        b'{"id": 3}\n',
+        b"x" * (2 << 20) + b"\n",
+        b'{"id": 4, "op": "ping"}\n',
+    ], replies=7)
+    codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
+    assert codes == ["bad-json", "bad-json", "unknown-op", "bad-request", "bad-request",
+                     "too-large", "ok"]
+    assert replies[2]["id"] == 1 and replies[6]["id"] == 4
+    # An oversized message with no newline at all, then the client goes away.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(daemon.socket))
+    s.sendall(b"y" * (3 << 20))
+    s.settimeout(60)
+    line = s.recv(65536).split(b"\n")[0]
+    assert json.loads(line)["error"]["code"] == "too-large"
+    s.close()
+    # Errors from the service itself are replies too.
+    with pytest.raises(TargetNotFound):
+        daemon.call("unregister", pid=999999999)
+    with pytest.raises(UserError):
+        daemon.call("materialize", snapshot="1-1-1", out_dir="relative")
+    assert daemon.call("ping")["protocol"] == 1
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_metrics_on_socket_and_http(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = Daemon(tmp_path, config_extra=f'[metrics]\nlisten = "127.0.0.1:{port}"').start()
+    try:
+        with targets(1, 16) as (t,):
+            d.call("register", pid=t.pid)
+            wait_for(lambda: _rounds(d, t.pid) >= 1, "first round")
+            text = d.call("metrics")["text"]
+            assert 'ckptd_snapshots_total{kind="full"} 1' in text
+            assert "ckptd_registered_processes 1" in text
+            assert "ckptd_freeze_seconds_count 1" in text
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+                c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.0 200 OK")
+            assert b"ckptd_bytes_stored_total" in data
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_sd_notify_protocol(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(path))
+    srv.settimeout(60)
+    d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000",
+                              "INVOCATION_ID": "test"}).start(wait=False)
+    try:
+        seen: list[str] = []
+        while not any("WATCHDOG=1" in m for m in seen):
+            seen.append(srv.recv(4096).decode())
+        ready = next(m for m in seen if "READY=1" in m.split("\n"))
+        assert "STATUS=0 processes, last snapshot never" in ready.split("\n")
+        # READY=1 comes once the socket is bound: a client connects right away.
+        assert d.call("ping")["protocol"] == 1
+        d.signal(signal.SIGHUP)
+        while not any("RELOADING=1" in m for m in seen):
+            seen.append(srv.recv(4096).decode())
+        assert d.stop() == 0
+        while not any("STOPPING=1" in m for m in seen):
+            seen.append(srv.recv(4096).decode())
+        # Under systemd (INVOCATION_ID), log lines carry a syslog priority prefix.
+        lines = [ln for ln in d.log().splitlines() if ln]
+        assert lines and all(ln[0] == "<" and ln[2] == ">" for ln in lines), lines[:3]
+    finally:
+        d.kill()
+        srv.close()
+
+
+def test_bad_config_refuses_to_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[defaults]\ntracker = "magic"\n')
+    r = subprocess.run([PYTHON, "-m", "ckptd", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "defaults.tracker" in err and "'magic'" in err and "uffd-wp" in err
+    r = subprocess.run([PYTHON, "-m", "ckptd", "serve", "--config", str(tmp_path / "none")],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode != 0 and "no such config file" in r.stderr
+
+
+def test_second_instance_refused(daemon: Daemon, tmp_path: Path) -> None:
+    r = subprocess.run([PYTHON, "-m", "ckptd", "serve", "--config", str(daemon.config)],
+                       capture_output=True, text=True, check=False, timeout=120)
+    assert r.returncode != 0 and "already serving" in r.stderr
+    assert daemon.call("ping")
+
+
+def test_byte_cap_truncates_and_nothing_is_lost(daemon: Daemon, tmp_path: Path) -> None:
+    t = Target(pages=512)
+    try:
+        t.fill(1)
+        daemon.call("register", pid=t.pid, policy={"max_bytes_per_round": 64 * 4096})
+        wait_for(lambda: _rounds(daemon, t.pid) >= 1, "first round")
+        first = daemon.call("snapshots", pid=t.pid)["snapshots"][-1]
+        # A full snapshot is not capped (it must hold everything); deltas are.
+        assert first["kind"] == "full"
+        t.fill(2, 0, 200)  # 200 pages written, cap is 64 per round
+        snaps = []
+        while True:
+            s = daemon.call("snapshot", pid=t.pid)
+            snaps.append(s)
+            assert s["pages_dirty"] <= 64
+            if not s["truncated"]:
+                break
+            assert len(snaps) < 10
+        assert len(snaps) >= 4 and sum(s["pages_dirty"] for s in snaps) >= 200
+        out = tmp_path / "capped"
+        daemon.call("materialize", snapshot=snaps[-1]["id"], out_dir=str(out))
+        expect = (b"".join(pattern(2, p) for p in range(200))
+                  + b"".join(pattern(1, p) for p in range(200, 512)))
+        assert _read_region(out, t.addr, 512 * 4096) == expect
+    finally:
+        t.kill()
+
+
+@pytest.mark.slow
+def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, config_extra='log_level = "info"').start()
+    try:
+        with targets(50, 64) as ts:
+            for t in ts:
+                t.cmd("tick")
+                d.call("register", pid=t.pid, policy={"interval": 1})
+            wait_for(lambda: False, "60 s to pass", bound=60.0, step=1.0) \
+                if False else _sleep(60)
+            procs = {p["pid"]: p for p in d.call("list")["processes"]}
+            assert sorted(procs) == sorted(t.pid for t in ts)
+            for t in ts:
+                d.call("unregister", pid=t.pid)  # waits for a round in flight
+            status = d.call("status")
+            for t in ts:
+                p = procs[t.pid]
+                assert p["max_in_flight"] == 1, p
+                assert p["failures"] == 0, p
+                snaps = d.call("snapshots", pid=t.pid)["snapshots"]
+                # No snapshot lost: every round is in the store, seqs are contiguous,
+                # and each delta's parent is the snapshot before it.
+                assert len(snaps) >= p["rounds"] > 0
+                assert [s["seq"] for s in snaps] == list(range(1, len(snaps) + 1))
+                for a, b in zip(snaps, snaps[1:], strict=False):
+                    assert b["parent"] == a["id"] or b["kind"] == "full"
+                    # No overlap: a round starts after the previous one published.
+                    assert b["created"] - b["total_ms"] / 1e3 >= a["created"] - 0.002
+            assert status["failures"] == 0
+            print(f"\n50 x 1 s for 60 s: {status['snapshots']} snapshots, "
+                  f"{status['overruns']} overruns")
+            assert d.call("verify")["ok"]
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def _sleep(seconds: float) -> None:
+    import time
+    time.sleep(seconds)
+
+
+def test_python_dash_m_and_help() -> None:
+    for cmd in ("serve", "register", "unregister", "status", "ps"):
+        r = subprocess.run([sys.executable, "-m", "ckptd", cmd, "--help"],
+                           capture_output=True, text=True, check=False)
+        assert r.returncode == 0 and "usage: ckptd " + cmd in r.stdout
+    r = subprocess.run([sys.executable, "-m", "ckptd", "serve", "--check"],
+                       capture_output=True, text=True, check=False,
+                       env={**os.environ, "HOME": "/nonexistent"})
+    assert r.returncode == 0 and json.loads(r.stdout)["service"]["concurrency"] == 2

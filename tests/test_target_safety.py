@@ -1,0 +1,285 @@
+"""The target comes first: injection, freezing and ckptd dying must never harm it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Target, needs_root, run_cli, wait_for
+
+from ckptd.engine import Engine
+from ckptd.errors import TargetGone, UserError
+from ckptd.kernel import abi, procfs, ptrace
+from ckptd.store import Store
+from ckptd.store import reader as store_reader
+
+pytestmark = needs_root
+
+# Blocks in read() on stdin; answers each line with the sha256 of it.
+READER = """
+import hashlib, sys
+print('ready', flush=True)
+for line in sys.stdin:
+    print(hashlib.sha256(line.encode()).hexdigest(), flush=True)
+"""
+
+
+def _regs(pid: int) -> abi.UserRegs:
+    with ptrace.Freezer(pid):
+        regs = abi.UserRegs()
+        from ckptd.kernel.syscalls import ptrace as raw_ptrace
+
+        raw_ptrace(abi.PTRACE_GETREGS, pid, 0, regs)
+        return regs
+
+
+def _code(pid: int) -> dict[tuple[int, int], bytes]:
+    out = {}
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    try:
+        for m in procfs.read_maps(pid):
+            if "x" in m.perms and m.path != "[vsyscall]":
+                out[(m.start, m.end)] = os.pread(fd, m.size, m.start)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _fds(pid: int) -> dict[int, str]:
+    return procfs.fd_targets(pid)
+
+
+def test_injection_leaves_registers_code_and_fds_as_they_were(engine: Engine) -> None:
+    with Target.python(READER) as t:
+        time.sleep(0.1)  # settle into read()
+        regs_before = _regs(t.pid)
+        code_before = _code(t.pid)
+        fds_before = _fds(t.pid)
+        meta = engine.snapshot(t.pid, tracker="uffd-wp")
+        assert meta.tracker == "uffd-wp"
+        regs_after = _regs(t.pid)
+        for name, _ in abi.UserRegs._fields_:
+            assert getattr(regs_after, name) == getattr(regs_before, name), name
+        assert _code(t.pid) == code_before
+        fds_after = _fds(t.pid)
+        extra = {fd: link for fd, link in fds_after.items() if fd not in fds_before}
+        # The one documented difference: our userfaultfd, close-on-exec.
+        assert list(extra.values()) == ["anon_inode:[userfaultfd]"]
+        assert {fd: fds_after[fd] for fd in fds_before} == fds_before
+        (uffd_fd,) = extra
+        assert procfs.fd_flags(t.pid, uffd_fd) & os.O_CLOEXEC
+        # And it still computes correct results.
+        for msg in ("hello", "x" * 5000, "after the snapshot"):
+            assert t.send(msg) == hashlib.sha256((msg + "\n").encode()).hexdigest()
+
+
+def test_target_blocked_in_read_comes_through(engine: Engine) -> None:
+    with Target.python(READER) as t:
+        time.sleep(0.1)
+        for _ in range(3):
+            engine.snapshot(t.pid)
+            assert t.state() == "S"
+        assert t.send("ping") == hashlib.sha256(b"ping\n").hexdigest()
+
+
+def test_target_in_nanosleep_wakes_on_time(engine: Engine) -> None:
+    code = """
+import time, sys
+print('ready', flush=True)
+t0 = time.monotonic()
+time.sleep(1.5)
+print(f'{time.monotonic() - t0:.3f}', flush=True)
+sys.stdin.readline()
+"""
+    with Target.python(code) as t:
+        time.sleep(0.2)
+        engine.snapshot(t.pid)
+        engine.snapshot(t.pid)
+        slept = float(t.readline(timeout=10))
+        # The interrupted sleep was restarted, not cut short or failed.
+        assert 1.5 <= slept < 5.0
+        assert t.alive()
+
+
+def test_stopped_target_stays_stopped(engine: Engine) -> None:
+    with Target.python(READER) as t:
+        time.sleep(0.1)
+        os.kill(t.pid, signal.SIGSTOP)
+        assert wait_for(lambda: t.state() == "T")
+        first = engine.snapshot(t.pid)  # injection happens here
+        assert t.state() == "T"
+        second = engine.snapshot(t.pid)
+        assert t.state() == "T"
+        assert first.kind == "full" and second.kind == "delta"
+        os.kill(t.pid, signal.SIGCONT)
+        assert t.send("go") == hashlib.sha256(b"go\n").hexdigest()
+
+
+def test_signals_during_freeze_are_delivered(engine: Engine) -> None:
+    code = """
+import signal, sys
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+print('ready', flush=True)
+for line in sys.stdin:
+    print(len(got), flush=True)
+"""
+    with Target.python(code) as t:
+        time.sleep(0.1)
+        engine.snapshot(t.pid)
+
+        def send_signal(pid: int, vmas: object) -> None:
+            os.kill(pid, signal.SIGUSR1)
+
+        engine.snapshot(t.pid, on_frozen=send_signal)
+        assert wait_for(lambda: t.send("count") == "1", timeout=5)
+
+
+def test_target_exiting_mid_snapshot_leaves_no_half_snapshot(engine: Engine,
+                                                              store: Store) -> None:
+    with Target.python(READER) as t:
+        time.sleep(0.1)
+        good = engine.snapshot(t.pid)
+
+        def kill_it(pid: int, vmas: object) -> None:
+            # Dies after the scan, before its pages are copied.
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: procfs.process_state(pid) in ("Z", "X"))
+
+        with pytest.raises(TargetGone, match="exited during the snapshot"):
+            engine.snapshot(t.pid, on_frozen=kill_it)
+    assert [m.id for m in store.list_snapshots()] == [good.id]
+    assert list(store.tmp_dir.iterdir()) == []
+    assert list((store.chain_dir(good.chain) / "data").iterdir()) == [store.data_path(good)]
+    assert store_reader.verify(store) == (1, [])
+    with pytest.raises(UserError, match="no process"):
+        engine.snapshot(t.pid)
+
+
+CKPTD_DIES = """
+import os, signal, sys
+from pathlib import Path
+from ckptd.engine import Engine
+from ckptd.store import Store
+eng = Engine(Store.open(Path(sys.argv[1]), create=True))
+eng.snapshot(int(sys.argv[2]))
+def die(pid, vmas):
+    os.kill(os.getpid(), signal.SIGKILL)   # ckptd dies while the target is frozen
+eng.snapshot(int(sys.argv[2]), on_frozen=die)
+"""
+
+
+def test_ckptd_killed_while_target_frozen(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    with Target.python(READER) as t:
+        time.sleep(0.1)
+        r = subprocess.run([sys.executable, "-c", CKPTD_DIES, str(store_dir), str(t.pid)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        # The kernel detached: the target runs and answers.
+        assert wait_for(lambda: t.state() in ("S", "R"))
+        assert t.send("alive?") == hashlib.sha256(b"alive?\n").hexdigest()
+        store = Store.open(store_dir)
+        snaps = store.list_snapshots()
+        assert len(snaps) == 1 and snaps[0].kind == "full"
+        assert store_reader.verify(store) == (1, [])
+        # The get-and-clear of the killed round was lost with it: the next snapshot
+        # must not pretend to be a delta of the first.
+        with Engine(store) as eng:
+            nxt = eng.snapshot(t.pid)
+        assert nxt.kind == "full" and nxt.full_reason and "did not complete" in nxt.full_reason
+        assert t.send("still") == hashlib.sha256(b"still\n").hexdigest()
+
+
+def test_tracking_survives_separate_invocations(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    with Target.python(READER) as t:
+        time.sleep(0.1)
+        ids = []
+        for _ in range(3):
+            r = run_cli("snapshot", str(t.pid), "--store", store, "--json")
+            assert r.returncode == 0, r.stderr
+            import json
+
+            ids.append(json.loads(r.stdout))
+        assert [s["kind"] for s in ids] == ["full", "delta", "delta"]
+        assert all(s["tracker"] == "uffd-wp" for s in ids)
+        assert ids[2]["parent"] == ids[1]["id"]
+        # Still exactly one extra fd in the target after three ckptd processes.
+        assert list(procfs.fd_targets(t.pid).values()).count("anon_inode:[userfaultfd]") == 1
+
+
+def test_exec_starts_a_new_chain_with_a_full_snapshot(engine: Engine) -> None:
+    code = f"""
+import os, sys
+print('ready', flush=True)
+sys.stdin.readline()
+os.execv(sys.executable, [sys.executable, '-c', {READER!r}])
+"""
+    with Target.python(code) as t:
+        time.sleep(0.1)
+        before = engine.snapshot(t.pid)
+        assert t.send("exec") == "ready"
+        after = engine.snapshot(t.pid)
+        assert after.chain != before.chain
+        assert after.kind == "full" and "exec" in (after.full_reason or "")
+        assert after.tracker == "uffd-wp"
+        again = engine.snapshot(t.pid)
+        assert again.kind == "delta" and again.chain == after.chain
+
+
+SECCOMP_TARGET = """
+import ctypes, sys
+# A seccomp filter that kills the process if it ever calls userfaultfd (323).
+libc = ctypes.CDLL(None, use_errno=True)
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+prog = (SockFilter * 4)(
+    SockFilter(0x20, 0, 0, 0),            # ld [nr]
+    SockFilter(0x15, 0, 1, 323),          # jeq userfaultfd
+    SockFilter(0x06, 0, 0, 0x80000000),   # ret KILL_PROCESS
+    SockFilter(0x06, 0, 0, 0x7fff0000),   # ret ALLOW
+)
+fprog = SockFprog(4, prog)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                      # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0     # PR_SET_SECCOMP, FILTER
+""" + READER
+
+
+def test_seccomp_target_survives_injection(engine: Engine) -> None:
+    with Target.python(SECCOMP_TARGET) as t:
+        time.sleep(0.1)
+        assert procfs.read_status(t.pid)["Seccomp"] == "2"
+        meta = engine.snapshot(t.pid, tracker="uffd-wp")
+        assert meta.tracker == "uffd-wp"
+        assert t.send("still here") == hashlib.sha256(b"still here\n").hexdigest()
+        engine.snapshot(t.pid)
+        assert t.alive()
+
+
+FOREIGN_UFFD = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.syscall(323, 0o2000000 | 1)
+assert fd >= 0, ctypes.get_errno()
+""" + READER
+
+
+def test_target_with_its_own_userfaultfd_is_refused_and_auto_falls_back(
+        engine: Engine) -> None:
+    with Target.python(FOREIGN_UFFD) as t:
+        time.sleep(0.1)
+        with pytest.raises(UserError, match="already uses userfaultfd"):
+            engine.snapshot(t.pid, tracker="uffd-wp")
+        meta = engine.snapshot(t.pid)
+        assert meta.tracker == "hash" and "already uses userfaultfd" in meta.tracker_reason
+        assert t.send("ok?") == hashlib.sha256(b"ok?\n").hexdigest()
