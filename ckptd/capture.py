@@ -30,6 +30,8 @@ from .track.base import TrackContext, Tracker, capturable
 
 log = logging.getLogger(__name__)
 
+PF_KTHREAD = 0x00200000  # task flag in /proc/PID/stat field 9
+
 FrozenHook = Callable[[int, list[procfs.Mapping]], None]
 
 
@@ -56,6 +58,8 @@ def identify(pid: int) -> Identity:
         raise TargetNotFound(f"no process with PID {pid}") from None
     if fields[2] in ("Z", "X"):
         raise TargetNotFound(f"process {pid} has exited (zombie)")
+    if int(fields[8]) & PF_KTHREAD:
+        raise UserError(f"PID {pid} is a kernel thread: it has no user memory to snapshot")
     try:
         os.close(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC))
         maps = procfs.read_maps(pid)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptd import cli  # imported here: a child that drops root may not read the stdlib
 from ckptd.kernel import procfs
 from ckptd.store import Store
 from ckptd.store import reader as store_reader
@@ -146,16 +147,49 @@ def assert_materializes_to(store: Store, snapshot_id: str, truth: GroundTruth,
 
 def run_cli(*args: str, env: dict[str, str] | None = None, user: int | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real `ckptd` command."""
-    kw: dict[str, object] = {}
+    """Run the real `ckptd` command. With `user`, run ckptd's main() in a forked child that
+    has dropped to that uid/gid first (the venv's interpreter may not be executable by
+    other users)."""
     if user is not None:
-        kw["user"] = user
-        kw["group"] = user
-        kw["extra_groups"] = []
+        return _run_cli_as(user, list(args))
     return subprocess.run(
         [sys.executable, "-m", "ckptd", *args], capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})}, **kw,  # type: ignore[arg-type]
+        timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def _run_cli_as(uid: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - pytest replaced these
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            import logging
+
+            logging.getLogger().handlers.clear()  # pytest's capture handlers
+            code = cli.main(args)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(99)
+    os.close(out_w)
+    os.close(err_w)
+    with os.fdopen(out_r) as fo, os.fdopen(err_r) as fe:
+        stdout, stderr = fo.read(), fe.read()
+    _, status = os.waitpid(child, 0)
+    return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(status), stdout, stderr)
 
 
 def wait_for(pred: object, timeout: float = 10.0) -> bool:

@@ -95,7 +95,7 @@ def test_register_snapshot_list_materialize_byte_exact(daemon: Daemon, tmp_path:
         t.kill()
         wait_for(lambda: _rounds(daemon, t.pid) == -1, "unregister on exit")
         assert [s["id"] for s in daemon.call("snapshots", pid=t.pid)["snapshots"]] == listed
-        assert "unregistered: the process exited" in daemon.log()
+        wait_for(lambda: "unregistered: the process exited" in daemon.log(), "exit logged")
     finally:
         t.kill()
     assert daemon.stop() == 0

@@ -67,6 +67,16 @@ class Store:
     @classmethod
     def open(cls, root: Path, create: bool = False) -> Store:
         root = Path(root)
+        try:
+            return cls._open(root, create)
+        except PermissionError as e:
+            raise StoreError(
+                f"no permission to use the store at {root} ({e.filename}): run as its owner "
+                "or choose another with --store DIR"
+            ) from e
+
+    @classmethod
+    def _open(cls, root: Path, create: bool) -> Store:
         info_path = root / "STORE.json"
         if not info_path.exists():
             if not create:
