@@ -5,6 +5,7 @@ follow from the rules."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 from ckptd.service.config import Policy, PolicyOverride
@@ -74,7 +75,7 @@ def test_overrun_counted_and_schedule_slides() -> None:
         assert reg.overruns >= 3 and overruns == [7] * reg.overruns
         # The schedule slides: a round never starts before the previous one ended,
         # and there is no burst of catch-up rounds.
-        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         assert all(g >= 0.049 for g in gaps)
 
     asyncio.run(main())

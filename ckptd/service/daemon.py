@@ -282,6 +282,7 @@ class Service:
         })
         self.cfg = new
         set_level(new.service.log_level)
+        self.scheduler.policies_changed()
         if new.service.concurrency != old.service.concurrency:
             self.scheduler.set_concurrency(new.service.concurrency)
             old_pool = self.capture_pool
@@ -384,6 +385,7 @@ class Service:
         existing = self.registry.get(req.pid)
         if existing is not None:
             self.registry.update(req.pid, policy=req.policy)
+            self.scheduler.policies_changed()
             await self._persist()
             log.info("pid %d: policy updated by uid %d", req.pid, peer.uid)
             return {"registered": True, "updated": True,

@@ -38,6 +38,7 @@ class Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: asyncio.Task[None] | None = None
     current: asyncio.Task[Any] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Scheduler:
@@ -107,37 +108,53 @@ class Scheduler:
     async def _timer(self, slot: Slot, first_delay: float | None) -> None:
         loop = asyncio.get_running_loop()
         reg = slot.reg
-        base = loop.time()
-        first = True
+        prev_base: float | None = None  # slot time of the previous round
+        prev_end = loop.time()
+        pending_first = first_delay
         while True:
-            pol = self._policy_of(reg)
-            if first and first_delay is not None:
-                start_at = base + first_delay
-            else:
-                start_at = base + self._rng.uniform(0.0, pol.jitter * pol.interval)
-            first = False
-            reg.next_due = time.time() + max(0.0, start_at - loop.time())
-            await asyncio.sleep(max(0.0, start_at - loop.time()))
+            frac = self._rng.random()
+            # Sleep until due. A policy change (reload, re-register) wakes the timer to
+            # re-plan with the new interval, counted from the previous slot.
+            while True:
+                pol = self._policy_of(reg)
+                # One interval after the previous slot; if that has passed while the
+                # round ran, the schedule slides to its end (no burst of catch-ups).
+                base = (prev_end if prev_base is None
+                        else max(prev_base + pol.interval, prev_end))
+                offset = (pending_first if pending_first is not None
+                          else frac * pol.jitter * pol.interval)
+                delay = base + offset - loop.time()
+                reg.next_due = time.time() + max(0.0, delay)
+                if delay <= 0:
+                    break
+                slot.wake.clear()
+                try:
+                    await asyncio.wait_for(slot.wake.wait(), delay)
+                except TimeoutError:
+                    break
+            pending_first = None
+            called = loop.time()
             try:
                 await self.run_exclusive(slot, lambda: self._run_round(reg))
             except Exception:
                 # The service's round reports its own failures; anything reaching here is
                 # a bug in it. Log with context and keep the schedule alive.
                 log.exception("pid %d: round failed unexpectedly", reg.pid)
-            end = loop.time()
+            prev_end = loop.time()
+            prev_base = base
             pol = self._policy_of(reg)
-            next_base = base + pol.interval
-            if end > next_base:
+            # Overrun: waiting for a free slot plus the round took longer than the interval.
+            if prev_end - called > pol.interval:
                 reg.overruns += 1
                 if self._on_overrun is not None:
                     self._on_overrun(reg)
-                log.warning(
-                    "pid %d: round overran its %.3gs interval by %.3gs; next start moves",
-                    reg.pid, pol.interval, end - next_base,
-                )
-                base = end
-            else:
-                base = next_base
+                log.warning("pid %d: round took %.3gs, over its %.3gs interval; the next "
+                            "start moves", reg.pid, prev_end - called, pol.interval)
+
+    def policies_changed(self) -> None:
+        """Re-plan every sleeping timer with the current policies."""
+        for slot in self.slots.values():
+            slot.wake.set()
 
     async def shutdown(self) -> None:
         """Cancel all timers (rounds in flight are left to the caller to wait for)."""

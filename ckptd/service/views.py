@@ -46,6 +46,9 @@ def registration_view(reg: Registration, policy: Policy,
                       now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     r = reg.record
+    overrides = r.policy.model_dump(mode="json", exclude_none=True)
+    if not overrides.get("retention"):
+        overrides.pop("retention", None)
     return {
         "pid": r.pid,
         "comm": r.comm,
@@ -53,7 +56,7 @@ def registration_view(reg: Registration, policy: Policy,
         "start_time": r.start_time,
         "registered_at": r.registered_at,
         "registered_by": r.registered_by,
-        "overrides": r.policy.model_dump(mode="json", exclude_none=True),
+        "overrides": overrides,
         "policy": policy.model_dump(mode="json"),
         "rounds": reg.rounds,
         "failures": reg.failures,
