@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -450,14 +451,13 @@ def test_byte_cap_truncates_and_nothing_is_lost(daemon: Daemon, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, config_extra='log_level = "info"').start()
+    d = Daemon(tmp_path, log_level="info").start()
     try:
         with targets(50, 64) as ts:
             for t in ts:
                 t.cmd("tick")
                 d.call("register", pid=t.pid, policy={"interval": 1})
-            wait_for(lambda: False, "60 s to pass", bound=60.0, step=1.0) \
-                if False else _sleep(60)
+            time.sleep(60)  # the load under test; nothing is asserted about its timing
             procs = {p["pid"]: p for p in d.call("list")["processes"]}
             assert sorted(procs) == sorted(t.pid for t in ts)
             for t in ts:
@@ -483,11 +483,6 @@ def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
         assert d.stop() == 0
     finally:
         d.kill()
-
-
-def _sleep(seconds: float) -> None:
-    import time
-    time.sleep(seconds)
 
 
 def test_python_dash_m_and_help() -> None:

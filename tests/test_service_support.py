@@ -116,12 +116,12 @@ def targets(n: int, pages: int, uid: int | None = None) -> Iterator[list[Target]
 
 
 def write_config(path: Path, store: Path, sock: Path, extra: str = "",
-                 interval: str = "1h") -> Path:
+                 interval: str = "1h", log_level: str = "debug") -> Path:
     path.write_text(textwrap.dedent(f'''
         [service]
         store = "{store}"
         socket = "{sock}"
-        log_level = "debug"
+        log_level = "{log_level}"
         {extra}
         [defaults]
         interval = "{interval}"
@@ -133,7 +133,8 @@ class Daemon:
     """A real `python -m ckptd serve` process."""
 
     def __init__(self, tmp: Path, config_extra: str = "", interval: str = "1h",
-                 env: dict[str, str] | None = None, config_text: str | None = None) -> None:
+                 env: dict[str, str] | None = None, config_text: str | None = None,
+                 log_level: str = "debug") -> None:
         self.tmp = tmp
         self.store = tmp / "store"
         self.socket = tmp / "run" / "ckptd.sock"
@@ -141,7 +142,8 @@ class Daemon:
         if config_text is not None:
             self.config.write_text(config_text)
         else:
-            write_config(self.config, self.store, self.socket, config_extra, interval)
+            write_config(self.config, self.store, self.socket, config_extra, interval,
+                         log_level)
         self.log_path = tmp / f"daemon-{int(time.monotonic() * 1e6)}.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
