@@ -125,23 +125,6 @@ def vma_models(vmas: list[procfs.Mapping]) -> list[Vma]:
     ]
 
 
-def estimate_pages(pid: int, vmas: list[procfs.Mapping], full: bool) -> int:
-    """Roughly how many pages the snapshot will read (before freezing, to size the
-    buffer): every page with content for a full one, written pages for a delta."""
-    spans = normalize((m.start, m.end) for m in capturable(vmas))
-    query = pagemap.DUMPABLE if full else pagemap.Query(
-        category_mask=pagemap.WRITTEN_GET_AND_CLEAR.category_mask,
-        category_inverted=pagemap.WRITTEN_GET_AND_CLEAR.category_inverted,
-        category_anyof_mask=pagemap.WRITTEN_GET_AND_CLEAR.category_anyof_mask,
-        return_mask=abi.PAGE_IS_WRITTEN,
-    )
-    try:
-        with pagemap.Pagemap(pid) as pm:
-            return pm.scan(spans, query).pages
-    except OSError:
-        return 0
-
-
 def take_snapshot(
     store: Store,
     ident: Identity,
@@ -176,7 +159,10 @@ def take_snapshot(
     if parent is None and full_reason is None:
         full_reason = "first snapshot of this process"
     full = full_reason is not None
-    estimate = estimate_pages(pid, pre_vmas, full or tracker.name == "hash")
+    try:
+        estimate = tracker.estimate(ctx, pre_vmas, full)
+    except OSError:
+        estimate = 0  # only sizes the buffer; the snapshot itself will report problems
     buffers.ensure(int(estimate * 1.25 + 256) * abi.PAGE_SIZE)
     tracker.begin(ctx)
     t_prepared = time.perf_counter()

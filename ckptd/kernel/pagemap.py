@@ -55,6 +55,17 @@ WRITTEN_GET_AND_CLEAR = Query(
     return_mask=abi.PAGE_IS_WRITTEN,
     flags=abi.PM_SCAN_WP_MATCHING,
 )
+# The kernel's fast path (category_mask and return_mask exactly WRITTEN, nothing else):
+# it only tests each pte's uffd-wp bit, about 7x cheaper than the general path, which
+# classifies every page. It reports every pte without the bit: pages written since the
+# last clear, and also none ptes (anonymous pages dropped since, e.g. by MADV_DONTNEED,
+# which read back as zeros). The WP flag makes it the get-and-clear.
+WRITTEN_FAST = Query(category_mask=abi.PAGE_IS_WRITTEN, return_mask=abi.PAGE_IS_WRITTEN)
+WRITTEN_FAST_GET_AND_CLEAR = Query(
+    category_mask=abi.PAGE_IS_WRITTEN,
+    return_mask=abi.PAGE_IS_WRITTEN,
+    flags=abi.PM_SCAN_WP_MATCHING,
+)
 # Ranges registered for async write-protect (a per-VMA property).
 WP_ALLOWED = Query(
     category_mask=abi.PAGE_IS_WPALLOWED,

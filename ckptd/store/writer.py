@@ -27,6 +27,8 @@ from .store import Store
 # 256 KiB, and frames are the unit of parallel compression.
 EXTENT_PAGES = 64
 ZSTD_LEVEL = 1
+BATCH_BYTES = 1 << 20
+MAX_PENDING_BATCHES = 8
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 _local = threading.local()
@@ -39,8 +41,9 @@ def _compressor() -> zstandard.ZstdCompressor:
     return c
 
 
-def _compress(chunk: memoryview) -> tuple[bytes, int]:
-    return _compressor().compress(chunk), zlib.crc32(chunk)
+def _compress_all(chunks: list[memoryview]) -> list[tuple[bytes, int]]:
+    c = _compressor()
+    return [(c.compress(chunk), zlib.crc32(chunk)) for chunk in chunks]
 
 
 def zero_page_flags(buf: object, start: int, end: int) -> list[int]:
@@ -87,9 +90,37 @@ class SnapshotWriter:
         """Store the pages of `runs`, laid back to back in `buf` (a mmap), skipping pages
         whose `keep` flag is False. Zero pages become ZeroRuns; the rest become extents of
         at most EXTENT_PAGES pages, compressed in parallel and written in order."""
-        view = memoryview(buf)  # type: ignore[arg-type]
         t0 = time.perf_counter()
-        pending: list[tuple[int, int, Future[tuple[bytes, int]]]] = []
+        extents = self._plan(runs, buf, keep)
+        view = memoryview(buf)  # type: ignore[arg-type]
+        # Tasks of about BATCH_BYTES each: one task per small extent would cost more in
+        # executor hand-offs than in compression when thousands of single pages changed.
+        pending: list[tuple[list[tuple[int, int]], Future[list[tuple[bytes, int]]]]] = []
+        batch: list[tuple[int, int]] = []
+        chunks: list[memoryview] = []
+        size = 0
+        for addr, pages, pos in extents:
+            batch.append((addr, pages))
+            chunks.append(view[pos : pos + pages * PAGE_SIZE])
+            size += pages * PAGE_SIZE
+            if size >= BATCH_BYTES:
+                pending.append((batch, self.executor.submit(_compress_all, chunks)))
+                batch, chunks, size = [], [], 0
+                if len(pending) >= 2 * MAX_PENDING_BATCHES:
+                    self._drain(pending[:MAX_PENDING_BATCHES], progress)
+                    del pending[:MAX_PENDING_BATCHES]
+        if batch:
+            pending.append((batch, self.executor.submit(_compress_all, chunks)))
+        self._drain(pending, progress)
+        del chunks
+        view.release()
+        self.compress_s += time.perf_counter() - t0 - self.write_s
+
+    def _plan(self, runs: list[Span], buf: object, keep: list[bool] | None
+              ) -> list[tuple[int, int, int]]:
+        """Cut runs into extents (addr, pages, position in buf); record zero runs."""
+        out: list[tuple[int, int, int]] = []
+        step = EXTENT_PAGES * PAGE_SIZE
         pos = 0
         page_index = 0
         for start, end in runs:
@@ -97,34 +128,22 @@ class SnapshotWriter:
             zero_rel = set(zero_page_flags(buf, pos, pos + size))
             if keep is None and not zero_rel:
                 # Common case: no page to skip; cut the run straight into extents.
-                step = EXTENT_PAGES * PAGE_SIZE
                 for rel in range(0, size, step):
                     n = min(step, size - rel)
-                    pending.append((start + rel, n // PAGE_SIZE, self.executor.submit(
-                        _compress, view[pos + rel : pos + rel + n])))
-                    if len(pending) >= 64:
-                        self._drain(pending, progress)
+                    out.append((start + rel, n // PAGE_SIZE, pos + rel))
                 pos += size
                 page_index += size // PAGE_SIZE
                 continue
-            ext_addr = -1
-            ext_pos = 0
-            ext_pages = 0
+            ext_addr = ext_pos = ext_pages = 0
             for rel in range(0, size, PAGE_SIZE):
                 stored = keep is None or keep[page_index]
                 page_index += 1
                 is_zero = stored and rel in zero_rel
                 if is_zero:
-                    addr = start + rel
-                    z = self.zeros
-                    if z and z[-1].addr + z[-1].pages * PAGE_SIZE == addr:
-                        z[-1] = ZeroRun(addr=z[-1].addr, pages=z[-1].pages + 1)
-                    else:
-                        z.append(ZeroRun(addr=addr, pages=1))
+                    self._add_zero(start + rel)
                 if not stored or is_zero or ext_pages == EXTENT_PAGES:
                     if ext_pages:
-                        pending.append((ext_addr, ext_pages, self.executor.submit(
-                            _compress, view[ext_pos : ext_pos + ext_pages * PAGE_SIZE])))
+                        out.append((ext_addr, ext_pages, ext_pos))
                         ext_pages = 0
                     if not stored or is_zero:
                         continue
@@ -132,31 +151,35 @@ class SnapshotWriter:
                     ext_addr, ext_pos = start + rel, pos + rel
                 ext_pages += 1
             if ext_pages:
-                pending.append((ext_addr, ext_pages, self.executor.submit(
-                    _compress, view[ext_pos : ext_pos + ext_pages * PAGE_SIZE])))
+                out.append((ext_addr, ext_pages, ext_pos))
             pos += size
-            if len(pending) >= 64:
-                self._drain(pending, progress)
-        self._drain(pending, progress)
-        self.compress_s += time.perf_counter() - t0 - self.write_s
-        view.release()
+        return out
 
-    def _drain(self, pending: list[tuple[int, int, Future[tuple[bytes, int]]]],
+    def _add_zero(self, addr: int) -> None:
+        z = self.zeros
+        if z and z[-1].addr + z[-1].pages * PAGE_SIZE == addr:
+            z[-1] = ZeroRun(addr=z[-1].addr, pages=z[-1].pages + 1)
+        else:
+            z.append(ZeroRun(addr=addr, pages=1))
+
+    def _drain(self, pending: list[tuple[list[tuple[int, int]],
+                                         Future[list[tuple[bytes, int]]]]],
                progress: Callable[[int], None] | None) -> None:
-        for addr, pages, fut in pending:
-            frame, crc = fut.result()
+        for batch, fut in pending:
+            frames = fut.result()
             t = time.perf_counter()
-            view = memoryview(frame)
+            blob = b"".join(f for f, _ in frames)
+            view = memoryview(blob)
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
             self.write_s += time.perf_counter() - t
-            self.extents.append(Extent(addr=addr, pages=pages, offset=self.offset,
-                                       length=len(frame), crc32=crc))
-            self.offset += len(frame)
-            if progress:
-                progress(pages * PAGE_SIZE)
-        pending.clear()
+            for (addr, pages), (frame, crc) in zip(batch, frames, strict=True):
+                self.extents.append(Extent(addr=addr, pages=pages, offset=self.offset,
+                                           length=len(frame), crc32=crc))
+                self.offset += len(frame)
+                if progress:
+                    progress(pages * PAGE_SIZE)
 
     def commit_data(self) -> tuple[str | None, int]:
         """Make the data durable under its final name. Returns (data_file, bytes)."""

@@ -60,6 +60,11 @@ class Tracker(ABC):
     def arm(self, ctx: TrackContext, vmas: list[Mapping]) -> ArmResult: ...
 
     @abstractmethod
+    def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
+        """Before the freeze: about how many pages harvest will ask to read (to size and
+        pre-fault the capture buffer outside the freeze)."""
+
+    @abstractmethod
     def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest: ...
 
     def begin(self, ctx: TrackContext) -> None:  # noqa: B027

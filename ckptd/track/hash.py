@@ -50,6 +50,13 @@ class HashTracker(Tracker):
             return ArmResult(f"no page hashes for the parent {ctx.parent_id}")
         return ArmResult(None)
 
+    def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
+        spans = normalize((m.start, m.end) for m in capturable(vmas))
+        if not pagemap.probe_scan(ctx.pid, abi.PAGE_IS_PRESENT)[0]:
+            return sum(e - s for s, e in spans) // abi.PAGE_SIZE
+        with pagemap.Pagemap(ctx.pid) as pm:
+            return pm.scan(spans, pagemap.DUMPABLE).pages
+
     def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest:
         t0 = time.perf_counter()
         spans = normalize((m.start, m.end) for m in capturable(vmas))

@@ -201,19 +201,35 @@ class UffdWpTracker(Tracker):
 
     # --- harvest ----------------------------------------------------------------------
 
+    def _split(self, vmas: list[Mapping]) -> tuple[list[Mapping], list[Span], list[Span]]:
+        """(mappings to register, spans never registered, registered spans now)."""
+        assert self.pm is not None
+        cap = capturable(vmas)
+        want_reg = [m for m in cap if _registrable(m)]
+        never_reg = normalize((m.start, m.end) for m in cap if not _registrable(m))
+        want_spans = normalize((m.start, m.end) for m in want_reg)
+        registered = normalize(
+            (s, e) for s, e, _ in self.pm.scan(want_spans, pagemap.WP_ALLOWED).regions
+        )
+        return want_reg, never_reg, registered
+
+    def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
+        assert self.pm is not None
+        want_reg, never_reg, registered = self._split(vmas)
+        if full:
+            spans = normalize((m.start, m.end) for m in capturable(vmas))
+            return self.pm.scan(spans, pagemap.DUMPABLE).pages
+        unregistered = normalize([*never_reg, *subtract(
+            normalize((m.start, m.end) for m in want_reg), registered)])
+        return (self.pm.scan(registered, pagemap.WRITTEN_FAST).pages
+                + self.pm.scan(unregistered, pagemap.DUMPABLE).pages)
+
     def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest:
         assert self.pm is not None and self.fd >= 0
         pm = self.pm
         t0 = time.perf_counter()
         notes: list[str] = []
-        cap = capturable(vmas)
-        want_reg = [m for m in cap if _registrable(m)]
-        never_reg = normalize((m.start, m.end) for m in cap if not _registrable(m))
-
-        want_spans = normalize((m.start, m.end) for m in want_reg)
-        registered = normalize(
-            (s, e) for s, e, _ in pm.scan(want_spans, pagemap.WP_ALLOWED).regions
-        )
+        want_reg, never_reg, registered = self._split(vmas)
         new_vmas = [m for m in want_reg if intersect([(m.start, m.end)], registered)
                     != [(m.start, m.end)]]
 
@@ -232,16 +248,28 @@ class UffdWpTracker(Tracker):
         untracked_present, _ = self._present(ctx, untracked, None)
 
         # The atomic get-and-clear over memory that was already tracked.
-        written = pm.scan(registered, pagemap.WRITTEN_GET_AND_CLEAR,
+        written = pm.scan(registered, pagemap.WRITTEN_FAST_GET_AND_CLEAR,
                           max_pages=0 if full else ctx.max_pages)
         written_spans = normalize((s, e) for s, e, _ in written.regions)
-        tracked_present, unsure = self._present(
-            ctx, registered, None if full else (ctx.parent_present or []))
 
-        present = normalize([*tracked_present, *new_present, *untracked_present])
         if full:
+            tracked_present, _ = self._present(ctx, registered, None)
+            present = normalize([*tracked_present, *new_present, *untracked_present])
             to_read = present
         else:
+            # Anonymous memory: content changes only by writes, or by pages being dropped,
+            # which the get-and-clear reports too (as none ptes: they read as zeros). So
+            # presence carries over from the parent, limited to the mappings that exist.
+            # Private file mappings also lose content by reverting to the file (a dropped
+            # copy-on-write page leaves a marker, not reported): scan those, they are small.
+            file_spans = normalize((m.start, m.end) for m in want_reg if m.file_backed)
+            file_reg = intersect(registered, file_spans)
+            anon_reg = subtract(registered, file_spans)
+            parent = ctx.parent_present or []
+            anon_present = intersect(normalize([*parent, *written_spans]), anon_reg)
+            file_present, unsure = self._present(ctx, file_reg, parent)
+            present = normalize([*anon_present, *file_present, *new_present,
+                                 *untracked_present])
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
         return Harvest(
             to_read=to_read,
