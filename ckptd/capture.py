@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 from .errors import PermissionDenied, TargetGone, TargetNotFound, UserError
 from .intervals import Span, intersect, normalize, subtract, total
-from .kernel import abi, memread, pagemap, procfs
+from .kernel import abi, memread, procfs
 from .kernel.ptrace import Freezer
 from .kernel.ptrace import TargetGone as PtraceTargetGone
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import Counts, Timings, Vma
 from .store.writer import SnapshotWriter
-from .track.base import TrackContext, Tracker, capturable
+from .track.base import TrackContext, Tracker
 
 log = logging.getLogger(__name__)
 

@@ -326,13 +326,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         })
         print(json.dumps(out))
         return 0
-    s = snapshot_summary(meta)
+    summary = snapshot_summary(meta)
     print(f"snapshot {meta.id}  pid {meta.pid}  {meta.kind}"
           + (f" ({meta.full_reason})" if meta.full_reason else f", parent {meta.parent}"))
     print(f"tracker {meta.tracker} ({meta.tracker_reason}), {meta.consistency}"
           + (", TRUNCATED by a page budget" if meta.truncated else ""))
     print(f"created {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta.created))}; "
-          f"freeze {s['freeze_ms']} ms, total {s['total_ms']} ms")
+          f"freeze {summary['freeze_ms']} ms, total {summary['total_ms']} ms")
     print(f"pages: {meta.counts.pages_present} holding content, {meta.counts.pages_read} read, "
           f"{meta.counts.pages_stored} stored ({human_bytes(meta.counts.bytes_stored)}), "
           f"{meta.counts.pages_zero} zero")

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         index = store_reader.materialize(store, last.id, out)
         ms = (time.perf_counter() - t0) * 1e3
         compared = mismatched = 0
-        for v in index["vmas"]:  # type: ignore[union-attr]
+        for v in index["vmas"]:
             want = truth.get((v["start"], v["end"]))
             if want is None:
                 continue
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             if (out / v["file"]).read_bytes() != want:
                 mismatched += 1
                 print(f"MISMATCH in {v['start']:#x}-{v['end']:#x} {v['path'] or ''}")
-        total_mem = sum(v["end"] - v["start"] for v in index["vmas"])  # type: ignore[union-attr]
-        print(f"\nmaterialized {last.id} ({len(index['vmas'])} mappings, "  # type: ignore[arg-type]
+        total_mem = sum(v["end"] - v["start"] for v in index["vmas"])
+        print(f"\nmaterialized {last.id} ({len(index['vmas'])} mappings, "
               f"{human_bytes(total_mem)}) in {ms:.0f} ms")
         count, problems = store_reader.verify(store)
-        print(f"verify: {count} snapshots, {'no problems' if not problems else problems}")
+        print(f"verify: {count} snapshots, {'; '.join(problems) or 'no problems'}")
         if mismatched or problems:
             print(f"FAILED: {mismatched} of {compared} mappings differ", file=sys.stderr)
             return 1

@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ckptd.engine import Engine  # noqa: E402
-from ckptd.store import Store  # noqa: E402
+from ckptd.engine import Engine
+from ckptd.store import Store
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ misread a file written by this one. Readers refuse any version they do not know.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_NAME = "ckptd-store"
+FORMAT_NAME: Final = "ckptd-store"
 FORMAT_VERSION = 1
 
 TrackerName = Literal["uffd-wp", "hash"]

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -113,7 +114,7 @@ def _vma_file_name(v: Vma) -> str:
 
 
 def materialize(store: Store, snapshot_id: str, out_dir: Path,
-                progress: Progress | None = None) -> dict[str, object]:
+                progress: Progress | None = None) -> dict[str, Any]:
     """Write the memory of every captured mapping at `snapshot_id` into out_dir, plus
     index.json. Returns the index."""
     meta, pm, lineage = page_map(store, snapshot_id)
@@ -167,7 +168,7 @@ def materialize(store: Store, snapshot_id: str, out_dir: Path,
             index_vmas.append(entry)
     finally:
         reader.close()
-    index: dict[str, object] = {
+    index: dict[str, Any] = {
         "id": meta.id,
         "pid": meta.pid,
         "kind": meta.kind,
@@ -202,11 +203,10 @@ def _fill_from_file(fd: int, v: Vma, spans: list[Span]) -> str:
         st = os.fstat(src)
         if st.st_ino != v.inode:
             return f"not filled: {v.path} is no longer the mapped file (inode changed)"
-        for s, e in spans:
-            file_off = v.offset + (s - v.start)
-            data = os.pread(src, e - s, file_off)  # past EOF reads short: zeros remain
+        for lo, hi in spans:
+            data = os.pread(src, hi - lo, v.offset + (lo - v.start))  # short past EOF
             if data:
-                os.pwrite(fd, data, s - v.start)
+                os.pwrite(fd, data, lo - v.start)
     finally:
         os.close(src)
     return "filled"
