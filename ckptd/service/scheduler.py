@@ -111,6 +111,7 @@ class Scheduler:
         prev_base: float | None = None  # slot time of the previous round
         prev_end = loop.time()
         pending_first = first_delay
+        streak = 0
         while True:
             frac = self._rng.random()
             # Sleep until due. A policy change (reload, re-register) wakes the timer to
@@ -144,12 +145,19 @@ class Scheduler:
             prev_base = base
             pol = self._policy_of(reg)
             # Overrun: waiting for a free slot plus the round took longer than the interval.
+            # Logged when a streak starts and when it ends, not on every round.
             if prev_end - called > pol.interval:
                 reg.overruns += 1
+                streak += 1
                 if self._on_overrun is not None:
                     self._on_overrun(reg)
-                log.warning("pid %d: round took %.3gs, over its %.3gs interval; the next "
-                            "start moves", reg.pid, prev_end - called, pol.interval)
+                if streak == 1:
+                    log.warning("pid %d: round took %.3gs, over its %.3gs interval; starts "
+                                "move later until rounds fit again", reg.pid,
+                                prev_end - called, pol.interval)
+            elif streak:
+                log.info("pid %d: back on schedule after %d overrun round(s)", reg.pid, streak)
+                streak = 0
 
     def policies_changed(self) -> None:
         """Re-plan every sleeping timer with the current policies."""
