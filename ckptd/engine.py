@@ -41,6 +41,10 @@ def privileged() -> bool:
 class _Process:
     trackers: dict[str, Tracker] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Cached between rounds so a round does not re-read the store: the chain for this
+    # process incarnation and the last snapshot we published in it.
+    chain: ChainInfo | None = None
+    last: SnapshotMeta | None = None
 
     def tracker(self, name: str) -> Tracker:
         t = self.trackers.get(name)
@@ -63,8 +67,11 @@ class Engine:
             max_workers=compress_threads or min(2, os.cpu_count() or 1),
             thread_name_prefix="ckptd-zstd",
         )
-        self.buffers = BufferPool(retain_buffer_bytes)
+        # One capture buffer per thread: the service snapshots processes concurrently.
+        self._buffers = threading.local()
+        self._retain_buffer_bytes = retain_buffer_bytes
         self.privileged = privileged()
+        store.clean_tmp()
         self._procs: dict[int, _Process] = {}
         self._lock = threading.Lock()
         self._uffd_probe: tuple[bool, str] | None = None
@@ -81,6 +88,13 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def buffers(self) -> BufferPool:
+        pool: BufferPool | None = getattr(self._buffers, "pool", None)
+        if pool is None:
+            pool = self._buffers.pool = BufferPool(self._retain_buffer_bytes)
+        return pool
+
     def forget(self, pid: int) -> None:
         with self._lock:
             p = self._procs.pop(pid, None)
@@ -92,22 +106,36 @@ class Engine:
             self._uffd_probe = uffd_wp.probe()
         return self._uffd_probe
 
-    def _chain_for(self, ident: Identity) -> tuple[ChainInfo, SnapshotMeta | None, str | None]:
-        """The chain to extend (and its latest snapshot), or a new one with the reason."""
+    def _chain_for(self, proc: _Process, ident: Identity) -> tuple[ChainInfo, str | None]:
+        """The chain to extend, or a new one with the reason."""
+        c = proc.chain
+        if (c is not None and c.pid == ident.pid and c.start_time == ident.start_time
+                and c.mm_fingerprint == ident.mm_fingerprint
+                and self.store.chain_dir(c.chain).exists()):
+            return c, None
+        proc.last = None
         chains = self.store.find_chain(ident.pid, ident.start_time)
+        reason = None
         if chains:
-            last = chains[-1]
-            if last.mm_fingerprint == ident.mm_fingerprint:
-                return last, self.store.latest(last.chain), None
+            if chains[-1].mm_fingerprint == ident.mm_fingerprint:
+                proc.chain = chains[-1]
+                return chains[-1], None
             reason = "the process exec'd (new address space): new chain"
-        else:
-            reason = None
-        info = self.store.create_chain({
+        proc.chain = self.store.create_chain({
             "pid": ident.pid, "start_time": ident.start_time,
             "mm_fingerprint": ident.mm_fingerprint, "comm": ident.comm, "exe": ident.exe,
             "cmdline": ident.cmdline, "uid": ident.uid,
         })
-        return info, None, reason
+        return proc.chain, reason
+
+    def _parent(self, proc: _Process, chain: ChainInfo) -> SnapshotMeta | None:
+        """The chain's latest snapshot; from cache when nobody else changed the chain."""
+        ids = self.store.snapshot_ids(chain.chain)
+        if not ids:
+            return None
+        if proc.last is not None and proc.last.id == ids[-1]:
+            return proc.last
+        return self.store.get(ids[-1])
 
     def snapshot(
         self,
@@ -127,24 +155,29 @@ class Engine:
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
         with proc.lock:
-            chain, parent, chain_reason = self._chain_for(ident)
+            known = proc.chain
+            chain, chain_reason = self._chain_for(proc, ident)
             with self.store.lock_chain(chain.chain):
-                # Re-read under the lock: another ckptd may have added a snapshot.
-                parent = self.store.latest(chain.chain)
-                self.store.clean_tmp()
+                if chain is not known:
+                    for name in self.store.clean_orphans(chain.chain):
+                        log.info("chain %s: removed unpublished data %s", chain.chain, name)
+                # Under the lock: another ckptd may have added a snapshot.
+                parent = self._parent(proc, chain)
                 chosen, reason = self._choose(proc, tracker, ident)
                 try:
-                    return self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
-                                      max_pages, chain_reason, on_frozen, progress)
+                    proc.last = self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
+                                           max_pages, chain_reason, on_frozen, progress)
+                    return proc.last
                 except TrackerUnavailable as e:
                     if tracker != "auto" or chosen.name == "hash":
                         raise UserError(f"tracker {chosen.name} cannot track PID {pid}: {e}") \
                             from e
                     log.warning("pid %d: uffd-wp unavailable (%s); using the hash tracker",
                                 pid, e)
-                    return self._take(proc, ident, chain, parent, proc.tracker("hash"),
-                                      f"auto: uffd-wp unavailable: {e}", fuzzy, max_pages,
-                                      chain_reason, on_frozen, progress)
+                    proc.last = self._take(proc, ident, chain, parent, proc.tracker("hash"),
+                                           f"auto: uffd-wp unavailable: {e}", fuzzy,
+                                           max_pages, chain_reason, on_frozen, progress)
+                    return proc.last
 
     def _choose(self, proc: _Process, tracker: str, ident: Identity) -> tuple[Tracker, str]:
         if tracker == "hash":

@@ -239,3 +239,21 @@ def test_kernel_thread_is_refused(engine: Engine) -> None:
     with pytest.raises(UserError, match="kernel thread"):
         engine.snapshot(kthreadd)
     _ = time
+
+
+@needs_root
+def test_data_left_by_a_crash_before_publish_is_cleaned(store: Store) -> None:
+    """A writer that died after renaming its data into place but before publishing the
+    metadata leaves an unreferenced data file; the next writer on the chain removes it
+    and nothing listed is affected."""
+    with Target.python(SLEEPER) as t:
+        with Engine(store) as eng:
+            meta = eng.snapshot(t.pid)
+        data_dir = store.chain_dir(meta.chain) / "data"
+        orphan = data_dir / f"{meta.chain}-2.deadbeef.zst"
+        orphan.write_bytes(store.data_path(meta).read_bytes())
+        with Engine(store) as eng:
+            nxt = eng.snapshot(t.pid)
+    assert not orphan.exists()
+    assert {m.id for m in store.list_snapshots()} == {meta.id, nxt.id}
+    assert store_reader.verify(store) == (2, [])

@@ -186,13 +186,7 @@ class Store:
         return _parse_meta(path, raw)
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
-        d = self.chain_dir(chain) / "snapshots"
-        try:
-            names = [n for n in os.listdir(d) if n.endswith(".json") and not n.startswith(".")]
-        except FileNotFoundError:
-            return []
-        metas = [_parse_meta(d / n, (d / n).read_bytes()) for n in names]
-        return sorted(metas, key=lambda m: m.seq)
+        return [self.get(i) for i in self.snapshot_ids(chain)]
 
     def list_snapshots(self) -> list[SnapshotMeta]:
         out: list[SnapshotMeta] = []
@@ -200,9 +194,19 @@ class Store:
             out.extend(self.chain_snapshots(c))
         return out
 
+    def snapshot_ids(self, chain: str) -> list[str]:
+        """Published snapshot ids of a chain, by sequence, without parsing any file."""
+        d = self.chain_dir(chain) / "snapshots"
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        ids = [n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")]
+        return sorted(ids, key=lambda i: parse_snapshot_id(i)[1])
+
     def latest(self, chain: str) -> SnapshotMeta | None:
-        snaps = self.chain_snapshots(chain)
-        return snaps[-1] if snaps else None
+        ids = self.snapshot_ids(chain)
+        return self.get(ids[-1]) if ids else None
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
         """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
@@ -235,6 +239,21 @@ class Store:
         """The commit point: the metadata becomes visible atomically and durably."""
         atomic_write(self.snapshot_path(meta.id), meta.model_dump_json().encode(),
                      tmp_dir=self.chain_dir(meta.chain) / "snapshots")
+
+    def clean_orphans(self, chain: str) -> list[str]:
+        """Delete data files no published snapshot of `chain` refers to: left by a writer
+        that died between renaming its data and publishing its metadata. Call with the
+        chain lock held. Returns the names removed."""
+        used = {m.data_file for m in self.chain_snapshots(chain)}
+        removed = []
+        data_dir = self.chain_dir(chain) / "data"
+        for p in data_dir.glob("*.zst"):
+            if p.name not in used:
+                p.unlink()
+                removed.append(p.name)
+        if removed:
+            fsync_dir(data_dir)
+        return removed
 
     def clean_tmp(self) -> None:
         """Remove leftovers of writers that died (only files no live writer holds)."""
