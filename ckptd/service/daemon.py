@@ -21,7 +21,6 @@ import signal
 import socket
 import stat
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import __version__
-from ..capture import BufferPool
 from ..engine import Engine
 from ..errors import (
     CkptdError,
@@ -58,31 +56,6 @@ T = TypeVar("T")
 
 MAX_CLIENTS = 128
 READ_CHUNK = 1 << 16
-
-
-class ThreadLocalBufferPool(BufferPool):
-    """The engine's capture buffer, one per capture thread: rounds of different processes
-    run at once and must not share a buffer."""
-
-    def __init__(self, retain_bytes: int) -> None:
-        super().__init__(retain_bytes)
-        self._local = threading.local()
-
-    def _pool(self) -> BufferPool:
-        pool: BufferPool | None = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = BufferPool(self.retain_bytes)
-            self._local.pool = pool
-        return pool
-
-    def get(self, size: int) -> Any:
-        return self._pool().get(size)
-
-    def ensure(self, size: int) -> None:
-        self._pool().ensure(size)
-
-    def release(self) -> None:
-        self._pool().release()
 
 
 def error_code(exc: BaseException) -> ErrorCode:
@@ -182,11 +155,9 @@ class Service:
         state_dir = svc.store / "service"
         await self._in(self.work_pool, _private_dir, state_dir)
         self.engine = Engine(self.store, compress_threads=2, retain_buffer_bytes=16 << 20)
-        self.engine.buffers = ThreadLocalBufferPool(16 << 20)
         self.registry = Registry(state_dir / REGISTRY_FILE)
         self.scheduler = Scheduler(self._scheduled_round, self.policy_of, svc.concurrency,
                                    on_overrun=lambda _r: self.metrics.overruns.inc())
-        maintenance.check_available()
 
         restored, gone = await self._in(self.work_pool, self.registry.restore)
         for rec, why in gone:
@@ -535,7 +506,7 @@ class Service:
     # --- retention and compaction -------------------------------------------------------
 
     def _maybe_maintain(self, chain: str, pol: Policy) -> None:
-        if chain in self._maint_running or not maintenance.available() or self.stopping:
+        if chain in self._maint_running or self.stopping:
             return
         self._maint_running.add(chain)
         self._spawn(self._maintain(chain, pol), f"maint-{chain}")
@@ -680,8 +651,6 @@ class Service:
         if isinstance(req, protocol.CompactReq):
             if not peer.is_root and self._chain_uid(req.chain) != peer.uid:
                 raise PermissionDenied(f"chain {req.chain} is not yours")
-            if not maintenance.available():
-                raise UserError("compaction is not available in this build")
             result = await self._in(self.maint_pool, maintenance.compact_now, self.store,
                                     req.chain, req.upto)
             return {"chain": req.chain, "result": result}

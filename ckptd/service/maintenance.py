@@ -18,13 +18,11 @@ new base, so restore cost stays bounded.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ..store import SnapshotMeta, Store
+from ..store.compact import compact_chain
 from .config import Retention
 
 log = logging.getLogger("ckptd.service.maintenance")
@@ -76,47 +74,20 @@ def plan(snaps: list[SnapshotMeta], ret: Retention, now: float) -> Plan | None:
     return None
 
 
-def _compact_fn() -> Callable[..., Any] | None:
-    try:
-        mod = importlib.import_module("ckptd.store.compact")
-    except ModuleNotFoundError as exc:
-        if exc.name != "ckptd.store.compact":
-            raise
-        return None
-    fn = getattr(mod, "compact_chain", None)
-    return fn if callable(fn) else None
-
-
-def available() -> bool:
-    return _compact_fn() is not None
-
-
-def check_available() -> None:
-    if not available():
-        log.warning("this build has no ckptd.store.compact.compact_chain: retention and "
-                    "compaction are disabled; snapshots accumulate")
-
-
 def run(store: Store, chain: str, ret: Retention, now: float) -> str | None:
     """Apply retention/compaction to one chain. Returns what was done, or None."""
-    fn = _compact_fn()
-    if fn is None:
-        return None
     p = plan(store.chain_snapshots(chain), ret, now)
     if p is None:
         return None
-    result = fn(store, chain, p.upto)
+    result = compact_chain(store, chain, p.upto)
     return f"{p.reason}: folded {p.drops} snapshot(s) into a base at {p.upto} ({result})"
 
 
 def compact_now(store: Store, chain: str, upto: str | None) -> str:
     """Operator-requested compaction: up to `upto`, or the newest snapshot."""
-    fn = _compact_fn()
-    if fn is None:
-        return "compaction unavailable"
     if upto is None:
         latest = store.latest(chain)
         if latest is None:
             return "chain has no snapshots"
         upto = latest.id
-    return str(fn(store, chain, upto))
+    return compact_chain(store, chain, upto)

@@ -76,25 +76,35 @@ class FrameReader:
             os.close(fd)
         self.files.clear()
 
+    def raw_frame(self, snapshot: str, index: int) -> bytes:
+        """The compressed bytes of one extent, as stored."""
+        meta = self.metas[snapshot]
+        ext = meta.extents[index]
+        raw = os.pread(self._fd(snapshot), ext.length, ext.offset)
+        if len(raw) != ext.length:
+            raise CorruptStore(f"snapshot {snapshot}: data file truncated at extent {index}")
+        return raw
+
+    def _fd(self, snapshot: str) -> int:
+        fd = self.files.get(snapshot)
+        if fd is None:
+            path = self.store.data_path(self.metas[snapshot])
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise CorruptStore(f"snapshot {snapshot}: data file {path} is missing") \
+                    from None
+            self.files[snapshot] = fd
+        return fd
+
     def frame(self, snapshot: str, index: int, check: bool = True) -> bytes:
         key = (snapshot, index)
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
-        meta = self.metas[snapshot]
-        ext = meta.extents[index]
-        fd = self.files.get(snapshot)
-        if fd is None:
-            path = self.store.data_path(meta)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise CorruptStore(f"snapshot {snapshot}: data file {path} is missing") from None
-            self.files[snapshot] = fd
-        raw = os.pread(fd, ext.length, ext.offset)
-        if len(raw) != ext.length:
-            raise CorruptStore(f"snapshot {snapshot}: data file truncated at extent {index}")
+        ext = self.metas[snapshot].extents[index]
+        raw = self.raw_frame(snapshot, index)
         try:
             data = self.dctx.decompress(raw, max_output_size=ext.pages * PAGE_SIZE)
         except zstandard.ZstdError as e:

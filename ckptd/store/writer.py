@@ -181,22 +181,46 @@ class SnapshotWriter:
                 if progress:
                     progress(pages * PAGE_SIZE)
 
-    def commit_data(self) -> tuple[str | None, int]:
-        """Make the data durable under its final name. Returns (data_file, bytes)."""
+    def append_frame(self, addr: int, pages: int, frame: bytes, crc: int) -> None:
+        """Add an already compressed extent (compaction copies frames unchanged)."""
+        t = time.perf_counter()
+        view = memoryview(frame)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.write_s += time.perf_counter() - t
+        self.extents.append(Extent(addr=addr, pages=pages, offset=self.offset,
+                                   length=len(frame), crc32=crc))
+        self.offset += len(frame)
+
+    def finish_data(self) -> tuple[str | None, int]:
+        """fsync the data (still in tmp/). Returns (data_file, bytes); None if empty."""
         t = time.perf_counter()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
+        self.write_s += time.perf_counter() - t
         if not self.extents:
             self.tmp_path.unlink()
-            self.write_s += time.perf_counter() - t
             return None, 0
+        return self.data_name, self.offset
+
+    def publish_data(self) -> None:
+        """Move the finished data into the chain's data/ directory, durably."""
+        if not self.extents:
+            return
+        t = time.perf_counter()
         data_dir = self.store.chain_dir(self.chain) / "data"
         os.rename(self.tmp_path, data_dir / self.data_name)
         fsync_dir(data_dir)
         fsync_dir(self.store.tmp_dir)
         self.write_s += time.perf_counter() - t
-        return self.data_name, self.offset
+
+    def commit_data(self) -> tuple[str | None, int]:
+        """Make the data durable under its final name. Returns (data_file, bytes)."""
+        result = self.finish_data()
+        self.publish_data()
+        return result
 
     def abort(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,145 @@
+"""Compaction: fold the oldest snapshots of a chain into a new full base.
+
+compact_chain(store, chain, upto) rewrites snapshot `upto` as a full snapshot holding
+every page its page map sources (same id, same content, same `present`), then removes
+the snapshots before it. Snapshots after `upto` are untouched: their lineage now stops
+at the new base.
+
+Crash safety, step by step (docs/store-format.md has the full protocol):
+  1. The new base's data is written to tmp/ and fsynced, without the chain lock, so
+     snapshots are never blocked by the copying.
+  2. Under the chain lock: rename the data into data/ and fsync; publish the new
+     metadata of `upto` over the old (atomic rename). Before this point the old chain is
+     intact; after it, `upto` restores on its own.
+  3. Unlink the older snapshots' metadata from the newest to the oldest, so whatever
+     remains after a crash is a prefix of the chain: a full base and its deltas.
+  4. Delete data files nothing refers to (a crash leaves them for clean_orphans).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import UserError
+from ..intervals import IntervalMap
+from ..kernel.abi import PAGE_SIZE
+from .format import Counts, SnapshotMeta
+from .fsutil import FILE_MODE, fsync_dir
+from .reader import DataRef, FrameReader, Source, page_map
+from .store import Store, parse_snapshot_id
+from .writer import SnapshotWriter
+
+log = logging.getLogger(__name__)
+
+WINDOW_BYTES = 32 << 20  # pages re-compressed per step: bounds compaction's memory
+
+
+def compact_chain(store: Store, chain: str, upto: str) -> str:
+    """Fold every snapshot of `chain` up to and including `upto` into a full base at
+    `upto`. Returns a one-line summary."""
+    upto_chain, _ = parse_snapshot_id(upto)
+    if upto_chain != chain:
+        raise UserError(f"snapshot {upto} is not in chain {chain}")
+    lock_fd = os.open(store.chain_dir(chain) / "compact.lock",
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one compaction per chain at a time
+        return _compact(store, chain, upto)
+    finally:
+        os.close(lock_fd)
+
+
+def _compact(store: Store, chain: str, upto: str) -> str:
+    meta, pm, lineage = page_map(store, upto)
+    older = [m for m in store.chain_snapshots(chain) if m.seq < meta.seq]
+    new_meta = meta
+    if meta.kind != "full":
+        metas = {m.id: m for m in lineage}
+        reader = FrameReader(store, metas)
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-compact")
+        writer = SnapshotWriter(store, chain, meta.id, executor)
+        try:
+            _rewrite(pm, metas, reader, writer)
+            data_file, data_bytes = writer.finish_data()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            reader.close()
+            executor.shutdown()
+        new_meta = meta.model_copy(update={
+            "kind": "full",
+            "parent": None,
+            "full_reason": f"compacted: folded {len(lineage) - 1} earlier snapshot(s) "
+                           f"from {lineage[0].id}",
+            "data_file": data_file,
+            "data_bytes": data_bytes,
+            "extents": writer.extents,
+            "zeros": writer.zeros,
+            "counts": Counts.model_validate({
+                **meta.counts.model_dump(),
+                "pages_stored": sum(e.pages for e in writer.extents),
+                "pages_zero": sum(z.pages for z in writer.zeros),
+                "bytes_stored": data_bytes,
+            }),
+        })
+    with store.lock_chain(chain):
+        if new_meta is not meta:
+            writer.publish_data()
+            store.publish(new_meta)
+        snaps_dir = store.chain_dir(chain) / "snapshots"
+        for m in sorted(older, key=lambda m: m.seq, reverse=True):
+            store.snapshot_path(m.id).unlink(missing_ok=True)
+            fsync_dir(snaps_dir)
+        removed = store.clean_orphans(chain)
+    return (f"{upto} is now a full base; removed {len(older)} older snapshot(s) and "
+            f"{len(removed)} data file(s)")
+
+
+def _rewrite(pm: IntervalMap[Source], metas: dict[str, SnapshotMeta], reader: FrameReader,
+             writer: SnapshotWriter) -> None:
+    """Copy every sourced page into the writer: whole extents as raw frames, pieces of
+    extents (and zero runs) re-compressed through a bounded window buffer."""
+    window = mmap.mmap(-1, WINDOW_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    runs: list[tuple[int, int]] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal runs, used
+        if runs:
+            writer.write_runs(runs, window)
+        runs, used = [], 0
+
+    try:
+        for start, end, src in pm:
+            if isinstance(src, DataRef):
+                ext = metas[src.snapshot].extents[src.extent]
+                if start == ext.addr and end == ext.addr + ext.pages * PAGE_SIZE:
+                    flush()
+                    raw = reader.raw_frame(src.snapshot, src.extent)
+                    writer.append_frame(ext.addr, ext.pages, raw, ext.crc32)
+                    continue
+            pos = start
+            while pos < end:
+                if used == WINDOW_BYTES:
+                    flush()
+                n = min(end - pos, WINDOW_BYTES - used)
+                if isinstance(src, DataRef):
+                    frame = reader.frame(src.snapshot, src.extent)
+                    off = pos - src.extent_addr
+                    window[used : used + n] = frame[off : off + n]
+                else:
+                    window[used : used + n] = bytes(n)
+                if runs and runs[-1][1] == pos:
+                    runs[-1] = (runs[-1][0], pos + n)
+                else:
+                    runs.append((pos, pos + n))
+                used += n
+                pos += n
+        flush()
+    finally:
+        window.close()

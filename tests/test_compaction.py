@@ -1,0 +1,116 @@
+"""Compaction folds old snapshots into a new base; a crash at any step loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import GroundTruth, GroundTruthRecorder, Target, assert_materializes_to, needs_root
+
+from ckptd.engine import Engine
+from ckptd.errors import UserError
+from ckptd.store import Store
+from ckptd.store import reader as store_reader
+from ckptd.store.compact import compact_chain
+
+pytestmark = needs_root
+
+
+def _chain_of_snapshots(store: Store, n: int) -> tuple[str, dict[str, GroundTruth]]:
+    rec = GroundTruthRecorder()
+    truths: dict[str, GroundTruth] = {}
+    with Target.churn(threads=2, base_mib=8, seed=3) as t, Engine(store) as eng:
+        for _ in range(n):
+            time.sleep(0.03)
+            meta = eng.snapshot(t.pid, on_frozen=rec)
+            truths[meta.id] = rec.last
+    return meta.chain, truths
+
+
+def _check_all(store: Store, truths: dict[str, GroundTruth], out: Path) -> list[str]:
+    listed = [m.id for m in store.list_snapshots()]
+    for sid in listed:
+        assert_materializes_to(store, sid, truths[sid], out / f"{sid}-{time.monotonic_ns()}")
+    assert store_reader.verify(store)[1] == []
+    return listed
+
+
+def test_compaction_folds_into_a_new_base(store: Store, tmp_path: Path) -> None:
+    chain, truths = _chain_of_snapshots(store, 10)
+    ids = list(truths)
+    summary = compact_chain(store, chain, ids[5])
+    assert "now a full base" in summary
+    listed = _check_all(store, truths, tmp_path)
+    assert listed == ids[5:]
+    base = store.get(ids[5])
+    assert base.kind == "full" and base.parent is None
+    assert base.full_reason and "compacted" in base.full_reason
+    assert store.lineage(ids[-1])[0].id == ids[5]
+    # Old data files are gone: only the new base's and the later deltas' remain.
+    data = {p.name for p in (store.chain_dir(chain) / "data").iterdir()}
+    assert data == {m.data_file for m in store.list_snapshots() if m.data_file}
+    # Snapshots continue on top of it.
+    with pytest.raises(UserError, match="not in chain"):
+        compact_chain(store, "1-1", ids[6])
+
+
+def test_compacting_the_newest_keeps_tracking_incremental(store: Store, tmp_path: Path) -> None:
+    rec = GroundTruthRecorder()
+    with Target.churn(threads=2, base_mib=8, seed=5) as t, Engine(store) as eng:
+        metas = [eng.snapshot(t.pid) for _ in range(4)]
+        compact_chain(store, metas[-1].chain, metas[-1].id)
+        nxt = eng.snapshot(t.pid, on_frozen=rec)
+    assert nxt.kind == "delta" and nxt.parent == metas[-1].id
+    assert [m.id for m in store.list_snapshots()] == [metas[-1].id, nxt.id]
+    assert_materializes_to(store, nxt.id, rec.last, tmp_path / "m")
+
+
+KILL_AT_NTH_FSYNC = """
+import os, signal, sys
+from pathlib import Path
+import ckptd.store.fsutil as fsutil
+import ckptd.store.compact as compact
+n = int(sys.argv[3])
+calls = 0
+real_fsync = os.fsync
+def counting_fsync(fd):
+    global calls
+    calls += 1
+    if calls == n:
+        os.kill(os.getpid(), signal.SIGKILL)   # die right before the n-th fsync
+    real_fsync(fd)
+os.fsync = counting_fsync
+from ckptd.store import Store
+compact.compact_chain(Store.open(Path(sys.argv[1])), sys.argv[2].rsplit('-', 1)[0], sys.argv[2])
+print("completed")
+"""
+
+
+def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store,
+                                                           tmp_path: Path) -> None:
+    _chain, truths = _chain_of_snapshots(store, 6)
+    ids = list(truths)
+    upto = ids[3]
+    for n in range(1, 200):
+        r = subprocess.run([sys.executable, "-c", KILL_AT_NTH_FSYNC, str(store.root), upto,
+                            str(n)], capture_output=True, text=True, timeout=120)
+        listed = _check_all(store, truths, tmp_path / str(n))
+        assert upto in listed and listed[-1] == ids[-1]
+        # What is listed is always a prefix-closed chain ending in the newest snapshot.
+        assert listed == ids[ids.index(listed[0]):]
+        if r.returncode == 0:
+            assert "completed" in r.stdout
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+    else:
+        raise AssertionError("compaction never completed")
+    assert n > 3  # it really was interrupted at several steps
+    assert [m.id for m in store.list_snapshots()] == ids[3:]
+    assert store.get(upto).kind == "full"
+    store.clean_tmp()
+    assert os.listdir(store.tmp_dir) == []
