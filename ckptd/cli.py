@@ -20,6 +20,7 @@ from .kernel.abi import PAGE_SIZE
 from .progress import Progress, human_bytes
 from .store import SnapshotMeta, Store, default_store_path
 from .store import reader as store_reader
+from .store.views import snapshot_summary
 
 log = logging.getLogger("ckptd")
 
@@ -50,10 +51,28 @@ process execs. docs/ in the source tree describes the store format and the kerne
 """
 
 
-def _store_arg(p: argparse.ArgumentParser) -> None:
+def _store_arg(p: argparse.ArgumentParser, service: bool = True) -> None:
+    default = "$CKPTD_STORE, /var/lib/ckptd as root, else ~/.local/state/ckptd"
     p.add_argument("--store", type=Path, metavar="DIR",
-                   help="store directory (default: $CKPTD_STORE, /var/lib/ckptd as root, "
-                        "else ~/.local/state/ckptd)")
+                   help=f"work on this store directly (default: ask the running service, "
+                        f"else {default})" if service else f"store directory (default: "
+                        f"{default})")
+    if service:
+        p.add_argument("--socket", type=Path, metavar="PATH",
+                       help="the service's control socket (default: $CKPTD_SOCKET, else "
+                            "/run/ckptd/ckptd.sock)")
+
+
+def _service(args: argparse.Namespace) -> Any:
+    """A client of the running service, unless a store was named (flag or $CKPTD_STORE)
+    or no service answers: then the command works on the store directly."""
+    if args.store is not None or os.environ.get("CKPTD_STORE"):
+        return None
+    try:
+        from .service.client import try_service
+    except ImportError:
+        return None
+    return try_service(args.socket)
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:
@@ -130,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=0, metavar="N",
                    help="stop after N snapshots (default: until interrupted)")
     _tracker_args(p)
-    _store_arg(p)
+    _store_arg(p, service=False)
     _json_arg(p)
     p.set_defaults(func=cmd_watch)
 
@@ -146,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Pages not in the map are absent: zeros in anonymous memory, the file's\n"
             "content in a private file mapping.")
     p.add_argument("id", metavar="ID")
-    _store_arg(p)
+    _store_arg(p, service=False)
     _json_arg(p)
     p.set_defaults(func=cmd_show)
 
@@ -194,22 +213,6 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
     return Store.open(args.store or default_store_path(), create=create)
 
 
-def snapshot_summary(m: SnapshotMeta) -> dict[str, Any]:
-    return {
-        "id": m.id, "pid": m.pid, "chain": m.chain, "parent": m.parent, "kind": m.kind,
-        "full_reason": m.full_reason, "tracker": m.tracker,
-        "tracker_reason": m.tracker_reason, "consistency": m.consistency,
-        "truncated": m.truncated, "created": m.created,
-        "pages": m.counts.pages_read, "pages_dirty": m.counts.pages_dirty,
-        "pages_stored": m.counts.pages_stored, "pages_zero": m.counts.pages_zero,
-        "pages_present": m.counts.pages_present,
-        "bytes_read": m.counts.bytes_read, "bytes_stored": m.counts.bytes_stored,
-        "freeze_ms": round(m.timings.freeze_ms, 3), "scan_ms": round(m.timings.scan_ms, 3),
-        "read_ms": round(m.timings.read_ms, 3), "compress_ms": round(m.timings.compress_ms, 3),
-        "write_ms": round(m.timings.write_ms, 3), "total_ms": round(m.timings.total_ms, 3),
-    }
-
-
 def _engine(args: argparse.Namespace) -> Any:
     from .engine import Engine
 
@@ -217,17 +220,21 @@ def _engine(args: argparse.Namespace) -> Any:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with _engine(args) as eng:
-        prog = Progress(f"snapshot {args.pid}")
-        try:
-            meta = eng.snapshot(args.pid, tracker=args.tracker, fuzzy=args.fuzzy,
-                                max_pages=args.max_bytes // PAGE_SIZE, progress=prog.add)
-        finally:
-            prog.finish()
-    if args.json:
-        print(json.dumps(snapshot_summary(meta)))
+    client = _service(args)
+    if client is not None:
+        with client:
+            summary = client.call("snapshot", pid=args.pid, tracker=args.tracker,
+                                  fuzzy=args.fuzzy, max_pages=args.max_bytes // PAGE_SIZE)
     else:
-        print(meta.id)
+        with _engine(args) as eng:
+            prog = Progress(f"snapshot {args.pid}")
+            try:
+                meta = eng.snapshot(args.pid, tracker=args.tracker, fuzzy=args.fuzzy,
+                                    max_pages=args.max_bytes // PAGE_SIZE, progress=prog.add)
+            finally:
+                prog.finish()
+        summary = snapshot_summary(meta)
+    print(json.dumps(summary) if args.json else summary["id"])
     return 0
 
 
@@ -282,20 +289,26 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    snaps = [m for m in store.list_snapshots() if args.pid is None or m.pid == args.pid]
+    client = _service(args)
+    if client is not None:
+        with client:
+            snaps: list[dict[str, Any]] = client.call("snapshots", pid=args.pid)["snapshots"]
+    else:
+        store = _open_store(args)
+        snaps = [snapshot_summary(m) for m in store.list_snapshots()
+                 if args.pid is None or m.pid == args.pid]
     if args.json:
-        print(json.dumps([snapshot_summary(m) for m in snaps]))
+        print(json.dumps(snaps))
         return 0
     if not snaps:
         return 0
     print(f"{'ID':<14} {'PID':>7} {'KIND':<5} {'TRACKER':<7} {'PARENT':<14} "
           f"{'CREATED':<19} {'PAGES':>8} {'STORED':>10}")
-    for m in snaps:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
-        print(f"{m.id:<14} {m.pid:>7} {m.kind:<5} {m.tracker:<7} {m.parent or '-':<14} "
-              f"{created:<19} {m.counts.pages_read:>8} "
-              f"{human_bytes(m.counts.bytes_stored):>10}")
+    for s in snaps:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"]))
+        print(f"{s['id']:<14} {s['pid']:>7} {s['kind']:<5} {s['tracker']:<7} "
+              f"{s['parent'] or '-':<14} {created:<19} {s['pages']:>8} "
+              f"{human_bytes(s['bytes_stored']):>10}")
     return 0
 
 
@@ -352,24 +365,37 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    prog = Progress(f"materialize {args.id}")
-    try:
-        index = store_reader.materialize(store, args.id, args.output, progress=prog.update)
-    finally:
-        prog.finish()
+    client = _service(args)
+    if client is not None:
+        with client:
+            index = client.call("materialize", snapshot=args.id,
+                                out_dir=str(args.output.resolve()))
+    else:
+        store = _open_store(args)
+        prog = Progress(f"materialize {args.id}")
+        try:
+            index = store_reader.materialize(store, args.id, args.output,
+                                             progress=prog.update)
+        finally:
+            prog.finish()
     if args.json:
         print(json.dumps(index))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _open_store(args)
-    prog = Progress("verify")
-    try:
-        count, problems = store_reader.verify(store, progress=prog.update)
-    finally:
-        prog.finish()
+    client = _service(args)
+    if client is not None:
+        with client:
+            result = client.call("verify")
+        count, problems = result["snapshots"], result["problems"]
+    else:
+        store = _open_store(args)
+        prog = Progress("verify")
+        try:
+            count, problems = store_reader.verify(store, progress=prog.update)
+        finally:
+            prog.finish()
     if args.json:
         print(json.dumps({"snapshots": count, "ok": not problems, "problems": problems}))
     else:

@@ -31,6 +31,7 @@ from test_service_support import (
 
 from ckptd.errors import PermissionDenied, TargetNotFound, UserError
 from ckptd.service.client import Client, try_service
+from ckptd.store import Store
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(not ROOT, reason=NOT_ROOT_REASON)]
 
@@ -140,6 +141,35 @@ def test_cli_commands_against_service(daemon: Daemon) -> None:
     c = try_service(daemon.socket)
     assert c is not None
     c.close()
+
+
+def test_engine_commands_use_the_running_service(daemon: Daemon, tmp_path: Path) -> None:
+    """snapshot/list/materialize/verify without --store go through the service."""
+    env = {**os.environ, "CKPTD_SOCKET": str(daemon.socket)}
+    env.pop("CKPTD_STORE", None)
+
+    def ckptd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, "-m", "ckptd", *args], env=env, text=True,
+                              capture_output=True, check=False)
+
+    with targets(1, 16) as (t,):
+        r = ckptd("snapshot", str(t.pid), "--json")
+        assert r.returncode == 0, r.stderr
+        snap = json.loads(r.stdout)
+        assert snap["pid"] == t.pid and snap["kind"] == "full"
+        r = ckptd("snapshot", str(t.pid))
+        assert r.returncode == 0 and r.stdout.strip() == f"{snap['chain']}-2"
+    # The snapshots are in the service's store, which the CLI never opened itself.
+    listed = json.loads(ckptd("list", "--json").stdout)
+    assert [s["id"] for s in listed] == [snap["id"], f"{snap['chain']}-2"]
+    assert {m.id for m in Store.open(daemon.store).list_snapshots()} == \
+        {s["id"] for s in listed}
+    out = tmp_path / "via-service"
+    r = ckptd("materialize", snap["id"], "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "index.json").read_text())["id"] == snap["id"]
+    r = ckptd("verify", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
 
 
 def test_restart_keeps_registrations(tmp_path: Path) -> None:

@@ -7,31 +7,11 @@ import time
 from typing import Any
 
 from ..store.format import SnapshotMeta
+from ..store.views import snapshot_summary
 from .config import Policy
 from .registry import Registration
 
-
-def snapshot_summary(m: SnapshotMeta) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "chain": m.chain,
-        "seq": m.seq,
-        "pid": m.pid,
-        "parent": m.parent,
-        "kind": m.kind,
-        "full_reason": m.full_reason,
-        "created": m.created,
-        "tracker": m.tracker,
-        "consistency": m.consistency,
-        "truncated": m.truncated,
-        "pages_dirty": m.counts.pages_dirty,
-        "pages_stored": m.counts.pages_stored,
-        "pages_present": m.counts.pages_present,
-        "bytes_read": m.counts.bytes_read,
-        "bytes_stored": m.counts.bytes_stored,
-        "freeze_ms": m.timings.freeze_ms,
-        "total_ms": m.timings.total_ms,
-    }
+__all__ = ["registration_view", "snapshot_detail", "snapshot_summary", "status_line"]
 
 
 def snapshot_detail(m: SnapshotMeta) -> dict[str, Any]:
