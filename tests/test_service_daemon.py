@@ -172,6 +172,41 @@ def test_engine_commands_use_the_running_service(daemon: Daemon, tmp_path: Path)
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
 
 
+def test_retention_and_compaction_in_the_background(daemon: Daemon, tmp_path: Path) -> None:
+    """keep_last and compact_after at work: old rounds fold into a new base, the newest
+    still restores byte for byte, and verify passes."""
+    t = Target(pages=128)
+    try:
+        t.fill(1)
+        daemon.call("register", pid=t.pid, policy={
+            "interval": 0.3, "jitter": 0,
+            "retention": {"keep_last": 4, "compact_after": 3}})
+        for seed in range(2, 14):
+            t.fill(seed, first=seed, count=3)
+            time.sleep(0.35)
+        wait_for(lambda: _rounds(daemon, t.pid) >= 12, "rounds")
+        daemon.call("unregister", pid=t.pid)  # waits for the round in flight
+
+        def settled() -> bool:
+            snaps = daemon.call("snapshots", pid=t.pid)["snapshots"]
+            return len(snaps) <= 4
+        wait_for(settled, "retention applied")
+        snaps = daemon.call("snapshots", pid=t.pid)["snapshots"]
+        assert snaps[0]["kind"] == "full" and snaps[0]["seq"] > 1
+        assert [s["seq"] for s in snaps] == list(range(snaps[0]["seq"], snaps[-1]["seq"] + 1))
+        expect = bytearray(b"".join(pattern(1, p) for p in range(128)))
+        for seed in range(2, 14):
+            for p in range(seed, seed + 3):
+                expect[p * 4096:(p + 1) * 4096] = pattern(seed, p)
+        out = tmp_path / "newest"
+        daemon.call("materialize", snapshot=snaps[-1]["id"], out_dir=str(out))
+        assert _read_region(out, t.addr, 128 * 4096) == bytes(expect)
+        v = daemon.call("verify")
+        assert v["ok"], v["problems"]
+    finally:
+        t.kill()
+
+
 def test_restart_keeps_registrations(tmp_path: Path) -> None:
     d = Daemon(tmp_path).start()
     try:
@@ -486,7 +521,9 @@ def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
         with targets(50, 64) as ts:
             for t in ts:
                 t.cmd("tick")
-                d.call("register", pid=t.pid, policy={"interval": 1})
+                # Compaction off: every round must stay listed to prove none was lost.
+                d.call("register", pid=t.pid,
+                       policy={"interval": 1, "retention": {"compact_after": 1000}})
             time.sleep(60)  # the load under test; nothing is asserted about its timing
             procs = {p["pid"]: p for p in d.call("list")["processes"]}
             assert sorted(procs) == sorted(t.pid for t in ts)

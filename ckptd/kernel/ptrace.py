@@ -1,8 +1,10 @@
 """ptrace: freeze every thread of a process, and inject one syscall into it.
 
 Only PTRACE_SEIZE is used: if ckptd dies, the kernel detaches and every thread resumes
-(a thread that was in group-stop before stays stopped). Signals that arrive while a thread
-is held are remembered and handed back on detach, so the target never loses one.
+(a thread that was in group-stop before stays stopped). A signal that reaches a held
+thread (a signal-delivery-stop) is delivered at once, never kept by ckptd: a signal
+held by the tracer is lost if the tracer dies. The pending PTRACE_INTERRUPT then stops
+the thread again before it returns to user code.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ class TargetGone(Exception):
 @dataclass
 class _Thread:
     tid: int
-    pending_signal: int = 0  # a signal intercepted in signal-delivery-stop, re-sent on detach
     stopped: bool = False
 
 
@@ -76,12 +77,12 @@ class Freezer:
             if not os.WIFSTOPPED(status):
                 continue
             sig = os.WSTOPSIG(status)
-            event = status >> 16
-            if event == 0 and sig != signal.SIGTRAP:
-                # Signal-delivery-stop: the signal is held back by this stop; hand it
-                # over at detach. The thread stays stopped here, which is all we need.
-                th.pending_signal = sig
-            th.stopped = True
+            if status >> 16 == 0:
+                # Signal-delivery-stop: deliver it now (see the module doc); the
+                # interrupt still pending stops the thread again.
+                ptrace(abi.PTRACE_CONT, th.tid, 0, sig)
+                continue
+            th.stopped = True  # interrupt-stop or group-stop
 
     def freeze(self) -> None:
         try:
@@ -118,7 +119,7 @@ class Freezer:
                 if th.tid not in self.threads:
                     continue
             try:
-                ptrace(abi.PTRACE_DETACH, th.tid, 0, th.pending_signal)
+                ptrace(abi.PTRACE_DETACH, th.tid, 0, 0)
             except OSError as e:
                 if e.errno != errno.ESRCH:
                     errors.append(e)
@@ -134,34 +135,47 @@ class Freezer:
         an interrupted syscall restarts as if nothing happened."""
         tid = tid or self.pid
         th = self.threads[tid]
-        saved = abi.UserRegs()
-        ptrace(abi.PTRACE_GETREGS, tid, 0, saved)
-        insn_addr, borrowed = _syscall_instruction(self.pid, saved.rip)
-        try:
-            regs = abi.UserRegs()
-            ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
-            regs.rip = insn_addr
-            regs.rax = number
-            # orig_rax = -1: the kernel's syscall-restart logic must leave these
-            # registers alone when the thread leaves this stop.
-            regs.orig_rax = ctypes.c_ulong(-1).value
-            for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-                setattr(regs, name, ctypes.c_ulong(value).value)
-            ptrace(abi.PTRACE_SETREGS, tid, 0, regs)
+        for _ in range(16):
+            saved = abi.UserRegs()
+            ptrace(abi.PTRACE_GETREGS, tid, 0, saved)
+            insn_addr, borrowed = _syscall_instruction(self.pid, saved.rip)
             try:
-                result = self._single_step_syscall(th, insn_addr)
+                regs = abi.UserRegs()
+                ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
+                regs.rip = insn_addr
+                regs.rax = number
+                # orig_rax = -1: the kernel's syscall-restart logic must leave these
+                # registers alone when the thread leaves this stop.
+                regs.orig_rax = ctypes.c_ulong(-1).value
+                for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args,
+                                       strict=False):
+                    setattr(regs, name, ctypes.c_ulong(value).value)
+                ptrace(abi.PTRACE_SETREGS, tid, 0, regs)
+                try:
+                    result, interrupted_by = self._single_step_syscall(th, insn_addr)
+                finally:
+                    ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
             finally:
-                ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
-        finally:
-            if borrowed is not None:
-                _write_mem(self.pid, insn_addr, borrowed)
-        return result
+                if borrowed is not None:
+                    _write_mem(self.pid, insn_addr, borrowed)
+            if interrupted_by is None:
+                return result
+            # A signal came before the instruction ran. Deliver it with the thread's own
+            # registers back in place, stop the thread again, and retry.
+            th.stopped = False
+            ptrace(abi.PTRACE_CONT, tid, 0, interrupted_by)
+            ptrace(abi.PTRACE_INTERRUPT, tid)
+            self._wait_stop(th)
+            if tid not in self.threads:
+                raise TargetGone(f"thread {tid} exited during injection")
+        raise RuntimeError(f"signals kept interrupting the injected syscall in {tid}")
 
-    def _single_step_syscall(self, th: _Thread, insn_addr: int) -> int:
+    def _single_step_syscall(self, th: _Thread, insn_addr: int) -> tuple[int, int | None]:
+        """Step over the syscall instruction. Returns (result, None) once it ran, or
+        (0, signal) when a signal stopped the thread before it ran."""
         regs = abi.UserRegs()
-        for _ in range(64):
-            # A pending signal may be reported before the instruction runs; remember it
-            # (it is re-sent on detach) and step again.
+        status = 0
+        for _ in range(8):
             ptrace(abi.PTRACE_SINGLESTEP, th.tid, 0, 0)
             try:
                 _, status = os.waitpid(th.tid, abi.WAIT_ALL_THREADS)
@@ -170,15 +184,17 @@ class Freezer:
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self.threads.pop(th.tid, None)
                 raise TargetGone(f"process {self.pid} died during injection")
-            sig = os.WSTOPSIG(status)
             ptrace(abi.PTRACE_GETREGS, th.tid, 0, regs)
             if regs.rip == insn_addr + len(abi.SYSCALL_INSN):
-                if sig != signal.SIGTRAP and (status >> 16) == 0:
-                    th.pending_signal = th.pending_signal or sig
-                return ctypes.c_long(regs.rax).value
-            if (status >> 16) == 0 and sig != signal.SIGTRAP:
-                th.pending_signal = th.pending_signal or sig
-        raise RuntimeError(f"injected syscall in {th.tid} did not complete after 64 steps")
+                # The step's own SIGTRAP: suppressed, since detach passes no signal.
+                return ctypes.c_long(regs.rax).value, None
+            sig = os.WSTOPSIG(status)
+            if status >> 16 == 0 and sig != signal.SIGTRAP:
+                return 0, sig
+            # An event stop (a group-stop of a stopped process reported again) before
+            # the instruction ran: step again.
+        raise RuntimeError(f"injected syscall in {th.tid} stopped at {regs.rip:#x} "
+                           f"(status {status:#x}) before completing")
 
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:
