@@ -24,7 +24,7 @@ from .kernel import abi, memread, procfs
 from .kernel.ptrace import Freezer
 from .kernel.ptrace import TargetGone as PtraceTargetGone
 from .store import ChainInfo, SnapshotMeta, Store
-from .store.format import Counts, Timings, Vma
+from .store.format import Counts, SnapshotHead, Timings, Vma
 from .store.writer import SnapshotWriter
 from .track.base import TrackContext, Tracker
 
@@ -103,12 +103,13 @@ class BufferPool:
             self.buf = memread.alloc_buffer(max(size, 1 << 20))
         return self.buf
 
-    def ensure(self, size: int) -> None:
-        """Make a populated buffer of at least `size` bytes ready, before freezing."""
+    def ensure(self, size: int, margin: float = 1.25) -> None:
+        """Make a populated buffer of at least `size` bytes ready, before freezing. A new
+        one gets `margin` extra, for pages written between now and the freeze."""
         if self.buf is None or len(self.buf) < size:
             if self.buf is not None:
                 self.buf.close()
-            self.buf = memread.alloc_buffer(max(size, 1 << 20), populate=True)
+            self.buf = memread.alloc_buffer(max(int(size * margin), 1 << 20), populate=True)
 
     def release(self) -> None:
         if self.buf is not None and len(self.buf) > self.retain_bytes:
@@ -129,7 +130,7 @@ def take_snapshot(
     store: Store,
     ident: Identity,
     chain: ChainInfo,
-    parent: SnapshotMeta | None,
+    parent: SnapshotHead | SnapshotMeta | None,
     tracker: Tracker,
     tracker_reason: str,
     *,
@@ -163,7 +164,7 @@ def take_snapshot(
         estimate = tracker.estimate(ctx, pre_vmas, full)
     except OSError:
         estimate = 0  # only sizes the buffer; the snapshot itself will report problems
-    buffers.ensure(int(estimate * 1.25 + 256) * abi.PAGE_SIZE)
+    buffers.ensure((estimate + 256) * abi.PAGE_SIZE)
     tracker.begin(ctx)
     t_prepared = time.perf_counter()
 
@@ -202,6 +203,8 @@ def take_snapshot(
 
     view = memoryview(buf)[:nbytes]
     keep = tracker.select(ctx, to_read, view)
+    # A tracker that decides after reading (hash) knows the changed pages only now.
+    pages_dirty = sum(keep) if keep is not None else harvest.pages_dirty
     present = harvest.present
     if reader.failed:
         # Unmapped while we read (fuzzy only): those pages are gone, not captured.
@@ -236,7 +239,7 @@ def take_snapshot(
             extents=writer.extents,
             zeros=writer.zeros,
             counts=Counts(
-                pages_dirty=harvest.pages_dirty if not full else nbytes // abi.PAGE_SIZE,
+                pages_dirty=pages_dirty if not full else nbytes // abi.PAGE_SIZE,
                 pages_read=nbytes // abi.PAGE_SIZE,
                 pages_stored=stored_pages,
                 pages_zero=zero_pages,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
 from .errors import TrackerUnavailable, UserError
 from .store import ChainInfo, SnapshotMeta, Store
+from .store.format import SnapshotHead
 from .track import hash as hash_tracker
 from .track import uffd_wp
 from .track.base import Tracker
@@ -128,14 +129,14 @@ class Engine:
         })
         return proc.chain, reason
 
-    def _parent(self, proc: _Process, chain: ChainInfo) -> SnapshotMeta | None:
+    def _parent(self, proc: _Process, chain: ChainInfo) -> SnapshotHead | SnapshotMeta | None:
         """The chain's latest snapshot; from cache when nobody else changed the chain."""
         ids = self.store.snapshot_ids(chain.chain)
         if not ids:
             return None
         if proc.last is not None and proc.last.id == ids[-1]:
             return proc.last
-        return self.store.get(ids[-1])
+        return self.store.head(ids[-1])
 
     def snapshot(
         self,
@@ -190,7 +191,8 @@ class Engine:
         return proc.tracker("uffd-wp"), "requested" if tracker == "uffd-wp" else f"auto: {why}"
 
     def _take(self, proc: _Process, ident: Identity, chain: ChainInfo,
-              parent: SnapshotMeta | None, tracker: Tracker, reason: str, fuzzy: bool,
+              parent: SnapshotHead | SnapshotMeta | None, tracker: Tracker, reason: str,
+              fuzzy: bool,
               max_pages: int, chain_reason: str | None, on_frozen: FrozenHook | None,
               progress: Callable[[int], None] | None) -> SnapshotMeta:
         full_reason = chain_reason

@@ -6,6 +6,7 @@ process with few distinct runs costs a few entries, not 262144.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -59,6 +60,12 @@ def subtract(a: list[Span], b: list[Span]) -> list[Span]:
         if cur < e:
             out.append((cur, e))
     return out
+
+
+def contains(spans: list[Span], addr: int) -> bool:
+    """Is addr inside one of the normalized spans?"""
+    i = bisect.bisect_right(spans, (addr, float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= addr < spans[i][1]
 
 
 def total(spans: Iterable[Span]) -> int:

@@ -169,6 +169,10 @@ assert ctypes.sizeof(UserRegs) == 27 * 8
 
 SYSCALL_INSN = b"\x0f\x05"
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14+
+SYNC_FILE_RANGE_WRITE = 2
+SYS_sync_file_range = 277
+
 
 class IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_uint64), ("iov_len", ctypes.c_uint64)]

@@ -22,11 +22,18 @@ Run = tuple[int, int]  # [start, end) in the target
 
 def alloc_buffer(size: int, populate: bool = False) -> mmap.mmap:
     """An anonymous buffer of `size` bytes (>= 1), backed by transparent huge pages where
-    possible so that filling it costs few page faults; `populate` faults it in now."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
-    buf = mmap.mmap(-1, max(size, abi.PAGE_SIZE), flags=flags)
+    possible so that filling it costs few page faults; `populate` faults it in now (after
+    the huge-page advice, so the advice counts)."""
+    size = max(size, abi.PAGE_SIZE)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if size >= (2 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
+    if populate:
+        try:
+            buf.madvise(abi.MADV_POPULATE_WRITE)
+        except OSError:  # before Linux 5.14: touch each page instead
+            for off in range(0, size, abi.PAGE_SIZE):
+                buf[off] = 0
     return buf
 
 

@@ -42,6 +42,14 @@ def syscall(number: int, *args: int) -> int:
     return int(ret)
 
 
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing these bytes to disk now, so
+    that a later fsync has little left to wait for. Advisory: errors are ignored."""
+    _syscall(ctypes.c_long(abi.SYS_sync_file_range), ctypes.c_long(fd),
+             ctypes.c_long(offset), ctypes.c_long(nbytes),
+             ctypes.c_long(abi.SYNC_FILE_RANGE_WRITE))
+
+
 def pidfd_open(pid: int) -> int:
     return syscall(abi.SYS_pidfd_open, pid, 0)
 

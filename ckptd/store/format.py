@@ -98,6 +98,24 @@ class Counts(_Model):
     bytes_stored: int = 0
 
 
+class SnapshotHead(BaseModel):
+    """The fields of a snapshot's metadata needed to extend its chain; parsing only these
+    skips validating every extent of a large snapshot."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format_version: int
+    id: str
+    chain: str
+    seq: int
+    parent: str | None
+    kind: Kind
+    tracker: TrackerName
+    truncated: bool = False
+    present: list[tuple[int, int]]
+    data_file: str | None
+
+
 class SnapshotMeta(_Model):
     """chains/<chain>/snapshots/<id>.json: everything needed to restore this snapshot,
     given its ancestors."""

@@ -211,7 +211,8 @@ def _fill_from_file(fd: int, v: Vma, spans: list[Span]) -> str:
         return f"not filled: {v.path}: {e.strerror}"
     try:
         st = os.fstat(src)
-        if st.st_ino != v.inode:
+        if st.st_ino != v.inode or f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}" \
+                != v.dev:
             return f"not filled: {v.path} is no longer the mapped file (inode changed)"
         for lo, hi in spans:
             data = os.pread(src, hi - lo, v.offset + (lo - v.start))  # short past EOF

@@ -23,7 +23,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import CorruptStore, StoreError, UnknownSnapshot
-from .format import FORMAT_NAME, FORMAT_VERSION, ChainInfo, SnapshotMeta, StoreInfo
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ChainInfo,
+    SnapshotHead,
+    SnapshotMeta,
+    StoreInfo,
+)
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
 
 
@@ -185,6 +192,23 @@ class Store:
             ) from None
         return _parse_meta(path, raw)
 
+    def head(self, snapshot_id: str) -> SnapshotHead:
+        """The chain-linking fields of a snapshot (fast: extents are not validated)."""
+        path = self.snapshot_path(snapshot_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise UnknownSnapshot(
+                f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`"
+            ) from None
+        try:
+            head = SnapshotHead.model_validate_json(raw)
+        except ValidationError:
+            _parse_meta(path, raw)  # raises the precise error (version, corruption)
+            raise
+        _check_version("a snapshot of", path, head.format_version)
+        return head
+
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
         return [self.get(i) for i in self.snapshot_ids(chain)]
 
@@ -244,7 +268,7 @@ class Store:
         """Delete data files no published snapshot of `chain` refers to: left by a writer
         that died between renaming its data and publishing its metadata. Call with the
         chain lock held. Returns the names removed."""
-        used = {m.data_file for m in self.chain_snapshots(chain)}
+        used = {self.head(i).data_file for i in self.snapshot_ids(chain)}
         removed = []
         data_dir = self.chain_dir(chain) / "data"
         for p in data_dir.glob("*.zst"):

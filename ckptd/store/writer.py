@@ -19,6 +19,7 @@ import zstandard
 
 from ..intervals import Span
 from ..kernel.abi import PAGE_SIZE
+from ..kernel.syscalls import start_writeback
 from .format import Extent, ZeroRun
 from .fsutil import fsync_dir, open_private
 from .store import Store
@@ -47,21 +48,19 @@ def _compress_all(chunks: list[memoryview]) -> list[tuple[bytes, int]]:
 
 
 def zero_page_flags(buf: object, start: int, end: int) -> list[int]:
-    """Offsets (relative to start) of page-aligned all-zero pages in buf[start:end].
-    Uses the buffer's C-level find(), so a run with no zero page costs one call."""
-    find = buf.find  # type: ignore[attr-defined]
+    """Offsets (relative to start) of all-zero pages in buf[start:end]. Most pages with
+    data have a non-zero byte at one of three probes; only the rest are compared whole
+    (a memcmp). mmap.find of a zero page was 4x slower."""
+    view = memoryview(buf)  # type: ignore[arg-type]
     out: list[int] = []
-    pos = start
-    while pos < end:
-        i = find(ZERO_PAGE, pos, end)
-        if i < 0:
-            break
-        rel = i - start
-        if rel % PAGE_SIZE == 0:
-            out.append(rel)
-            pos = i + PAGE_SIZE
-        else:
-            pos = start + (rel // PAGE_SIZE + 1) * PAGE_SIZE
+    try:
+        for pos in range(start, end, PAGE_SIZE):
+            if view[pos] or view[pos + 2048] or view[pos + PAGE_SIZE - 1]:
+                continue
+            if view[pos : pos + PAGE_SIZE] == ZERO_PAGE:
+                out.append(pos - start)
+    finally:
+        view.release()
     return out
 
 
@@ -158,9 +157,9 @@ class SnapshotWriter:
     def _add_zero(self, addr: int) -> None:
         z = self.zeros
         if z and z[-1].addr + z[-1].pages * PAGE_SIZE == addr:
-            z[-1] = ZeroRun(addr=z[-1].addr, pages=z[-1].pages + 1)
+            z[-1] = ZeroRun.model_construct(addr=z[-1].addr, pages=z[-1].pages + 1)
         else:
-            z.append(ZeroRun(addr=addr, pages=1))
+            z.append(ZeroRun.model_construct(addr=addr, pages=1))
 
     def _drain(self, pending: list[tuple[list[tuple[int, int]],
                                          Future[list[tuple[bytes, int]]]]],
@@ -173,10 +172,12 @@ class SnapshotWriter:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
+            start_writeback(self.fd, self.offset, len(blob))
             self.write_s += time.perf_counter() - t
             for (addr, pages), (frame, crc) in zip(batch, frames, strict=True):
-                self.extents.append(Extent(addr=addr, pages=pages, offset=self.offset,
-                                           length=len(frame), crc32=crc))
+                # Built by this code from ints: skip pydantic's per-object validation.
+                self.extents.append(Extent.model_construct(
+                    addr=addr, pages=pages, offset=self.offset, length=len(frame), crc32=crc))
                 self.offset += len(frame)
                 if progress:
                     progress(pages * PAGE_SIZE)

@@ -9,6 +9,7 @@ fallback, never the default when uffd-wp works.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import time
@@ -19,6 +20,8 @@ from ..kernel import abi, pagemap
 from ..kernel.procfs import Mapping
 from ..store.fsutil import FILE_MODE, fsync_dir
 from .base import ArmResult, Harvest, TrackContext, Tracker, capturable
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "hashes.bin"
 _MAGIC = b"CKPTHSH1"
@@ -106,12 +109,17 @@ def _load(path: Path) -> tuple[dict[int, bytes], str | None]:
         raw = path.read_bytes()
     except FileNotFoundError:
         return {}, None
-    if not raw.startswith(_MAGIC) or len(raw) < len(_MAGIC) + 2:
+    try:
+        if not raw.startswith(_MAGIC):
+            raise ValueError("bad magic")
+        n_id = int.from_bytes(raw[8:10], "little")
+        owner = raw[10 : 10 + n_id].decode()
+        body = memoryview(raw)[10 + n_id :]
+        table = {addr: digest for addr, digest in _ENTRY.iter_unpack(body)}
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
+        # Torn or damaged: the next snapshot is simply full (arm() says why).
+        log.warning("ignoring damaged page-hash state %s: %s", path, e)
         return {}, None
-    n_id = int.from_bytes(raw[8:10], "little")
-    owner = raw[10 : 10 + n_id].decode()
-    body = memoryview(raw)[10 + n_id :]
-    table = {addr: digest for addr, digest in _ENTRY.iter_unpack(body)}
     return table, owner
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import TrackerUnavailable
-from ..intervals import Span, intersect, normalize, subtract
+from ..intervals import Span, contains, intersect, normalize, subtract
 from ..kernel import abi, pagemap, procfs, ptrace, syscalls, uffd
 from ..kernel.procfs import Mapping
 from ..store.fsutil import atomic_write
@@ -207,10 +207,12 @@ class UffdWpTracker(Tracker):
         cap = capturable(vmas)
         want_reg = [m for m in cap if _registrable(m)]
         never_reg = normalize((m.start, m.end) for m in cap if not _registrable(m))
-        want_spans = normalize((m.start, m.end) for m in want_reg)
-        registered = normalize(
-            (s, e) for s, e, _ in self.pm.scan(want_spans, pagemap.WP_ALLOWED).regions
-        )
+        # Registration is per mapping: its first page answers for all of it.
+        firsts = [(m.start, m.start + abi.PAGE_SIZE) for m in want_reg]
+        allowed = normalize((s, e) for s, e, _ in self.pm.scan(firsts, pagemap.WP_ALLOWED
+                                                                   ).regions)
+        registered = normalize((m.start, m.end) for m in want_reg
+                               if contains(allowed, m.start))
         return want_reg, never_reg, registered
 
     def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
