@@ -236,6 +236,7 @@ def take_snapshot(
             present=present,
             data_file=data_file,
             data_bytes=data_bytes,
+            frames=writer.frames,
             extents=writer.extents,
             zeros=writer.zeros,
             counts=Counts(

@@ -16,7 +16,8 @@ __all__ = ["registration_view", "snapshot_detail", "snapshot_summary", "status_l
 
 def snapshot_detail(m: SnapshotMeta) -> dict[str, Any]:
     """All metadata needed to plan a restore, without the (long) per-extent lists."""
-    body = m.model_dump(mode="json", exclude={"extents", "zeros"})
+    body = m.model_dump(mode="json", exclude={"frames", "extents", "zeros"})
+    body["frame_count"] = len(m.frames)
     body["extent_count"] = len(m.extents)
     body["zero_runs"] = len(m.zeros)
     return body

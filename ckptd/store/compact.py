@@ -78,6 +78,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
                            f"from {lineage[0].id}",
             "data_file": data_file,
             "data_bytes": data_bytes,
+            "frames": writer.frames,
             "extents": writer.extents,
             "zeros": writer.zeros,
             "counts": Counts.model_validate({
@@ -118,10 +119,12 @@ def _rewrite(pm: IntervalMap[Source], metas: dict[str, SnapshotMeta], reader: Fr
         for start, end, src in pm:
             if isinstance(src, DataRef):
                 ext = metas[src.snapshot].extents[src.extent]
-                if start == ext.addr and end == ext.addr + ext.pages * PAGE_SIZE:
-                    flush()
-                    raw = reader.raw_frame(src.snapshot, src.extent)
-                    writer.append_frame(ext.addr, ext.pages, raw, ext.crc32)
+                fr = metas[src.snapshot].frames[src.frame]
+                if (fr.pages == ext.pages and start == ext.addr
+                        and end == ext.addr + ext.pages * PAGE_SIZE):
+                    flush()  # a frame that is exactly this piece: copy it unchanged
+                    writer.append_frame([(ext.addr, ext.pages)],
+                                        reader.raw_frame(src.snapshot, src.frame), fr.crc32)
                     continue
             pos = start
             while pos < end:
@@ -129,8 +132,8 @@ def _rewrite(pm: IntervalMap[Source], metas: dict[str, SnapshotMeta], reader: Fr
                     flush()
                 n = min(end - pos, WINDOW_BYTES - used)
                 if isinstance(src, DataRef):
-                    frame = reader.frame(src.snapshot, src.extent)
-                    off = pos - src.extent_addr
+                    frame = reader.frame(src.snapshot, src.frame)
+                    off = pos + src.delta
                     window[used : used + n] = frame[off : off + n]
                 else:
                     window[used : used + n] = bytes(n)

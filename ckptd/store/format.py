@@ -60,14 +60,23 @@ class Vma(_Model):
     capture: Literal["private", "shared", "special"]
 
 
+class Frame(_Model):
+    """One independent zstd frame in the data file: the pages of one or more extents,
+    back to back (at most FRAME_PAGES pages)."""
+
+    offset: int = Field(description="byte offset of the frame in the snapshot's data file")
+    length: int = Field(description="compressed length of the frame in bytes")
+    pages: int = Field(description="pages in the frame's uncompressed content")
+    crc32: int = Field(description="zlib.crc32 of the frame's uncompressed content")
+
+
 class Extent(_Model):
-    """Up to EXTENT_PAGES contiguous non-zero pages, stored as one zstd frame."""
+    """Contiguous non-zero pages of the process, stored inside one frame."""
 
     addr: int
     pages: int
-    offset: int = Field(description="byte offset of the frame in the snapshot's data file")
-    length: int = Field(description="compressed length of the frame in bytes")
-    crc32: int = Field(description="zlib.crc32 of the uncompressed pages")
+    frame: int = Field(description="index into the snapshot's frames")
+    skip: int = Field(description="pages of the frame's content that come before this extent")
 
 
 class ZeroRun(_Model):
@@ -142,6 +151,7 @@ class SnapshotMeta(_Model):
     )
     data_file: str | None = Field(description="file name under data/, or null if no extents")
     data_bytes: int
+    frames: list[Frame]
     extents: list[Extent]
     zeros: list[ZeroRun]
     counts: Counts

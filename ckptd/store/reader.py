@@ -25,11 +25,13 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 @dataclass(frozen=True)
 class DataRef:
-    """Page content stored in `snapshot`'s data file, in the frame of extent `extent`."""
+    """Page content stored in `snapshot`'s data file: extent `extent`, inside frame
+    `frame`. The byte offset of address A in the frame's content is A + `delta`."""
 
     snapshot: str
     extent: int
-    extent_addr: int
+    frame: int
+    delta: int
 
 
 ZERO = "zero"
@@ -45,7 +47,8 @@ def page_map(store: Store, snapshot_id: str) -> tuple[SnapshotMeta, IntervalMap[
     pm: IntervalMap[Source] = IntervalMap()
     for meta in lineage:
         items: list[tuple[int, int, Source]] = [
-            (e.addr, e.addr + e.pages * PAGE_SIZE, DataRef(meta.id, i, e.addr))
+            (e.addr, e.addr + e.pages * PAGE_SIZE,
+             DataRef(meta.id, i, e.frame, e.skip * PAGE_SIZE - e.addr))
             for i, e in enumerate(meta.extents)
         ]
         items.extend((z.addr, z.addr + z.pages * PAGE_SIZE, ZERO) for z in meta.zeros)
@@ -61,7 +64,7 @@ def unsourced(meta: SnapshotMeta, pm: IntervalMap[Source]) -> list[Span]:
 
 
 class FrameReader:
-    """Decompresses extents, keeping a few recent frames (materialize walks in order)."""
+    """Decompresses frames, keeping a few recent ones (materialize walks in order)."""
 
     def __init__(self, store: Store, metas: dict[str, SnapshotMeta], cache: int = 8) -> None:
         self.store = store
@@ -77,12 +80,11 @@ class FrameReader:
         self.files.clear()
 
     def raw_frame(self, snapshot: str, index: int) -> bytes:
-        """The compressed bytes of one extent, as stored."""
-        meta = self.metas[snapshot]
-        ext = meta.extents[index]
-        raw = os.pread(self._fd(snapshot), ext.length, ext.offset)
-        if len(raw) != ext.length:
-            raise CorruptStore(f"snapshot {snapshot}: data file truncated at extent {index}")
+        """The compressed bytes of one frame, as stored."""
+        fr = self.metas[snapshot].frames[index]
+        raw = os.pread(self._fd(snapshot), fr.length, fr.offset)
+        if len(raw) != fr.length:
+            raise CorruptStore(f"snapshot {snapshot}: data file truncated at frame {index}")
         return raw
 
     def _fd(self, snapshot: str) -> int:
@@ -103,15 +105,15 @@ class FrameReader:
         if hit is not None:
             self.cache.move_to_end(key)
             return hit
-        ext = self.metas[snapshot].extents[index]
+        fr = self.metas[snapshot].frames[index]
         raw = self.raw_frame(snapshot, index)
         try:
-            data = self.dctx.decompress(raw, max_output_size=ext.pages * PAGE_SIZE)
+            data = self.dctx.decompress(raw, max_output_size=fr.pages * PAGE_SIZE)
         except zstandard.ZstdError as e:
-            raise CorruptStore(f"snapshot {snapshot}: extent {index} "
-                               f"({ext.addr:#x}): {e}") from e
-        if len(data) != ext.pages * PAGE_SIZE or (check and zlib.crc32(data) != ext.crc32):
-            raise CorruptStore(f"snapshot {snapshot}: extent {index} ({ext.addr:#x}) "
+            raise CorruptStore(f"snapshot {snapshot}: frame {index} at byte {fr.offset}: "
+                               f"{e}") from e
+        if len(data) != fr.pages * PAGE_SIZE or (check and zlib.crc32(data) != fr.crc32):
+            raise CorruptStore(f"snapshot {snapshot}: frame {index} at byte {fr.offset} "
                                "does not match its checksum")
         self.cache[key] = data
         if len(self.cache) > self.cache_size:
@@ -152,8 +154,8 @@ def materialize(store: Store, snapshot_id: str, out_dir: Path,
                     file_status = _fill_from_file(fd, v, not_held)
                 for s, e, src in pm.clip(v.start, v.end):
                     if isinstance(src, DataRef):
-                        frame = reader.frame(src.snapshot, src.extent)
-                        off = s - src.extent_addr
+                        frame = reader.frame(src.snapshot, src.frame)
+                        off = s + src.delta
                         os.pwrite(fd, frame[off : off + (e - s)], s - v.start)
                     elif file_status == "filled":
                         os.pwrite(fd, bytes(e - s), s - v.start)
@@ -257,7 +259,7 @@ def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[st
                     problems.append(f"{m.id}: data file is {size} bytes, metadata says "
                                     f"{m.data_bytes}")
                     continue
-            for i in range(len(m.extents)):
+            for i in range(len(m.frames)):
                 try:
                     reader.frame(m.id, i)
                 except CorruptStore as e:

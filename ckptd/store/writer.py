@@ -20,13 +20,14 @@ import zstandard
 from ..intervals import Span
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import start_writeback
-from .format import Extent, ZeroRun
+from .format import Extent, Frame, ZeroRun
 from .fsutil import fsync_dir, open_private
 from .store import Store
 
 # One zstd frame holds at most this many pages: restoring one page decompresses at most
-# 256 KiB, and frames are the unit of parallel compression.
-EXTENT_PAGES = 64
+# 256 KiB. Extents are cut at this length too.
+FRAME_PAGES = 64
+EXTENT_PAGES = FRAME_PAGES
 ZSTD_LEVEL = 1
 BATCH_BYTES = 1 << 20
 MAX_PENDING_BATCHES = 8
@@ -42,9 +43,19 @@ def _compressor() -> zstandard.ZstdCompressor:
     return c
 
 
-def _compress_all(chunks: list[memoryview]) -> list[tuple[bytes, int]]:
+def _compress_frames(frames: list[list[memoryview]]) -> list[tuple[bytes, int]]:
+    """Each frame's chunks, concatenated, as one zstd frame; with its content's crc32."""
     c = _compressor()
-    return [(c.compress(chunk), zlib.crc32(chunk)) for chunk in chunks]
+    out = []
+    for chunks in frames:
+        if len(chunks) == 1:
+            out.append((c.compress(chunks[0]), zlib.crc32(chunks[0])))
+            continue
+        crc = 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+        out.append((c.compress(b"".join(chunks)), crc))
+    return out
 
 
 def zero_page_flags(buf: object, start: int, end: int) -> list[int]:
@@ -74,6 +85,7 @@ class SnapshotWriter:
         self.tmp_path = store.tmp_dir / f"{os.getpid()}.{self.data_name}"
         self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         self.offset = 0
+        self.frames: list[Frame] = []
         self.extents: list[Extent] = []
         self.zeros: list[ZeroRun] = []
         self.compress_s = 0.0
@@ -87,29 +99,37 @@ class SnapshotWriter:
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Store the pages of `runs`, laid back to back in `buf` (a mmap), skipping pages
-        whose `keep` flag is False. Zero pages become ZeroRuns; the rest become extents of
-        at most EXTENT_PAGES pages, compressed in parallel and written in order."""
+        whose `keep` flag is False. Zero pages become ZeroRuns; the rest become extents,
+        packed into frames of at most FRAME_PAGES pages (scattered single pages share a
+        frame), compressed in parallel and written in order."""
         t0 = time.perf_counter()
         extents = self._plan(runs, buf, keep)
         view = memoryview(buf)  # type: ignore[arg-type]
-        # Tasks of about BATCH_BYTES each: one task per small extent would cost more in
-        # executor hand-offs than in compression when thousands of single pages changed.
-        pending: list[tuple[list[tuple[int, int]], Future[list[tuple[bytes, int]]]]] = []
-        batch: list[tuple[int, int]] = []
-        chunks: list[memoryview] = []
+        # Tasks of about BATCH_BYTES each: one task per small frame would cost more in
+        # executor hand-offs than in compression.
+        pending: list[tuple[list[list[tuple[int, int]]],
+                            Future[list[tuple[bytes, int]]]]] = []
+        frames: list[list[tuple[int, int]]] = []   # per frame: its extents (addr, pages)
+        chunks: list[list[memoryview]] = []        # per frame: their bytes
+        frame_pages = FRAME_PAGES
         size = 0
         for addr, pages, pos in extents:
-            batch.append((addr, pages))
-            chunks.append(view[pos : pos + pages * PAGE_SIZE])
+            if frame_pages + pages > FRAME_PAGES:
+                if size >= BATCH_BYTES:
+                    pending.append((frames, self.executor.submit(_compress_frames, chunks)))
+                    frames, chunks, size = [], [], 0
+                    if len(pending) >= 2 * MAX_PENDING_BATCHES:
+                        self._drain(pending[:MAX_PENDING_BATCHES], progress)
+                        del pending[:MAX_PENDING_BATCHES]
+                frames.append([])
+                chunks.append([])
+                frame_pages = 0
+            frames[-1].append((addr, pages))
+            chunks[-1].append(view[pos : pos + pages * PAGE_SIZE])
+            frame_pages += pages
             size += pages * PAGE_SIZE
-            if size >= BATCH_BYTES:
-                pending.append((batch, self.executor.submit(_compress_all, chunks)))
-                batch, chunks, size = [], [], 0
-                if len(pending) >= 2 * MAX_PENDING_BATCHES:
-                    self._drain(pending[:MAX_PENDING_BATCHES], progress)
-                    del pending[:MAX_PENDING_BATCHES]
-        if batch:
-            pending.append((batch, self.executor.submit(_compress_all, chunks)))
+        if frames:
+            pending.append((frames, self.executor.submit(_compress_frames, chunks)))
         self._drain(pending, progress)
         del chunks
         view.release()
@@ -161,38 +181,46 @@ class SnapshotWriter:
         else:
             z.append(ZeroRun.model_construct(addr=addr, pages=1))
 
-    def _drain(self, pending: list[tuple[list[tuple[int, int]],
+    def _drain(self, pending: list[tuple[list[list[tuple[int, int]]],
                                          Future[list[tuple[bytes, int]]]]],
                progress: Callable[[int], None] | None) -> None:
-        for batch, fut in pending:
-            frames = fut.result()
+        for frames, fut in pending:
+            compressed = fut.result()
             t = time.perf_counter()
-            blob = b"".join(f for f, _ in frames)
+            blob = b"".join(f for f, _ in compressed)
             view = memoryview(blob)
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
             start_writeback(self.fd, self.offset, len(blob))
             self.write_s += time.perf_counter() - t
-            for (addr, pages), (frame, crc) in zip(batch, frames, strict=True):
-                # Built by this code from ints: skip pydantic's per-object validation.
-                self.extents.append(Extent.model_construct(
-                    addr=addr, pages=pages, offset=self.offset, length=len(frame), crc32=crc))
-                self.offset += len(frame)
+            for extents, (frame, crc) in zip(frames, compressed, strict=True):
+                self._add_frame(extents, frame, crc)
                 if progress:
-                    progress(pages * PAGE_SIZE)
+                    progress(sum(p for _, p in extents) * PAGE_SIZE)
 
-    def append_frame(self, addr: int, pages: int, frame: bytes, crc: int) -> None:
-        """Add an already compressed extent (compaction copies frames unchanged)."""
+    def _add_frame(self, extents: list[tuple[int, int]], frame: bytes, crc: int) -> None:
+        # Built by this code from ints: skip pydantic's per-object validation.
+        index = len(self.frames)
+        skip = 0
+        for addr, pages in extents:
+            self.extents.append(Extent.model_construct(addr=addr, pages=pages, frame=index,
+                                                       skip=skip))
+            skip += pages
+        self.frames.append(Frame.model_construct(offset=self.offset, length=len(frame),
+                                                 pages=skip, crc32=crc))
+        self.offset += len(frame)
+
+    def append_frame(self, extents: list[tuple[int, int]], frame: bytes, crc: int) -> None:
+        """Add an already compressed frame holding `extents` (compaction copies frames
+        unchanged)."""
         t = time.perf_counter()
         view = memoryview(frame)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
         self.write_s += time.perf_counter() - t
-        self.extents.append(Extent(addr=addr, pages=pages, offset=self.offset,
-                                   length=len(frame), crc32=crc))
-        self.offset += len(frame)
+        self._add_frame(extents, frame, crc)
 
     def finish_data(self) -> tuple[str | None, int]:
         """fsync the data (still in tmp/). Returns (data_file, bytes); None if empty."""
