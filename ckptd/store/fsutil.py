@@ -28,9 +28,12 @@ def open_private(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
 
 
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None,
+                 durable: bool = True) -> None:
     """Write data to a temporary file, fsync it, rename it over `path`, fsync the directory.
-    Readers see the old content or the new, never a mix; after return it is durable."""
+    Readers see the old content or the new, never a mix; after return it is durable.
+    durable=False skips the fsyncs: still atomic, and it survives the writer dying, but
+    not the machine crashing (for state that a machine crash makes moot anyway)."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -39,11 +42,13 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)

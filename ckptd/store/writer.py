@@ -142,8 +142,20 @@ class SnapshotWriter:
         step = EXTENT_PAGES * PAGE_SIZE
         pos = 0
         page_index = 0
+        view = memoryview(buf)  # type: ignore[arg-type]
+        last = PAGE_SIZE - 1
         for start, end in runs:
             size = end - start
+            if size == PAGE_SIZE and keep is None:
+                # Scattered single pages are the common delta: no helper calls for them.
+                if (view[pos] or view[pos + 2048] or view[pos + last]
+                        or view[pos : pos + PAGE_SIZE] != ZERO_PAGE):
+                    out.append((start, 1, pos))
+                else:
+                    self._add_zero(start)
+                pos += PAGE_SIZE
+                page_index += 1
+                continue
             zero_rel = set(zero_page_flags(buf, pos, pos + size))
             if keep is None and not zero_rel:
                 # Common case: no page to skip; cut the run straight into extents.
@@ -172,6 +184,7 @@ class SnapshotWriter:
             if ext_pages:
                 out.append((ext_addr, ext_pages, ext_pos))
             pos += size
+        view.release()
         return out
 
     def _add_zero(self, addr: int) -> None:

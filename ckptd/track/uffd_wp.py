@@ -93,7 +93,10 @@ class UffdWpTracker(Tracker):
 
     def _save_state(self, ctx: TrackContext) -> None:
         assert self.state is not None
-        atomic_write(ctx.state_dir / STATE_FILE, json.dumps(self.state.__dict__).encode())
+        # Not fsynced: the kernel's write tracking it describes does not survive a machine
+        # crash either; an atomic rename is enough to survive ckptd dying at any point.
+        atomic_write(ctx.state_dir / STATE_FILE, json.dumps(self.state.__dict__).encode(),
+                     durable=False)
 
     # --- arm --------------------------------------------------------------------------
 
