@@ -182,25 +182,21 @@ class Store:
         chain, _ = parse_snapshot_id(snapshot_id)
         return self.chain_dir(chain) / "snapshots" / f"{snapshot_id}.json"
 
-    def get(self, snapshot_id: str) -> SnapshotMeta:
+    def _read_snapshot(self, snapshot_id: str) -> tuple[Path, bytes]:
         path = self.snapshot_path(snapshot_id)
         try:
-            raw = path.read_bytes()
+            return path, path.read_bytes()
         except FileNotFoundError:
             raise UnknownSnapshot(
                 f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`"
             ) from None
-        return _parse_meta(path, raw)
+
+    def get(self, snapshot_id: str) -> SnapshotMeta:
+        return _parse_meta(*self._read_snapshot(snapshot_id))
 
     def head(self, snapshot_id: str) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
-        path = self.snapshot_path(snapshot_id)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise UnknownSnapshot(
-                f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`"
-            ) from None
+        path, raw = self._read_snapshot(snapshot_id)
         try:
             head = SnapshotHead.model_validate_json(raw)
         except ValidationError:
