@@ -182,7 +182,7 @@ def take_snapshot(
             to_read = harvest.to_read
             nbytes = total(to_read)
             buf = buffers.get(nbytes)
-            unreadable = [(m.start, m.end) for m in vmas if not m.readable]
+            unreadable = normalize((m.start, m.end) for m in vmas if not m.readable)
             if on_frozen is not None:
                 on_frozen(pid, vmas)  # tests and the demo read ground truth here
             t_hooked = time.perf_counter()
@@ -216,7 +216,7 @@ def take_snapshot(
         writer.write_runs(to_read, buf, keep, progress)
         view.release()
         data_file, data_bytes = writer.commit_data()
-        stored_pages = sum(e.pages for e in writer.extents)
+        stored_pages = writer.stored_pages
         zero_pages = sum(z.pages for z in writer.zeros)
         t_written = time.perf_counter()
         meta = SnapshotMeta(

@@ -7,6 +7,7 @@ through /proc/PID/mem, which reads with FOLL_FORCE.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import mmap
@@ -63,7 +64,8 @@ class PageReader:
         self, runs: Sequence[Run], buf: mmap.mmap, unreadable: Sequence[Run] = ()
     ) -> int:
         """Read `runs` back to back into `buf`. Runs inside any range of `unreadable`
-        (mappings without PROT_READ) are read through /proc/PID/mem. Returns bytes read."""
+        (mappings without PROT_READ; sorted) are read through /proc/PID/mem. Returns bytes
+        read."""
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         offset = 0
         batch: list[Run] = []
@@ -136,5 +138,7 @@ class PageReader:
 
 
 def _inside(run: Run, ranges: Sequence[Run]) -> bool:
+    """Is run within one of `ranges` (sorted, non-overlapping)?"""
     s, e = run
-    return any(lo <= s and e <= hi for lo, hi in ranges)
+    i = bisect.bisect_right(ranges, (s, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= s and e <= ranges[i][1]
