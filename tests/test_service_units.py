@@ -309,7 +309,7 @@ def _meta(seq: int, kind: str = "delta", created: float = 0.0,
     return SnapshotMeta(
         id=f"9-1-{seq}", chain="9-1", seq=seq, parent=None if kind == "full" else f"9-1-{seq-1}",
         kind=kind, pid=9, created=created, tracker="uffd-wp", consistency="frozen", vmas=[],
-        present=[], data_file=None, data_bytes=stored, extents=[], zeros=[],
+        present=[], data_file=None, data_bytes=stored, frames=[], extents=[], zeros=[],
         counts=Counts(bytes_stored=stored), timings=Timings(),
     )
 
