@@ -19,10 +19,12 @@ new base, so restore cost stays bounded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..store import SnapshotMeta, Store
 from ..store.compact import compact_chain
+from ..store.format import SnapshotHead
 from .config import Retention
 
 log = logging.getLogger("ckptd.service.maintenance")
@@ -35,7 +37,8 @@ class Plan:
     drops: int  # snapshots older than `upto` that go away
 
 
-def plan(snaps: list[SnapshotMeta], ret: Retention, now: float) -> Plan | None:
+def plan(snaps: Sequence[SnapshotHead | SnapshotMeta], ret: Retention, now: float
+         ) -> Plan | None:
     """What to do with one chain (snapshots oldest first), or None."""
     n = len(snaps)
     if n <= 1:
@@ -76,7 +79,9 @@ def plan(snaps: list[SnapshotMeta], ret: Retention, now: float) -> Plan | None:
 
 def run(store: Store, chain: str, ret: Retention, now: float) -> str | None:
     """Apply retention/compaction to one chain. Returns what was done, or None."""
-    p = plan(store.chain_snapshots(chain), ret, now)
+    # Heads only: planning runs after every round and must not parse every extent of
+    # every snapshot in the chain.
+    p = plan([store.head(i) for i in store.snapshot_ids(chain)], ret, now)
     if p is None:
         return None
     result = compact_chain(store, chain, p.upto)

@@ -121,6 +121,8 @@ class SnapshotHead(BaseModel):
     kind: Kind
     tracker: TrackerName
     truncated: bool = False
+    created: float
+    counts: Counts
     present: list[tuple[int, int]]
     data_file: str | None
 
