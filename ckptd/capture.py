@@ -150,10 +150,13 @@ def take_snapshot(
         state_dir=store.chain_dir(chain.chain) / "state",
         parent_present=[(s, e) for s, e in parent.present] if parent else None,
         parent_id=parent.id if parent else None,
+        snapshot_id=f"{chain.chain}-{parent.seq + 1 if parent else 1}",
         fuzzy=fuzzy,
         max_pages=max_pages,
         privileged=privileged,
     )
+    seq = parent.seq + 1 if parent else 1
+    snapshot_id = f"{chain.chain}-{seq}"
     pre_vmas = procfs.read_maps(pid)
     armed = tracker.arm(ctx, pre_vmas)
     full_reason = full_reason or armed.full_reason
@@ -168,8 +171,6 @@ def take_snapshot(
     tracker.begin(ctx)
     t_prepared = time.perf_counter()
 
-    seq = parent.seq + 1 if parent else 1
-    snapshot_id = f"{chain.chain}-{seq}"
     reader = memread.PageReader(pid, tolerate_unmapped=fuzzy)
     try:
         freeze_ctx = nullcontext() if fuzzy else Freezer(pid)

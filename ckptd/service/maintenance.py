@@ -79,9 +79,13 @@ def plan(snaps: Sequence[SnapshotHead | SnapshotMeta], ret: Retention, now: floa
 
 def run(store: Store, chain: str, ret: Retention, now: float) -> str | None:
     """Apply retention/compaction to one chain. Returns what was done, or None."""
+    ids = store.snapshot_ids(chain)
+    if (not ret.keep_age and not ret.max_bytes and len(ids) <= ret.compact_after
+            and (not ret.keep_last or len(ids) <= ret.keep_last)):
+        return None  # nothing can apply: no need to read any snapshot
     # Heads only: planning runs after every round and must not parse every extent of
     # every snapshot in the chain.
-    p = plan([store.head(i) for i in store.snapshot_ids(chain)], ret, now)
+    p = plan([store.head(i) for i in ids], ret, now)
     if p is None:
         return None
     result = compact_chain(store, chain, p.upto)

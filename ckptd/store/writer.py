@@ -86,7 +86,7 @@ class SnapshotWriter:
         self.executor = executor
         self.data_name = f"{snapshot_id}.{os.urandom(4).hex()}.zst"
         self.tmp_path = store.tmp_dir / f"{os.getpid()}.{self.data_name}"
-        self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        self.fd = -1  # opened with the first frame: an idle process's delta writes no file
         self.offset = 0
         self._frame_rows: list[dict[str, int]] = []
         self._extent_rows: list[dict[str, int]] = []
@@ -205,6 +205,7 @@ class SnapshotWriter:
             compressed = fut.result()
             t = time.perf_counter()
             blob = b"".join(f for f, _ in compressed)
+            self._open()
             view = memoryview(blob)
             while view:
                 n = os.write(self.fd, view)
@@ -252,6 +253,7 @@ class SnapshotWriter:
         """Add an already compressed frame holding `extents` (compaction copies frames
         unchanged)."""
         t = time.perf_counter()
+        self._open()
         view = memoryview(frame)
         while view:
             n = os.write(self.fd, view)
@@ -259,16 +261,19 @@ class SnapshotWriter:
         self.write_s += time.perf_counter() - t
         self._add_frame(extents, frame, crc)
 
+    def _open(self) -> None:
+        if self.fd < 0:
+            self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
     def finish_data(self) -> tuple[str | None, int]:
         """fsync the data (still in tmp/). Returns (data_file, bytes); None if empty."""
+        if self.fd < 0:
+            return None, 0
         t = time.perf_counter()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         self.write_s += time.perf_counter() - t
-        if not self._frame_rows:
-            self.tmp_path.unlink()
-            return None, 0
         return self.data_name, self.offset
 
     def publish_data(self) -> None:

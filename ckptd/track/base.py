@@ -3,7 +3,7 @@
 Life of a tracker in one snapshot (see ckptd/capture.py):
   arm()       before the freeze: attach to or set up kernel state; may decide that this
               snapshot must be full (tracking lost, first snapshot)
-  begin()     durably mark the tracker state as in flight (crash safety)
+  begin()     record, before any state is destroyed, which snapshot the state will match
   harvest()   while frozen (or not, with --fuzzy): which pages to read, which hold content
   select()    after the thaw: drop pages whose content did not change (hash tracker)
   commit()    after the snapshot is durable: persist what the next snapshot needs
@@ -33,6 +33,7 @@ class TrackContext:
     state_dir: Path          # chain's tracker state directory (0700)
     parent_present: list[Span] | None  # pages with content at the parent snapshot
     parent_id: str | None
+    snapshot_id: str         # the id this round publishes if it succeeds
     fuzzy: bool
     max_pages: int           # 0 = no bound on the get-and-clear
     privileged: bool         # CAP_SYS_ADMIN: can tell pte markers from swap entries
@@ -69,8 +70,8 @@ class Tracker(ABC):
 
     def begin(self, ctx: TrackContext) -> None:  # noqa: B027
         """Called before harvest. A tracker whose harvest destroys state (get-and-clear)
-        must durably record here that its state no longer matches the parent, so that a
-        crash before the commit forces the next snapshot to be full."""
+        must record here that its state will match ctx.snapshot_id, so that a crash before
+        that snapshot is published forces the next snapshot to be full."""
 
     def select(self, ctx: TrackContext, runs: list[Span], data: memoryview) -> list[bool] | None:
         """Per page of `runs` (in order), whether to store it. None = store all."""

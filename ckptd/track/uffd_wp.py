@@ -328,16 +328,12 @@ class UffdWpTracker(Tracker):
     # --- after ------------------------------------------------------------------------
 
     def begin(self, ctx: TrackContext) -> None:
-        # The get-and-clear is about to reset "written": until the new snapshot is
-        # published, the write-protect state matches no snapshot.
+        # The get-and-clear is about to reset "written" so that it matches the snapshot
+        # this round will publish. Record that name first: if the round dies before
+        # publishing, the chain's latest snapshot is not that name, and the next round
+        # (see _sync_reason) is full. One write per round, and none at commit.
         assert self.state is not None
-        if self.state.synced_with is not None:
-            self.state.synced_with = None
-            self._save_state(ctx)
-
-    def commit(self, ctx: TrackContext, snapshot_id: str) -> None:
-        assert self.state is not None
-        self.state.synced_with = snapshot_id
+        self.state.synced_with = ctx.snapshot_id
         self._save_state(ctx)
 
     def abandon(self, ctx: TrackContext) -> None:
