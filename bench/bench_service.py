@@ -68,12 +68,14 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float) -> None:
+def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
+                 concurrency: int = 2) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-"))
     sock = tmp / "ckptd.sock"
     cfg = tmp / "ckptd.toml"
     cfg.write_text(f'[service]\nstore = "{tmp / "store"}"\nsocket = "{sock}"\n'
-                   'log_level = "warning"\n[defaults]\ninterval = 1\n')
+                   f'log_level = "warning"\nconcurrency = {concurrency}\n'
+                   '[defaults]\ninterval = 1\n')
     targets = []
     daemon = None
     try:
@@ -169,6 +171,8 @@ def main() -> int:
     ap.add_argument("scenario", choices=["big", "small", "aio"])
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
+    ap.add_argument("--concurrency", type=int, default=2,
+                    help="the service's [service] concurrency (default 2, its default)")
     args = ap.parse_args()
     if args.scenario == "aio":
         bench_aio(200)
@@ -180,9 +184,9 @@ def main() -> int:
           "peak RSS | VmHWM | failures |")
     print("|---|---|---|---|---|---|---|---|")
     if args.scenario == "big":
-        run_scenario(10, 65536, 0.01, args.duration, args.warmup)
+        run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency)
     else:
-        run_scenario(100, 64, 0.0, args.duration, args.warmup)
+        run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency)
     return 0
 
 
