@@ -44,10 +44,14 @@ examples:
   ckptd show 1234-1-3                 restore metadata: where each page lives
   ckptd materialize 1234-1-3 -o out/  memory of each mapping as files + index.json
   ckptd verify                        check every checksum and chain link
+  ckptd serve                         the service (systemd runs it: systemd/ckptd.service)
+  ckptd register 1234 --interval 30   have the service snapshot PID 1234 every 30 s
 
-The store is --store DIR, else $CKPTD_STORE, else /var/lib/ckptd (root) or
-~/.local/state/ckptd. Snapshot ids are PID-CHAIN-SEQ: a new chain starts when the
-process execs. docs/ in the source tree describes the store format and the kernel side.
+When a service is running, snapshot, list, materialize and verify go through it unless
+--store DIR is given. Otherwise the store is --store DIR, else $CKPTD_STORE, else
+/var/lib/ckptd (root) or ~/.local/state/ckptd. Snapshot ids are PID-CHAIN-SEQ: a new
+chain starts when the process execs. docs/ in the source tree describes the store
+format, the kernel side, the service and its socket protocol.
 """
 
 
