@@ -44,6 +44,7 @@ class Identity:
     exe: str | None
     cmdline: list[str]
     uid: int
+    maps: list[procfs.Mapping]  # read while identifying; the snapshot's pre-freeze view
 
 
 def identify(pid: int) -> Identity:
@@ -85,6 +86,7 @@ def identify(pid: int) -> Identity:
         exe=exe,
         cmdline=cmdline,
         uid=os.stat(f"/proc/{pid}").st_uid,
+        maps=maps,
     )
 
 
@@ -157,7 +159,7 @@ def take_snapshot(
     )
     seq = parent.seq + 1 if parent else 1
     snapshot_id = f"{chain.chain}-{seq}"
-    pre_vmas = procfs.read_maps(pid)
+    pre_vmas = ident.maps
     armed = tracker.arm(ctx, pre_vmas)
     full_reason = full_reason or armed.full_reason
     if parent is None and full_reason is None:
@@ -219,7 +221,6 @@ def take_snapshot(
         data_file, data_bytes = writer.commit_data()
         stored_pages = writer.stored_pages
         zero_pages = sum(z.pages for z in writer.zeros)
-        t_written = time.perf_counter()
         meta = SnapshotMeta(
             id=snapshot_id,
             chain=chain.chain,
@@ -261,7 +262,6 @@ def take_snapshot(
             ),
         )
         store.publish(meta)
-        _ = t_written
     except BaseException:
         writer.abort()
         tracker.abandon(ctx)

@@ -115,8 +115,6 @@ class IntervalMap(Generic[V]):
         self._items = out
 
     def lookup(self, addr: int) -> tuple[int, int, V] | None:
-        import bisect
-
         i = bisect.bisect_right(self._items, addr, key=lambda t: t[0]) - 1
         if i >= 0 and self._items[i][0] <= addr < self._items[i][1]:
             return self._items[i]
@@ -124,8 +122,6 @@ class IntervalMap(Generic[V]):
 
     def clip(self, start: int, end: int) -> list[tuple[int, int, V]]:
         """Items overlapping [start, end), cut to it."""
-        import bisect
-
         i = max(bisect.bisect_right(self._items, start, key=lambda t: t[0]) - 1, 0)
         out: list[tuple[int, int, V]] = []
         while i < len(self._items) and self._items[i][0] < end:
@@ -138,8 +134,6 @@ class IntervalMap(Generic[V]):
 
 def _clip(spans: list[Span], start: int, end: int) -> list[Span]:
     """The normalized spans overlapping [start, end) (not cut)."""
-    import bisect
-
     i = max(bisect.bisect_right(spans, (start, end)) - 1, 0)
     out: list[Span] = []
     while i < len(spans) and spans[i][0] < end:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ckptd.kernel import procfs
 from ckptd.service.client import Client
 
 PYTHON = sys.executable
@@ -95,12 +96,7 @@ class Target:
         self.proc.wait()
 
     def state(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                out[k] = v.strip()
-        return out
+        return procfs.read_status(self.pid)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,6 @@ from .store import Store
 # One zstd frame holds at most this many pages: restoring one page decompresses at most
 # 256 KiB. Extents are cut at this length too.
 FRAME_PAGES = 64
-EXTENT_PAGES = FRAME_PAGES
 ZSTD_LEVEL = 1
 BATCH_BYTES = 1 << 20
 MAX_PENDING_BATCHES = 8
@@ -143,7 +142,7 @@ class SnapshotWriter:
               ) -> list[tuple[int, int, int]]:
         """Cut runs into extents (addr, pages, position in buf); record zero runs."""
         out: list[tuple[int, int, int]] = []
-        step = EXTENT_PAGES * PAGE_SIZE
+        step = FRAME_PAGES * PAGE_SIZE
         pos = 0
         page_index = 0
         view = memoryview(buf)  # type: ignore[arg-type]
@@ -176,7 +175,7 @@ class SnapshotWriter:
                 is_zero = stored and rel in zero_rel
                 if is_zero:
                     self._add_zero(start + rel)
-                if not stored or is_zero or ext_pages == EXTENT_PAGES:
+                if not stored or is_zero or ext_pages == FRAME_PAGES:
                     if ext_pages:
                         out.append((ext_addr, ext_pages, ext_pos))
                         ext_pages = 0

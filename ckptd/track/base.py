@@ -90,7 +90,3 @@ class Tracker(ABC):
 def capturable(vmas: list[Mapping]) -> list[Mapping]:
     """Mappings whose private memory a snapshot holds."""
     return [m for m in vmas if m.private and not m.special]
-
-
-class TrackerUnavailableError(Exception):
-    pass
