@@ -44,21 +44,41 @@ class Identity:
     exe: str | None
     cmdline: list[str]
     uid: int
-    maps: list[procfs.Mapping]  # read while identifying; the snapshot's pre-freeze view
+    # The pre-freeze view of the mappings, read on first use (a steady-state round of a
+    # tracker that keeps its own history never needs it).
+    _maps: list[procfs.Mapping] | None = None
+
+    @property
+    def maps(self) -> list[procfs.Mapping]:
+        if self._maps is None:
+            self._maps = procfs.read_maps(self.pid)
+        return self._maps
 
 
-def identify(pid: int) -> Identity:
-    """Who is PID, with clear errors for the usual mistakes."""
-    if pid <= 0:
-        raise UserError(f"{pid} is not a valid PID")
-    if pid == os.getpid():
-        raise UserError("ckptd cannot snapshot itself")
+def _stat_fields(pid: int) -> list[str]:
     try:
         fields = procfs.read_stat_fields(pid)
     except FileNotFoundError:
         raise TargetNotFound(f"no process with PID {pid}") from None
     if fields[2] in ("Z", "X"):
         raise TargetNotFound(f"process {pid} has exited (zombie)")
+    return fields
+
+
+def identify(pid: int, known: Identity | None = None) -> Identity:
+    """Who is PID, with clear errors for the usual mistakes. With `known` (this process
+    as identified before), one read of /proc/PID/stat confirms it is still the same
+    process in the same address space, and the rest is reused."""
+    if pid <= 0:
+        raise UserError(f"{pid} is not a valid PID")
+    if pid == os.getpid():
+        raise UserError("ckptd cannot snapshot itself")
+    fields = _stat_fields(pid)
+    start = int(fields[21])
+    if known is not None and known.pid == pid and known.start_time == start \
+            and known.mm_fingerprint == procfs.fingerprint_of(fields):
+        return Identity(pid, start, known.mm_fingerprint, fields[1], known.exe,
+                        known.cmdline, known.uid)
     if int(fields[8]) & PF_KTHREAD:
         raise UserError(f"PID {pid} is a kernel thread: it has no user memory to snapshot")
     try:
@@ -80,13 +100,13 @@ def identify(pid: int) -> Identity:
         cmdline = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
     return Identity(
         pid=pid,
-        start_time=int(fields[21]),
-        mm_fingerprint=procfs.mm_fingerprint(pid),
+        start_time=start,
+        mm_fingerprint=procfs.fingerprint_of(fields),
         comm=fields[1],
         exe=exe,
         cmdline=cmdline,
         uid=os.stat(f"/proc/{pid}").st_uid,
-        maps=maps,
+        _maps=maps,
     )
 
 
@@ -119,13 +139,26 @@ class BufferPool:
             self.buf = None
 
 
+_VMA_MODELS: dict[procfs.Mapping, Vma] = {}
+
+
 def vma_models(vmas: list[procfs.Mapping]) -> list[Vma]:
-    return [
-        Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset, dev=m.dev,
-            inode=m.inode, path=m.path,
-            capture="special" if m.special else ("private" if m.private else "shared"))
-        for m in vmas
-    ]
+    """The metadata rows for `vmas`. Rows are immutable and mappings repeat from round to
+    round, so each distinct mapping is validated once (the cache is bounded)."""
+    cache = _VMA_MODELS
+    out: list[Vma] = []
+    for m in vmas:
+        v = cache.get(m)
+        if v is None:
+            v = Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset, dev=m.dev,
+                    inode=m.inode, path=m.path,
+                    capture="special" if m.special else ("private" if m.private
+                                                         else "shared"))
+            if len(cache) >= 1 << 15:
+                cache.clear()
+            cache[m] = v
+        out.append(v)
+    return out
 
 
 def take_snapshot(
@@ -156,17 +189,17 @@ def take_snapshot(
         fuzzy=fuzzy,
         max_pages=max_pages,
         privileged=privileged,
+        start_time=ident.start_time,
     )
     seq = parent.seq + 1 if parent else 1
     snapshot_id = f"{chain.chain}-{seq}"
-    pre_vmas = ident.maps
-    armed = tracker.arm(ctx, pre_vmas)
+    armed = tracker.arm(ctx)
     full_reason = full_reason or armed.full_reason
     if parent is None and full_reason is None:
         full_reason = "first snapshot of this process"
     full = full_reason is not None
     try:
-        estimate = tracker.estimate(ctx, pre_vmas, full)
+        estimate = tracker.estimate(ctx, lambda: ident.maps, full)
     except OSError:
         estimate = 0  # only sizes the buffer; the snapshot itself will report problems
     buffers.ensure((estimate + 256) * abi.PAGE_SIZE)

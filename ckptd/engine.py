@@ -46,6 +46,7 @@ class _Process:
     # process incarnation and the last snapshot we published in it.
     chain: ChainInfo | None = None
     last: SnapshotMeta | None = None
+    ident: Identity | None = None
 
     def tracker(self, name: str) -> Tracker:
         t = self.trackers.get(name)
@@ -131,6 +132,13 @@ class Engine:
 
     def _parent(self, proc: _Process, chain: ChainInfo) -> SnapshotHead | SnapshotMeta | None:
         """The chain's latest snapshot; from cache when nobody else changed the chain."""
+        last = proc.last
+        if (last is not None and last.chain == chain.chain
+                and self.store.snapshot_path(last.id).exists()
+                and not self.store.snapshot_path(f"{chain.chain}-{last.seq + 1}").exists()):
+            # Still published, and nothing after it (ids only grow): two stats instead of
+            # listing the chain.
+            return last
         ids = self.store.snapshot_ids(chain.chain)
         if not ids:
             return None
@@ -152,10 +160,10 @@ class Engine:
             raise UserError(f"unknown tracker {tracker!r}: choose one of {', '.join(TRACKERS)}")
         if max_pages < 0:
             raise UserError("the page budget must be 0 (unbounded) or positive")
-        ident = identify(pid)
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
         with proc.lock:
+            ident = proc.ident = identify(pid, proc.ident)
             known = proc.chain
             chain, chain_reason = self._chain_for(proc, ident)
             with self.store.lock_chain(chain.chain):

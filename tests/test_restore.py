@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -100,3 +101,48 @@ def test_fuzzy_rounds_then_frozen_final_round_is_exact(engine: Engine, store: St
         final = engine.snapshot(t.pid, on_frozen=rec)
         assert final.kind == "delta" and final.consistency == "frozen"
     assert_materializes_to(store, final.id, rec.last, tmp_path / "m")
+
+
+def test_mapping_replaced_at_the_same_address_is_captured(
+        engine: Engine, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The tracker remembers which mappings it registered. A mapping unmapped and mapped
+    again at the same address and size looks identical in /proc/PID/maps but is no longer
+    registered: the checked get-and-clear must notice, and the round must still capture
+    the new content exactly."""
+    code = """
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+SIZE = 64 * 4096
+PROT_RW, FLAGS = 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+MAP_FIXED_NOREPLACE = 0x100000
+addr = libc.mmap(None, SIZE, PROT_RW, FLAGS, -1, 0)
+ctypes.memset(addr, 0x11, SIZE)
+print('ready', flush=True)
+for line in sys.stdin:
+    assert libc.munmap(addr, SIZE) == 0
+    again = libc.mmap(addr, SIZE, PROT_RW, FLAGS | MAP_FIXED_NOREPLACE, -1, 0)
+    assert again == addr, (hex(again or 0), hex(addr))
+    ctypes.memset(addr + 4096 * 3, int(line), 4096 * 5)
+    print(f'{addr:x}', flush=True)
+"""
+    rec = GroundTruthRecorder()
+    caplog.set_level(logging.INFO, logger="ckptd")
+    with Target.python(code) as t:
+        first = engine.snapshot(t.pid, tracker="uffd-wp", on_frozen=rec)
+        assert_materializes_to(store, first.id, rec.last, tmp_path / "m0")
+        for i, byte in enumerate((0x22, 0x33)):
+            caplog.clear()
+            t.send(str(byte))
+            meta = engine.snapshot(t.pid, tracker="uffd-wp", on_frozen=rec)
+            assert meta.kind == "delta"
+            # The replaced mapping reads as zeros except the 5 pages written: all of its
+            # new content must be in this round (the old 0x11 pages are gone).
+            truth = rec.last
+            assert_materializes_to(store, meta.id, truth, tmp_path / f"m{i + 1}")
+            assert t.alive()
+            # ... and it was the checked get-and-clear that caught it.
+            assert any("no longer registered" in r.getMessage() for r in caplog.records)

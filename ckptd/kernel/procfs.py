@@ -44,26 +44,40 @@ class Mapping:
         return self.inode != 0
 
 
+# Parsed lines of /proc/PID/maps, by their bytes: a process's lines rarely change between
+# rounds, and parsing them dominates reading the file. Bounded; Mapping is immutable.
+_PARSED: dict[bytes, Mapping] = {}
+_PARSED_MAX = 1 << 15
+
+
 def read_maps(pid: int) -> list[Mapping]:
     with open(f"/proc/{pid}/maps", "rb") as f:
-        data = f.read().decode("utf-8", "surrogateescape")
+        data = f.read()
+    parsed = _PARSED
     out: list[Mapping] = []
     for line in data.splitlines():
-        parts = line.split(None, 5)
-        lo, hi = parts[0].split("-")
-        path = parts[5] if len(parts) > 5 else None
-        out.append(
-            Mapping(
-                start=int(lo, 16),
-                end=int(hi, 16),
-                perms=parts[1],
-                offset=int(parts[2], 16),
-                dev=parts[3],
-                inode=int(parts[4]),
-                path=path,
-            )
-        )
+        m = parsed.get(line)
+        if m is None:
+            m = _parse_maps_line(line)
+            if len(parsed) >= _PARSED_MAX:
+                parsed.clear()
+            parsed[line] = m
+        out.append(m)
     return out
+
+
+def _parse_maps_line(raw: bytes) -> Mapping:
+    parts = raw.decode("utf-8", "surrogateescape").split(None, 5)
+    lo, hi = parts[0].split("-")
+    return Mapping(
+        start=int(lo, 16),
+        end=int(hi, 16),
+        perms=parts[1],
+        offset=int(parts[2], 16),
+        dev=parts[3],
+        inode=int(parts[4]),
+        path=parts[5] if len(parts) > 5 else None,
+    )
 
 
 def read_status(pid: int) -> dict[str, str]:
@@ -98,9 +112,13 @@ def start_time(pid: int) -> int:
 def mm_fingerprint(pid: int) -> str:
     """Addresses the kernel fixes at exec (stack, brk, args, env). They change when the
     process execs (a new mm), and stay put otherwise."""
-    f = read_stat_fields(pid)
+    return fingerprint_of(read_stat_fields(pid))
+
+
+def fingerprint_of(stat_fields: list[str]) -> str:
+    """mm_fingerprint from already-read /proc/PID/stat fields."""
     # 28 startstack, 47 start_brk, 48 arg_start, 50 env_start (proc(5) numbering).
-    return ":".join(f[i] for i in (27, 46, 47, 49))
+    return ":".join(stat_fields[i] for i in (27, 46, 47, 49))
 
 
 def thread_ids(pid: int) -> list[int]:

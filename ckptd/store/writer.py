@@ -282,8 +282,10 @@ class SnapshotWriter:
         t = time.perf_counter()
         data_dir = self.store.chain_dir(self.chain) / "data"
         os.rename(self.tmp_path, data_dir / self.data_name)
+        # data/ only: the new name must be durable before the metadata names it. If the
+        # old name in tmp/ survives a crash, it is one more link to the same file, which
+        # clean_tmp removes.
         fsync_dir(data_dir)
-        fsync_dir(self.store.tmp_dir)
         self.write_s += time.perf_counter() - t
 
     def commit_data(self) -> tuple[str | None, int]:

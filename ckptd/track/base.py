@@ -13,6 +13,7 @@ Life of a tracker in one snapshot (see ckptd/capture.py):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class TrackContext:
     fuzzy: bool
     max_pages: int           # 0 = no bound on the get-and-clear
     privileged: bool         # CAP_SYS_ADMIN: can tell pte markers from swap entries
+    start_time: int = 0      # the target's start time (with pid: which process this is)
 
 
 @dataclass
@@ -58,12 +60,14 @@ class Tracker(ABC):
     name: str
 
     @abstractmethod
-    def arm(self, ctx: TrackContext, vmas: list[Mapping]) -> ArmResult: ...
+    def arm(self, ctx: TrackContext) -> ArmResult: ...
 
     @abstractmethod
-    def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
+    def estimate(self, ctx: TrackContext, vmas: Callable[[], list[Mapping]], full: bool
+                 ) -> int:
         """Before the freeze: about how many pages harvest will ask to read (to size and
-        pre-fault the capture buffer outside the freeze)."""
+        pre-fault the capture buffer outside the freeze). `vmas` reads the mappings; a
+        tracker that can estimate from its own history need not call it."""
 
     @abstractmethod
     def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest: ...

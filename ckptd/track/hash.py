@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..intervals import Span, normalize
@@ -44,7 +45,7 @@ class HashTracker(Tracker):
         self.new: dict[int, bytes] = {}
         self.scan_ok: bool | None = None
 
-    def arm(self, ctx: TrackContext, vmas: list[Mapping]) -> ArmResult:
+    def arm(self, ctx: TrackContext) -> ArmResult:
         self.old, owner = _load(ctx.state_dir / STATE_FILE)
         self.new = {}
         if ctx.parent_id is None:
@@ -53,8 +54,9 @@ class HashTracker(Tracker):
             return ArmResult(f"no page hashes for the parent {ctx.parent_id}")
         return ArmResult(None)
 
-    def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
-        spans = normalize((m.start, m.end) for m in capturable(vmas))
+    def estimate(self, ctx: TrackContext, vmas: Callable[[], list[Mapping]], full: bool
+                 ) -> int:
+        spans = normalize((m.start, m.end) for m in capturable(vmas()))
         if not pagemap.probe_scan(ctx.pid, abi.PAGE_IS_PRESENT)[0]:
             return sum(e - s for s, e in spans) // abi.PAGE_SIZE
         with pagemap.Pagemap(ctx.pid) as pm:

@@ -12,12 +12,15 @@ first write to each page after a snapshot costing a minor fault.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import TrackerUnavailable
 from ..intervals import Span, contains, intersect, normalize, subtract
@@ -78,6 +81,14 @@ class UffdWpTracker(Tracker):
         self.state: _State | None = None
         self.pm: pagemap.Pagemap | None = None
         self._pid = 0
+        self._start_time = 0
+        self._state_dir: Path | None = None
+        # Between rounds: spans we know are registered (None: unknown, verify with the
+        # kernel), spans whose registration failed (captured whole, not retried), and the
+        # size of the last read (sizes the next capture buffer without a scan).
+        self._registered: list[Span] | None = None
+        self._unregistrable: list[Span] = []
+        self._last_read_pages: int | None = None
 
     # --- state ------------------------------------------------------------------------
 
@@ -100,15 +111,16 @@ class UffdWpTracker(Tracker):
 
     # --- arm --------------------------------------------------------------------------
 
-    def arm(self, ctx: TrackContext, vmas: list[Mapping]) -> ArmResult:
-        if self._pid != ctx.pid:
-            self.close()
-            self._pid = ctx.pid
-        start_time = procfs.start_time(ctx.pid)
-        if self.fd >= 0 and self.state and self._still_ours(ctx.pid, self.state, start_time):
+    def arm(self, ctx: TrackContext) -> ArmResult:
+        start_time = ctx.start_time or procfs.start_time(ctx.pid)
+        if (self.fd >= 0 and self.state is not None and self._pid == ctx.pid
+                and self._start_time == start_time and self._state_dir == ctx.state_dir):
+            # Our copy of the fd keeps the registration alive whatever the target does
+            # with its own copy, so the same process in the same chain (an exec starts a
+            # new chain) needs no re-check.
             return ArmResult(self._sync_reason(ctx))
         self.close()
-        self._pid = ctx.pid
+        self._pid, self._start_time, self._state_dir = ctx.pid, start_time, ctx.state_dir
         state = self._load_state(ctx)
         if state and self._still_ours(ctx.pid, state, start_time):
             try:
@@ -119,9 +131,11 @@ class UffdWpTracker(Tracker):
                                          f"{e.strerror}") from e
             self.state = state
             self.pm = pagemap.Pagemap(ctx.pid)
+            self._registered = None  # registered by an earlier ckptd: ask the kernel
             return ArmResult(self._sync_reason(ctx))
         self._inject(ctx, start_time)
         self.pm = pagemap.Pagemap(ctx.pid)
+        self._registered = []  # a new userfaultfd: nothing is registered yet
         return ArmResult("write-protect tracking started with this snapshot")
 
     def _sync_reason(self, ctx: TrackContext) -> str | None:
@@ -204,39 +218,85 @@ class UffdWpTracker(Tracker):
 
     # --- harvest ----------------------------------------------------------------------
 
-    def _split(self, vmas: list[Mapping]) -> tuple[list[Mapping], list[Span], list[Span]]:
-        """(mappings to register, spans never registered, registered spans now)."""
+    def _verified_registered(self, mappings: list[Mapping]) -> list[Span]:
+        """Which of `mappings` the kernel has registered (one WPALLOWED probe each:
+        registration is per mapping, so its first page answers for all of it)."""
         assert self.pm is not None
-        cap = capturable(vmas)
-        want_reg = [m for m in cap if _registrable(m)]
-        never_reg = normalize((m.start, m.end) for m in cap if not _registrable(m))
-        # Registration is per mapping: its first page answers for all of it.
-        firsts = [(m.start, m.start + abi.PAGE_SIZE) for m in want_reg]
+        firsts = [(m.start, m.start + abi.PAGE_SIZE) for m in mappings]
         allowed = normalize((s, e) for s, e, _ in self.pm.scan(firsts, pagemap.WP_ALLOWED
                                                                    ).regions)
-        registered = normalize((m.start, m.end) for m in want_reg
-                               if contains(allowed, m.start))
-        return want_reg, never_reg, registered
+        return normalize((m.start, m.end) for m in mappings if contains(allowed, m.start))
 
-    def estimate(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> int:
+    def _plan(self, vmas: list[Mapping]) -> tuple[list[Mapping], list[Span], list[Span]]:
+        """(registrable mappings, spans not to register, spans believed registered now).
+
+        Believed: inside what this tracker registered or verified before. A mapping
+        replaced at the same place since (munmap + mmap) is not registered although it
+        looks the same; the get-and-clear's CHECK_WPASYNC catches that (see harvest)."""
+        cap = capturable(vmas)
+        want_reg = [m for m in cap if _registrable(m)]
+        if self._registered is None:
+            self._registered = self._verified_registered(want_reg)
+        known = self._registered
+        failed_before = self._unregistrable
+        never_reg = normalize(
+            (m.start, m.end) for m in cap
+            if not _registrable(m) or _inside(failed_before, (m.start, m.end)))
+        believed = normalize((m.start, m.end) for m in want_reg
+                             if _inside(known, (m.start, m.end)))
+        return want_reg, never_reg, believed
+
+    def estimate(self, ctx: TrackContext, vmas: Callable[[], list[Mapping]], full: bool
+                 ) -> int:
         assert self.pm is not None
-        want_reg, never_reg, registered = self._split(vmas)
+        if not full and self._registered is not None and self._last_read_pages is not None:
+            # Steady state: size the buffer from the last round instead of a scan; a
+            # larger burst is still read (into a buffer grown while frozen).
+            return 2 * self._last_read_pages + 64
+        current = vmas()
+        want_reg, never_reg, believed = self._plan(current)
         if full:
-            spans = normalize((m.start, m.end) for m in capturable(vmas))
+            spans = normalize((m.start, m.end) for m in capturable(current))
             return self.pm.scan(spans, pagemap.DUMPABLE).pages
         unregistered = normalize([*never_reg, *subtract(
-            normalize((m.start, m.end) for m in want_reg), registered)])
-        return (self.pm.scan(registered, pagemap.WRITTEN_FAST).pages
+            normalize((m.start, m.end) for m in want_reg), believed)])
+        return (self.pm.scan(believed, pagemap.WRITTEN_FAST).pages
                 + self.pm.scan(unregistered, pagemap.DUMPABLE).pages)
 
     def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest:
+        if full:
+            self._unregistrable = []  # a full round retries registrations that failed
+        if ctx.fuzzy:
+            # Not frozen: mappings may be replaced at any moment, so the cache cannot be
+            # checked against the kernel reliably. Ask the kernel each round, and let the
+            # get-and-clear skip whatever was unregistered since (as WP_MATCHING does);
+            # the next round sees it as new and captures it whole.
+            self._registered = None
+            return self._harvest(ctx, vmas, full, read_all=full, checked=False)
+        try:
+            return self._harvest(ctx, vmas, full, read_all=full, checked=True)
+        except _RegistrationLost as e:
+            # Part of the get-and-clear may have happened without our seeing its result:
+            # read every page that holds content this time (a delta that holds all of
+            # them is still correct), after asking the kernel what is registered. The
+            # target is frozen, so that answer holds for the rest of the round.
+            log.info("pid %d: %s; this round reads every page", ctx.pid, e)
+            self._registered = None
+            self._unregistrable = []
+            h = self._harvest(ctx, vmas, full, read_all=True, checked=False)
+            h.notes.insert(0, f"{e}: every page was read")
+            return h
+
+    def _harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool, read_all: bool,
+                 checked: bool) -> Harvest:
         assert self.pm is not None and self.fd >= 0
         pm = self.pm
         t0 = time.perf_counter()
         notes: list[str] = []
-        want_reg, never_reg, registered = self._split(vmas)
-        new_vmas = [m for m in want_reg if intersect([(m.start, m.end)], registered)
-                    != [(m.start, m.end)]]
+        want_reg, never_reg, registered = self._plan(vmas)
+        new_vmas = [m for m in want_reg
+                    if not _inside(registered, (m.start, m.end))
+                    and not _inside(never_reg, (m.start, m.end))]
 
         # Newly seen memory: in a frozen snapshot read its presence before write-protecting
         # (no markers yet); in a fuzzy one write-protect first so no write slips between.
@@ -251,13 +311,27 @@ class UffdWpTracker(Tracker):
             new_present = subtract(new_present, failed)
         untracked = normalize([*never_reg, *failed])
         untracked_present, _ = self._present(ctx, untracked, None)
+        # Remember failures (not retried every round), for the mappings that still exist;
+        # a round that reads everything retries them.
+        skipped = [(m.start, m.end) for m in want_reg
+                   if _inside(self._unregistrable, (m.start, m.end))]
+        self._unregistrable = normalize([*skipped, *failed])
 
-        # The atomic get-and-clear over memory that was already tracked.
-        written = pm.scan(registered, pagemap.WRITTEN_FAST_GET_AND_CLEAR,
-                          max_pages=0 if full else ctx.max_pages)
+        # The atomic get-and-clear over memory that was already tracked. CHECK_WPASYNC:
+        # the kernel refuses (EPERM) if any of it is not registered after all.
+        try:
+            written = pm.scan(registered, _GET_AND_CLEAR_CHECKED if checked
+                              else pagemap.WRITTEN_FAST_GET_AND_CLEAR,
+                              max_pages=0 if full else ctx.max_pages)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+            raise _RegistrationLost("a tracked mapping was replaced since the last round "
+                                    "(no longer registered)") from None
         written_spans = normalize((s, e) for s, e, _ in written.regions)
+        self._registered = normalize([*registered, *subtract(new_spans, failed)])
 
-        if full:
+        if read_all:
             tracked_present, _ = self._present(ctx, registered, None)
             present = normalize([*tracked_present, *new_present, *untracked_present])
             to_read = present
@@ -276,6 +350,7 @@ class UffdWpTracker(Tracker):
             present = normalize([*anon_present, *file_present, *new_present,
                                  *untracked_present])
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
+        self._last_read_pages = sum(e - s for s, e in to_read) >> abi.PAGE_SHIFT
         return Harvest(
             to_read=to_read,
             present=present,
@@ -349,6 +424,29 @@ class UffdWpTracker(Tracker):
             self.pm.close()
             self.pm = None
         self.state = None
+        self._registered = None
+        self._unregistrable = []
+        self._last_read_pages = None
+
+
+class _RegistrationLost(Exception):
+    pass
+
+
+_GET_AND_CLEAR_CHECKED = pagemap.Query(
+    category_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.category_mask,
+    return_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.return_mask,
+    flags=pagemap.WRITTEN_FAST_GET_AND_CLEAR.flags | abi.PM_SCAN_CHECK_WPASYNC,
+)
+
+
+def _inside(spans: list[Span], span: Span) -> bool:
+    """Is `span` wholly inside one span of the normalized list `spans`?"""
+    i = bisect.bisect_right(spans, (span[0], _MAX_ADDR)) - 1
+    return i >= 0 and spans[i][0] <= span[0] and span[1] <= spans[i][1]
+
+
+_MAX_ADDR = 1 << 64
 
 
 def _registrable(m: Mapping) -> bool:
