@@ -40,6 +40,7 @@ from .base import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "uffd-wp.json"
+_STATE_RECORD = 512  # bytes: the state file's fixed size (JSON, padded with spaces)
 
 
 def probe() -> tuple[bool, str]:
@@ -89,6 +90,9 @@ class UffdWpTracker(Tracker):
         self._registered: list[Span] | None = None
         self._unregistrable: list[Span] = []
         self._last_read_pages: int | None = None
+        self._state_fd = -1  # the state file, open for in-place updates
+        self._state_path: Path | None = None
+        self._plan_cache: tuple[list[Span] | None, list[Span], list[Mapping], _Plan] | None = None
 
     # --- state ------------------------------------------------------------------------
 
@@ -103,11 +107,28 @@ class UffdWpTracker(Tracker):
             return None
 
     def _save_state(self, ctx: TrackContext) -> None:
+        """Replace the state file. Not fsynced: the kernel's write tracking it describes
+        does not survive a machine crash either. It must survive ckptd dying at any
+        point: the first write goes through an atomic rename; later ones (every round)
+        overwrite it in place with one pwrite of a fixed-size, space-padded record, which
+        the kernel copies whole or not at all (a single page, from memory we own)."""
         assert self.state is not None
-        # Not fsynced: the kernel's write tracking it describes does not survive a machine
-        # crash either; an atomic rename is enough to survive ckptd dying at any point.
-        atomic_write(ctx.state_dir / STATE_FILE, json.dumps(self.state.__dict__).encode(),
-                     durable=False)
+        data = json.dumps(self.state.__dict__).encode()
+        path = ctx.state_dir / STATE_FILE
+        if self._state_fd >= 0 and self._state_path == path and len(data) < _STATE_RECORD:
+            os.pwrite(self._state_fd, data.ljust(_STATE_RECORD - 1) + b"\n", 0)
+            return
+        self._close_state()
+        atomic_write(path, data.ljust(_STATE_RECORD - 1) + b"\n"
+                     if len(data) < _STATE_RECORD else data, durable=False)
+        self._state_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._state_path = path
+
+    def _close_state(self) -> None:
+        if self._state_fd >= 0:
+            os.close(self._state_fd)
+            self._state_fd = -1
+            self._state_path = None
 
     # --- arm --------------------------------------------------------------------------
 
@@ -227,12 +248,19 @@ class UffdWpTracker(Tracker):
                                                                    ).regions)
         return normalize((m.start, m.end) for m in mappings if contains(allowed, m.start))
 
-    def _plan(self, vmas: list[Mapping]) -> tuple[list[Mapping], list[Span], list[Span]]:
-        """(registrable mappings, spans not to register, spans believed registered now).
+    def _plan(self, vmas: list[Mapping]) -> _Plan:
+        """How this round treats each mapping; see _Plan. Computed once per distinct
+        (mappings, registrations) and reused while neither changes, which is the steady
+        state of most processes.
 
-        Believed: inside what this tracker registered or verified before. A mapping
-        replaced at the same place since (munmap + mmap) is not registered although it
-        looks the same; the get-and-clear's CHECK_WPASYNC catches that (see harvest)."""
+        Believed registered: inside what this tracker registered or verified before. A
+        mapping replaced at the same place since (munmap + mmap) is not registered
+        although it looks the same; the get-and-clear's CHECK_WPASYNC catches that (see
+        harvest)."""
+        cached = self._plan_cache
+        if (cached is not None and cached[0] is self._registered
+                and cached[1] is self._unregistrable and cached[2] == vmas):
+            return cached[3]
         cap = capturable(vmas)
         want_reg = [m for m in cap if _registrable(m)]
         if self._registered is None:
@@ -244,7 +272,17 @@ class UffdWpTracker(Tracker):
             if not _registrable(m) or _inside(failed_before, (m.start, m.end)))
         believed = normalize((m.start, m.end) for m in want_reg
                              if _inside(known, (m.start, m.end)))
-        return want_reg, never_reg, believed
+        new_vmas = [m for m in want_reg
+                    if not _inside(believed, (m.start, m.end))
+                    and not _inside(never_reg, (m.start, m.end))]
+        file_spans = normalize((m.start, m.end) for m in want_reg if m.file_backed)
+        file_reg = intersect(believed, file_spans)
+        plan = _Plan(want_reg=want_reg, never_reg=never_reg, believed=believed,
+                     new_vmas=new_vmas, file_reg=file_reg,
+                     anon_reg=subtract(believed, file_spans),
+                     file_scan=_coalesce(file_reg, vmas))
+        self._plan_cache = (self._registered, self._unregistrable, list(vmas), plan)
+        return plan
 
     def estimate(self, ctx: TrackContext, vmas: Callable[[], list[Mapping]], full: bool
                  ) -> int:
@@ -254,13 +292,13 @@ class UffdWpTracker(Tracker):
             # larger burst is still read (into a buffer grown while frozen).
             return 2 * self._last_read_pages + 64
         current = vmas()
-        want_reg, never_reg, believed = self._plan(current)
+        plan = self._plan(current)
         if full:
             spans = normalize((m.start, m.end) for m in capturable(current))
             return self.pm.scan(spans, pagemap.DUMPABLE).pages
-        unregistered = normalize([*never_reg, *subtract(
-            normalize((m.start, m.end) for m in want_reg), believed)])
-        return (self.pm.scan(believed, pagemap.WRITTEN_FAST).pages
+        unregistered = normalize([*plan.never_reg, *subtract(
+            normalize((m.start, m.end) for m in plan.want_reg), plan.believed)])
+        return (self.pm.scan(plan.believed, pagemap.WRITTEN_FAST).pages
                 + self.pm.scan(unregistered, pagemap.DUMPABLE).pages)
 
     def harvest(self, ctx: TrackContext, vmas: list[Mapping], full: bool) -> Harvest:
@@ -293,10 +331,8 @@ class UffdWpTracker(Tracker):
         pm = self.pm
         t0 = time.perf_counter()
         notes: list[str] = []
-        want_reg, never_reg, registered = self._plan(vmas)
-        new_vmas = [m for m in want_reg
-                    if not _inside(registered, (m.start, m.end))
-                    and not _inside(never_reg, (m.start, m.end))]
+        plan = self._plan(vmas)
+        registered, never_reg, new_vmas = plan.believed, plan.never_reg, plan.new_vmas
 
         # Newly seen memory: in a frozen snapshot read its presence before write-protecting
         # (no markers yet); in a fuzzy one write-protect first so no write slips between.
@@ -313,9 +349,11 @@ class UffdWpTracker(Tracker):
         untracked_present, _ = self._present(ctx, untracked, None)
         # Remember failures (not retried every round), for the mappings that still exist;
         # a round that reads everything retries them.
-        skipped = [(m.start, m.end) for m in want_reg
+        skipped = [(m.start, m.end) for m in plan.want_reg
                    if _inside(self._unregistrable, (m.start, m.end))]
-        self._unregistrable = normalize([*skipped, *failed])
+        unregistrable = normalize([*skipped, *failed])
+        if unregistrable != self._unregistrable:
+            self._unregistrable = unregistrable
 
         # The atomic get-and-clear over memory that was already tracked. CHECK_WPASYNC:
         # the kernel refuses (EPERM) if any of it is not registered after all.
@@ -329,7 +367,10 @@ class UffdWpTracker(Tracker):
             raise _RegistrationLost("a tracked mapping was replaced since the last round "
                                     "(no longer registered)") from None
         written_spans = normalize((s, e) for s, e, _ in written.regions)
-        self._registered = normalize([*registered, *subtract(new_spans, failed)])
+        if new_spans:
+            self._registered = normalize([*registered, *subtract(new_spans, failed)])
+        elif self._registered != registered:
+            self._registered = registered  # mappings that went away drop out
 
         if read_all:
             tracked_present, _ = self._present(ctx, registered, None)
@@ -341,12 +382,10 @@ class UffdWpTracker(Tracker):
             # presence carries over from the parent, limited to the mappings that exist.
             # Private file mappings also lose content by reverting to the file (a dropped
             # copy-on-write page leaves a marker, not reported): scan those, they are small.
-            file_spans = normalize((m.start, m.end) for m in want_reg if m.file_backed)
-            file_reg = intersect(registered, file_spans)
-            anon_reg = subtract(registered, file_spans)
             parent = ctx.parent_present or []
-            anon_present = intersect(normalize([*parent, *written_spans]), anon_reg)
-            file_present, unsure = self._present(ctx, file_reg, parent)
+            anon_present = intersect(normalize([*parent, *written_spans]), plan.anon_reg)
+            file_present, unsure = self._present(ctx, plan.file_reg, parent,
+                                                 scan=plan.file_scan)
             present = normalize([*anon_present, *file_present, *new_present,
                                  *untracked_present])
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
@@ -360,8 +399,8 @@ class UffdWpTracker(Tracker):
             notes=notes,
         )
 
-    def _present(self, ctx: TrackContext, spans: list[Span], previously: list[Span] | None
-                 ) -> tuple[list[Span], list[Span]]:
+    def _present(self, ctx: TrackContext, spans: list[Span], previously: list[Span] | None,
+                 scan: list[Span] | None = None) -> tuple[list[Span], list[Span]]:
         """(pages holding content in `spans`, pages among them that must be re-read).
 
         PAGEMAP_SCAN reports a uffd-wp marker (unpopulated page) as SWAPPED, like a real
@@ -373,9 +412,11 @@ class UffdWpTracker(Tracker):
         assert self.pm is not None
         if not spans:
             return [], []
-        regions = self.pm.scan(spans, pagemap.DUMPABLE).regions
-        present = [(s, e) for s, e, c in regions if c & abi.PAGE_IS_PRESENT]
+        regions = self.pm.scan(scan or spans, pagemap.DUMPABLE).regions
+        present = normalize((s, e) for s, e, c in regions if c & abi.PAGE_IS_PRESENT)
         swapped = normalize((s, e) for s, e, c in regions if not c & abi.PAGE_IS_PRESENT)
+        if scan is not None:  # wider ranges were scanned: keep what is inside `spans`
+            present, swapped = intersect(present, spans), intersect(swapped, spans)
         check = swapped if previously is None else intersect(swapped, previously)
         must_read: list[Span] = []
         if check:
@@ -427,10 +468,49 @@ class UffdWpTracker(Tracker):
         self._registered = None
         self._unregistrable = []
         self._last_read_pages = None
+        self._plan_cache = None
+        self._close_state()
 
 
 class _RegistrationLost(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Plan:
+    want_reg: list[Mapping]   # mappings to keep registered
+    never_reg: list[Span]     # not registrable, or registration failed: captured whole
+    believed: list[Span]      # registered, as far as we know (checked by the kernel)
+    new_vmas: list[Mapping]   # to register this round
+    file_reg: list[Span]      # registered private file mappings (presence is scanned)
+    anon_reg: list[Span]      # registered anonymous memory (presence carries over)
+    file_scan: list[Span]     # fewer, wider ranges covering file_reg for one scan
+
+
+# Scanning across a gap costs the kernel a walk of the mapped pages in it; a separate
+# ioctl costs about as much as walking this many pages.
+_COALESCE_GAP_PAGES = 1024
+
+
+def _coalesce(spans: list[Span], vmas: list[Mapping]) -> list[Span]:
+    """Merge neighbouring spans into one scan range when little mapped memory lies
+    between them (results are then clipped back to `spans`)."""
+    if len(spans) < 2:
+        return spans
+    starts = [m.start for m in vmas]
+    out = [spans[0]]
+    for s, e in spans[1:]:
+        gap_lo, gap_hi = out[-1][1], s
+        mapped = 0
+        i = max(bisect.bisect_right(starts, gap_lo) - 1, 0)
+        while i < len(vmas) and vmas[i].start < gap_hi:
+            mapped += max(0, min(vmas[i].end, gap_hi) - max(vmas[i].start, gap_lo))
+            i += 1
+        if mapped >> abi.PAGE_SHIFT <= _COALESCE_GAP_PAGES:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
 
 
 _GET_AND_CLEAR_CHECKED = pagemap.Query(
