@@ -42,7 +42,7 @@ class PageReader:
     def __init__(self, pid: int, use_vm_readv: bool = True, tolerate_unmapped: bool = False
                  ) -> None:
         self.pid = pid
-        self.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.mem_fd = -1  # /proc/PID/mem, opened on first need (most rounds never need it)
         self.use_vm_readv = use_vm_readv
         # A process that is not frozen may unmap memory between scan and read; then the
         # unreadable ranges are recorded in `failed` (and zero-filled) instead of raising.
@@ -119,6 +119,8 @@ class PageReader:
 
     def _pread(self, run: Run, buf: mmap.mmap, offset: int) -> None:
         start, end = run
+        if self.mem_fd < 0:
+            self.mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         view = memoryview(buf)[offset : offset + (end - start)]
         got = 0
         try:

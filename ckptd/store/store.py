@@ -68,6 +68,7 @@ class Store:
         self.root = root
         self.chains_dir = root / "chains"
         self.tmp_dir = root / "tmp"
+        self._chain_dirs: dict[str, Path] = {}  # paths are built often, and never change
 
     # --- opening ------------------------------------------------------------------------
 
@@ -111,7 +112,12 @@ class Store:
     # --- chains -------------------------------------------------------------------------
 
     def chain_dir(self, chain: str) -> Path:
-        return self.chains_dir / chain
+        d = self._chain_dirs.get(chain)
+        if d is None:
+            if len(self._chain_dirs) > 4096:
+                self._chain_dirs.clear()
+            d = self._chain_dirs[chain] = self.chains_dir / chain
+        return d
 
     def chain_ids(self) -> list[str]:
         try:
@@ -180,7 +186,7 @@ class Store:
 
     def snapshot_path(self, snapshot_id: str) -> Path:
         chain, _ = parse_snapshot_id(snapshot_id)
-        return self.chain_dir(chain) / "snapshots" / f"{snapshot_id}.json"
+        return self.chain_dir(chain).joinpath("snapshots", f"{snapshot_id}.json")
 
     def _read_snapshot(self, snapshot_id: str) -> tuple[Path, bytes]:
         path = self.snapshot_path(snapshot_id)

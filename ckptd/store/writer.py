@@ -132,7 +132,14 @@ class SnapshotWriter:
             frame_pages += pages
             size += pages * PAGE_SIZE
         if frames:
-            pending.append((frames, self.executor.submit(_compress_frames, chunks)))
+            if pending:
+                last = self.executor.submit(_compress_frames, chunks)
+            else:
+                # The whole write is one batch (the usual small delta): compress it here;
+                # handing it to a thread and back costs more than compressing it.
+                last = Future()
+                last.set_result(_compress_frames(chunks))
+            pending.append((frames, last))
         self._drain(pending, progress)
         del chunks
         view.release()
