@@ -389,7 +389,9 @@ class UffdWpTracker(Tracker):
             present = normalize([*anon_present, *file_present, *new_present,
                                  *untracked_present])
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
-        self._last_read_pages = sum(e - s for s, e in to_read) >> abi.PAGE_SHIFT
+        # A round that read everything says nothing about the next delta's size.
+        self._last_read_pages = None if read_all else (
+            sum(e - s for s, e in to_read) >> abi.PAGE_SHIFT)
         return Harvest(
             to_read=to_read,
             present=present,
