@@ -69,13 +69,13 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
-                 concurrency: int = 2) -> None:
+                 concurrency: int = 2, extra_defaults: str = "") -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-"))
     sock = tmp / "ckptd.sock"
     cfg = tmp / "ckptd.toml"
     cfg.write_text(f'[service]\nstore = "{tmp / "store"}"\nsocket = "{sock}"\n'
                    f'log_level = "warning"\nconcurrency = {concurrency}\n'
-                   '[defaults]\ninterval = 1\n')
+                   '[defaults]\ninterval = 1\n' + extra_defaults)
     targets = []
     daemon = None
     try:
@@ -173,7 +173,16 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     ap.add_argument("--concurrency", type=int, default=2,
                     help="the service's [service] concurrency (default 2, its default)")
+    ap.add_argument("--compact-after", type=int, default=None,
+                    help="override [defaults.retention] compact_after (default: the service's)")
+    ap.add_argument("--compact-ratio", type=float, default=None,
+                    help="override [defaults.retention] compact_ratio (default: the service's);"
+                         " with a huge --compact-after, a huge ratio turns compaction off")
     args = ap.parse_args()
+    ret = {k: v for k, v in (("compact_after", args.compact_after),
+                             ("compact_ratio", args.compact_ratio)) if v}
+    extra = ("[defaults.retention]\n" + "".join(f"{k} = {v}\n" for k, v in ret.items())
+             if ret else "")
     if args.scenario == "aio":
         bench_aio(200)
         return 0
@@ -184,9 +193,9 @@ def main() -> int:
           "peak RSS | VmHWM | failures |")
     print("|---|---|---|---|---|---|---|---|")
     if args.scenario == "big":
-        run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency)
+        run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency, extra)
     else:
-        run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency)
+        run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency, extra)
     return 0
 
 

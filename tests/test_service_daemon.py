@@ -521,9 +521,11 @@ def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
         with targets(50, 64) as ts:
             for t in ts:
                 t.cmd("tick")
-                # Compaction off: every round must stay listed to prove none was lost.
+                # Compaction off (neither trigger can fire): every round must stay listed
+                # to prove none was lost.
                 d.call("register", pid=t.pid,
-                       policy={"interval": 1, "retention": {"compact_after": 1000}})
+                       policy={"interval": 1,
+                               "retention": {"compact_after": 1000, "compact_ratio": 1e9}})
             time.sleep(60)  # the load under test; nothing is asserted about its timing
             procs = {p["pid"]: p for p in d.call("list")["processes"]}
             assert sorted(procs) == sorted(t.pid for t in ts)

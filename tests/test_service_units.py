@@ -35,6 +35,7 @@ from ckptd.service.registry import (
     pidfd_exited,
     read_start_time,
 )
+from ckptd.store import Store
 from ckptd.store.format import Counts, SnapshotMeta, Timings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -305,13 +306,21 @@ def test_metrics_text_format() -> None:
 
 
 def _meta(seq: int, kind: str = "delta", created: float = 0.0,
-          stored: int = 100) -> SnapshotMeta:
+          stored: int = 100, pages: int = 0, zero: int = 0) -> SnapshotMeta:
     return SnapshotMeta(
         id=f"9-1-{seq}", chain="9-1", seq=seq, parent=None if kind == "full" else f"9-1-{seq-1}",
         kind=kind, pid=9, created=created, tracker="uffd-wp", consistency="frozen", vmas=[],
         present=[], data_file=None, data_bytes=stored, frames=[], extents=[], zeros=[],
-        counts=Counts(bytes_stored=stored), timings=Timings(),
+        counts=Counts(bytes_stored=stored, pages_stored=pages, pages_zero=zero,
+                      pages_present=pages + zero if kind == "full" else 0),
+        timings=Timings(),
     )
+
+
+def _chain(base_pages: int, deltas: list[int], zero: int = 0) -> list[SnapshotMeta]:
+    """A full base of `base_pages` pages, then deltas storing the given pages each."""
+    return [_meta(1, "full", pages=base_pages)] + [
+        _meta(i + 2, pages=d, zero=zero) for i, d in enumerate(deltas)]
 
 
 def test_retention_plan() -> None:
@@ -331,6 +340,241 @@ def test_retention_plan() -> None:
     assert p is not None and p.upto == "9-1-6" and "compaction" in p.reason
     rebased = [_meta(1, "full"), _meta(2), _meta(3, "full"), _meta(4)]
     assert maintenance.plan(rebased, Retention(compact_after=2), now=0) is None
+
+
+def test_compaction_defaults() -> None:
+    assert Retention().compact_ratio == 1.0 and Retention().compact_after == 256
+    # Zero or negative ratios, and inf/nan (which JSON cannot carry), are refused.
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="compact_ratio"):
+            parse_config(f"[defaults.retention]\ncompact_ratio = {bad}")
+    eff = PolicyOverride.model_validate({"retention": {"compact_ratio": 2.5}}).apply(
+        ServiceConfig().defaults)
+    assert eff.retention.compact_ratio == 2.5 and eff.retention.compact_after == 256
+
+
+def test_register_compaction_options() -> None:
+    from ckptd.cli import build_parser
+    from ckptd.errors import UserError
+    from ckptd.service.cli_commands import _overrides
+
+    args = build_parser().parse_args(
+        ["register", "12", "--compact-ratio", "0.5", "--compact-after", "64"])
+    assert _overrides(args) == {"retention": {"compact_ratio": 0.5, "compact_after": 64}}
+    args = build_parser().parse_args(["register", "12", "--compact-ratio", "0"])
+    with pytest.raises(UserError, match="--compact-ratio"):
+        _overrides(args)
+
+
+def test_compaction_ratio_trigger() -> None:
+    ret = Retention()  # ratio 1.0, compact_after 256
+    # Deltas storing 900 of the base's 1000 pages: restoring is cheap enough, no compaction.
+    assert maintenance.plan(_chain(1000, [100] * 9), ret, now=0) is None
+    # 1000 pages: as many as the base. Fold the older half: the deltas left after the new
+    # base (seq 7..11) store 500 pages, half the budget.
+    p = maintenance.plan(_chain(1000, [100] * 10), ret, now=0)
+    assert p is not None and p.upto == "9-1-6" and p.drops == 5
+    assert "compaction" in p.reason and "compact_ratio 1" in p.reason
+    # Zero runs count as pages a restore applies.
+    p = maintenance.plan(_chain(1000, [50] * 10, zero=50), ret, now=0)
+    assert p is not None and p.upto == "9-1-6"
+    # The ratio scales the budget.
+    assert maintenance.plan(_chain(1000, [100] * 19), Retention(compact_ratio=2), now=0) is None
+    p = maintenance.plan(_chain(1000, [100] * 20), Retention(compact_ratio=2), now=0)
+    assert p is not None and p.upto == "9-1-11"
+    p = maintenance.plan(_chain(1000, [100] * 3), Retention(compact_ratio=0.25), now=0)
+    assert p is not None and p.upto == "9-1-3"  # 2 deltas left store 200 > 125: fold one more
+    # The base's pages are its stored + zero pages.
+    zero_base = [_meta(1, "full", pages=500, zero=500)] + [_meta(i, pages=100)
+                                                          for i in range(2, 11)]
+    assert maintenance.plan(zero_base, ret, now=0) is None
+    # Only deltas after the newest full snapshot count, against that snapshot's pages.
+    rebased = [*_chain(100_000, [100] * 5), _meta(7, "full", pages=300), _meta(8, pages=299)]
+    assert maintenance.plan(rebased, ret, now=0) is None
+    rebased.append(_meta(9, pages=1))
+    p = maintenance.plan(rebased, ret, now=0)
+    assert p is not None and p.upto == "9-1-8" and p.drops == 7
+
+
+def test_compaction_folds_a_burst_at_once() -> None:
+    """Newest deltas much larger than the older ones: folding only the older half would
+    leave the trigger standing and compact again on the next round."""
+    chain = _chain(1000, [10] * 10 + [950])
+    p = maintenance.plan(chain, Retention(), now=0)
+    assert p is not None and p.upto == "9-1-12"  # the newest: the burst is folded too
+    chain = _chain(1000, [10] * 10 + [950, 10, 10])
+    p = maintenance.plan(chain, Retention(), now=0)
+    assert p is not None and p.upto == "9-1-12"  # 2 x 10 pages left after it
+
+
+def test_compaction_floor_for_tiny_bases() -> None:
+    """A base of a few pages (or none: a truncated first snapshot) counts as
+    COMPACT_FLOOR_PAGES, so a tiny process does not compact on every round."""
+    floor = maintenance.COMPACT_FLOOR_PAGES
+    assert floor == 256
+    for base in (0, 1, 200):
+        assert maintenance.plan(_chain(base, [10] * 25), Retention(), now=0) is None
+        p = maintenance.plan(_chain(base, [10] * 26), Retention(), now=0)
+        assert p is not None and "compaction" in p.reason, base
+    assert maintenance.plan(_chain(0, [1] * 200), Retention(), now=0) is None
+    # Above the floor, the base's own pages count.
+    assert maintenance.plan(_chain(300, [10] * 29), Retention(), now=0) is None
+    assert maintenance.plan(_chain(300, [10] * 30), Retention(), now=0) is not None
+
+
+def test_compaction_length_trigger() -> None:
+    """compact_after bounds the snapshots a restore reads, however small the deltas."""
+    assert maintenance.plan(_chain(1000, [0] * 255), Retention(), now=0) is None  # 256
+    p = maintenance.plan(_chain(1000, [0] * 256), Retention(), now=0)  # 257 snapshots
+    assert p is not None and p.upto == "9-1-129" and p.drops == 128
+    assert "restoring the newest needs 257 snapshots (compact_after 256)" in p.reason
+    p = maintenance.plan(_chain(1000, [1] * 4), Retention(compact_after=4), now=0)
+    assert p is not None and p.upto == "9-1-3"
+    # Both triggers at once: the page rule may fold further than half.
+    p = maintenance.plan(_chain(1000, [0] * 4 + [1000]), Retention(compact_after=4), now=0)
+    assert p is not None and p.upto == "9-1-6"
+
+
+def test_retention_comes_before_compaction() -> None:
+    """keep_last/keep_age/max_bytes decide as before, whatever the compaction settings."""
+    chain = [_meta(1, "full", created=0, pages=1000)] + [
+        _meta(i, created=i * 10, pages=300) for i in range(2, 11)]
+    for ret in (Retention(), Retention(compact_ratio=100.0, compact_after=1000),
+                Retention(compact_ratio=0.01, compact_after=2)):
+        upd = ret.model_dump()
+        p = maintenance.plan(chain, Retention(**{**upd, "keep_last": 3}), now=100)
+        assert p is not None and p.upto == "9-1-8" and p.drops == 7
+        assert p.reason == "retention: keep_last 3"
+        p = maintenance.plan(chain, Retention(**{**upd, "keep_age": 25}), now=100)
+        assert p is not None and p.upto == "9-1-8" and p.reason.startswith("retention")
+        p = maintenance.plan(chain, Retention(**{**upd, "max_bytes": 450}), now=100)
+        assert p is not None and p.upto == "9-1-7" and p.reason.startswith("retention")
+    assert maintenance.plan(chain, Retention(compact_ratio=3), now=100) is None
+    p = maintenance.plan(chain, Retention(), now=100)
+    assert p is not None and p.reason.startswith("compaction")
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0, 4.0])
+def test_compaction_is_amortized(ratio: float) -> None:
+    """Simulate rounds of varied size, bursts included, folding as planned. Every
+    compaction follows at least half a page budget of newly stored delta pages, or half
+    of compact_after new rounds; so compaction rewrites at most 2 / ratio base pages per
+    delta page stored (plus one base per compact_after / 2 rounds), and between
+    compactions a restore applies less than the budget on top of the base."""
+    import random
+
+    rng = random.Random(7)
+    base_pages = 10_000
+    budget = ratio * base_pages
+    ret = Retention(compact_ratio=ratio)
+    chain: list[maintenance.Entry] = [
+        maintenance.Entry("9-1-1", "full", 0.0, Counts(pages_stored=base_pages))]
+    stored = rewritten = by_length = 0
+    new_pages = new_rounds = 0  # since the last compaction
+    rounds = 5000
+    for rnd in range(2, rounds + 2):
+        pages = rng.choice([rng.randint(0, 400)] * 30 + [rng.randint(0, 30_000)])
+        stored += pages
+        new_pages += pages
+        new_rounds += 1
+        chain.append(maintenance.Entry(f"9-1-{rnd}", "delta", 0.0, Counts(pages_stored=pages)))
+        p = maintenance.plan(chain, ret, now=0)
+        if p is None:
+            assert sum(e.counts.pages_stored for e in chain[1:]) < budget
+            assert len(chain) <= ret.compact_after
+            continue
+        assert p.reason.startswith("compaction")
+        assert new_pages >= budget / 2 or new_rounds >= ret.compact_after // 2
+        by_length += new_pages < budget / 2
+        new_pages = new_rounds = 0
+        rewritten += base_pages
+        i = p.drops
+        new_base = maintenance.Entry(chain[i].id, "full", 0.0, Counts(pages_stored=base_pages))
+        chain = [new_base, *chain[i + 1:]]
+        assert sum(e.counts.pages_stored for e in chain[1:]) <= budget / 2
+        assert len(chain) <= ret.compact_after // 2 + 1
+    assert rewritten > 0
+    assert rewritten <= 2 / ratio * stored + by_length * base_pages
+    assert by_length <= rounds / (ret.compact_after // 2)
+
+
+# --- the in-memory tally of a chain -----------------------------------------------------
+
+
+def _tally_store(tmp_path: Path, n: int) -> tuple[Store, list[SnapshotMeta]]:
+    store = Store.open(tmp_path / "store", create=True)
+    info = store.create_chain({"pid": 9, "start_time": 1, "mm_fingerprint": "x", "comm": "t",
+                               "exe": None, "cmdline": [], "uid": 0})
+    assert info.chain == "9-1"
+    metas = _chain(1000, [100] * (n - 1))
+    for m in metas:
+        store.publish(m)
+    return store, metas
+
+
+def test_tally_reads_heads_only_when_the_chain_changes(tmp_path: Path) -> None:
+    store, metas = _tally_store(tmp_path, 3)
+    tally = maintenance.ChainTally("9-1")
+    tally.note(metas[-1])  # nothing loaded yet: noted snapshots wait for the first load
+    entries = tally.entries(store)
+    assert [e.id for e in entries] == ["9-1-1", "9-1-2", "9-1-3"] and tally.reloads == 1
+    assert entries[0] == maintenance.Entry.of(metas[0])
+    assert tally.entries(store) == entries and tally.reloads == 1
+    # A round publishes and notes its snapshot: no file is read.
+    new = _meta(4, pages=77)
+    store.publish(new)
+    tally.note(new)
+    tally.note(new)  # noting twice changes nothing
+    tally.note(_meta(2))  # nor does an older one
+    entries = tally.entries(store)
+    assert [e.id for e in entries][-1] == "9-1-4" and entries[-1].counts.pages_stored == 77
+    assert len(entries) == 4 and tally.reloads == 1
+    # Another chain's snapshot is ignored.
+    other = _meta(5).model_copy(update={"id": "9-2-5", "chain": "9-2"})
+    tally.note(other)
+    assert len(tally.entries(store)) == 4 and tally.reloads == 1
+    # Published by another ckptd process (not noted): the listing differs, reload.
+    store.publish(_meta(5, pages=5))
+    assert [e.id for e in tally.entries(store)][-1] == "9-1-5" and tally.reloads == 2
+    # Noted but never published (or removed since): reload, and trust the disk.
+    tally.note(_meta(6, pages=6))
+    assert [e.id for e in tally.entries(store)][-1] == "9-1-5" and tally.reloads == 3
+
+
+def test_tally_follows_a_compaction_underneath(tmp_path: Path) -> None:
+    """Another process compacts: 9-1-3 becomes a full base with new counts, the older
+    snapshots go. The tally must not keep the old kind and counts of 9-1-3."""
+    store, metas = _tally_store(tmp_path, 5)
+    tally = maintenance.ChainTally("9-1")
+    assert len(tally.entries(store)) == 5
+    store.publish(_meta(3, "full", pages=1234))
+    for m in metas[:2]:
+        store.snapshot_path(m.id).unlink()
+    entries = tally.entries(store)
+    assert [e.id for e in entries] == ["9-1-3", "9-1-4", "9-1-5"] and tally.reloads == 2
+    assert entries[0].kind == "full" and entries[0].counts.pages_stored == 1234
+
+
+def test_run_compacts_and_reloads_the_tally(tmp_path: Path) -> None:
+    """run() plans from the tally, compacts through the store, and the tally reloads
+    afterwards (the base was rewritten)."""
+    store, _ = _tally_store(tmp_path, 11)  # deltas store 1000 pages = the base's
+    tally = maintenance.ChainTally("9-1")
+    assert maintenance.run(store, "9-1", Retention(compact_ratio=2), 0, tally) is None
+    assert tally.reloads == 1
+    result = maintenance.run(store, "9-1", Retention(), 0, tally)
+    assert result is not None and "folded 5 snapshot(s) into a base at 9-1-6" in result
+    entries = tally.entries(store)
+    assert [e.id for e in entries] == [f"9-1-{i}" for i in range(6, 12)]
+    assert entries[0].kind == "full" and tally.reloads == 2
+    # The rewritten base's counts come from disk: these synthetic snapshots hold no data,
+    # so the new base stores 0 pages (its old entry said 100) and counts as the floor.
+    assert entries[0].counts.pages_stored == 0
+    assert maintenance.run(store, "9-1", Retention(compact_ratio=2), 0, tally) is None
+    assert tally.reloads == 2
+    # Without a tally, run() reads the heads itself.
+    assert maintenance.run(store, "9-1", Retention(compact_ratio=100, compact_after=2), 0)
+    assert store.snapshot_ids("9-1") == ["9-1-9", "9-1-10", "9-1-11"]
 
 
 # --- registry: pidfds and start times of real processes --------------------------------

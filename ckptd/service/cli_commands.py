@@ -118,9 +118,13 @@ def add_service_commands(sub: Any) -> None:
                    help="drop snapshots older than this (0: no limit)")
     p.add_argument("--max-bytes", type=_size, metavar="SIZE",
                    help="stored-bytes budget for this process's snapshots (0: no limit)")
+    p.add_argument("--compact-ratio", type=float, metavar="R",
+                   help="fold old deltas into a new base once the deltas since the base "
+                        "store R times the base's pages (> 0, built-in default 1; a base counts "
+                        "as at least 256 pages)")
     p.add_argument("--compact-after", type=int, metavar="N",
-                   help="fold old deltas into a new base when a restore would need more "
-                        "than N snapshots")
+                   help="also fold them when a restore would need more than N snapshots "
+                        "(>= 2, built-in default 256)")
     _socket_arg(p)
     _json_arg(p)
     p.set_defaults(func=cmd_register)
@@ -167,7 +171,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     top = {k: getattr(args, k) for k in
            ("interval", "jitter", "tracker", "consistency", "max_bytes_per_round")
            if getattr(args, k) is not None}
-    ret = {k: getattr(args, k) for k in ("keep_last", "keep_age", "max_bytes", "compact_after")
+    ret = {k: getattr(args, k) for k in
+           ("keep_last", "keep_age", "max_bytes", "compact_ratio", "compact_after")
            if getattr(args, k) is not None}
     body: dict[str, Any] = {**top, "retention": ret}
     try:

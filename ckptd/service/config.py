@@ -76,8 +76,14 @@ class Retention(_Strict):
     max_bytes: Size = Field(
         default=0, description="drop the oldest beyond this many stored bytes"
     )
+    compact_ratio: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False,
+        description="compact when the deltas since the base store this many times the "
+        "base's pages (at least 256 pages)",
+    )
     compact_after: int = Field(
-        default=32, ge=2, description="compact when a chain holds more snapshots than this"
+        default=256, ge=2,
+        description="compact when restoring the newest needs more snapshots than this",
     )
 
 
@@ -100,6 +106,7 @@ class RetentionOverride(_Strict):
     keep_last: int | None = Field(default=None, ge=0)
     keep_age: Duration | None = None
     max_bytes: Size | None = None
+    compact_ratio: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     compact_after: int | None = Field(default=None, ge=2)
 
 

@@ -101,6 +101,7 @@ class Service:
         self._watched: set[int] = set()  # pids whose pidfd we watch for exit
         self._adhoc_pidfds: dict[int, int] = {}
         self._maint_running: set[str] = set()
+        self._tallies: dict[int, maintenance.ChainTally] = {}  # by pid: its current chain
         self._clients = 0
         self._busy: set[asyncio.Future[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -395,6 +396,7 @@ class Service:
         self._unwatch(pid)
         await self.scheduler.stop(pid)
         self.registry.remove(pid)
+        self._tallies.pop(pid, None)
         await self._in(self.work_pool, self.engine.forget, pid)
         await self._persist()
         self.metrics.registered.set(len(self.registry))
@@ -462,7 +464,7 @@ class Service:
             del reg.snapshot_ids[:-16]
             if meta.truncated:
                 reg.truncated_rounds += 1
-            self._maybe_maintain(meta.chain, self.policy_of(reg))
+            self._maybe_maintain(pid, meta, self.policy_of(reg))
         log.debug("pid %d: %s %s, %d pages stored, %.1f ms frozen, %.1f ms total", pid,
                   meta.kind, meta.id, meta.counts.pages_stored, meta.timings.freeze_ms,
                   meta.timings.total_ms)
@@ -505,16 +507,22 @@ class Service:
 
     # --- retention and compaction -------------------------------------------------------
 
-    def _maybe_maintain(self, chain: str, pol: Policy) -> None:
+    def _maybe_maintain(self, pid: int, meta: SnapshotMeta, pol: Policy) -> None:
+        chain = meta.chain
+        tally = self._tallies.get(pid)
+        if tally is None or tally.chain != chain:  # new registration, or the process exec'd
+            tally = self._tallies[pid] = maintenance.ChainTally(chain)
+        tally.note(meta)  # even if a job is running: the next one plans from memory
         if chain in self._maint_running or self.stopping:
             return
         self._maint_running.add(chain)
-        self._spawn(self._maintain(chain, pol), f"maint-{chain}")
+        self._spawn(self._maintain(chain, pol, tally), f"maint-{chain}")
 
-    async def _maintain(self, chain: str, pol: Policy) -> None:
+    async def _maintain(self, chain: str, pol: Policy, tally: maintenance.ChainTally
+                        ) -> None:
         try:
             result = await self._in(self.maint_pool, maintenance.run, self.store, chain,
-                                    pol.retention, time.time())
+                                    pol.retention, time.time(), tally)
             if result is not None:
                 self.metrics.compactions.inc(result="ok")
                 log.info("chain %s: %s", chain, result)

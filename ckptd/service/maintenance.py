@@ -1,8 +1,8 @@
 """Retention and compaction of a registered process's chain, run in the background.
 
-Planning is a pure function over the chain's snapshot metadata; the work itself is done
-by the store's compaction (ckptd/store/compact.py), which is crash-safe: a crash leaves
-the old chain or the new one, both restorable.
+Planning is a pure function over a few numbers per snapshot (`plan`); the work itself is
+done by the store's compaction (ckptd/store/compact.py), which is crash-safe: a crash
+leaves the old chain or the new one, both restorable.
 
 Retention (per registration; 0 disables a limit; the newest snapshot is always kept):
   keep_last N      keep the N newest snapshots
@@ -11,23 +11,96 @@ Retention (per registration; 0 disables a limit; the newest snapshot is always k
 A snapshot is dropped when any limit drops it. Dropping the oldest snapshots of a delta
 chain means folding them into the oldest kept one, which becomes a full base.
 
-Compaction: when restoring the newest snapshot would need more than compact_after
-snapshots (its full base and the deltas after it), the older half of them is folded into a
-new base, so restore cost stays bounded.
+Compaction bounds what restoring the newest snapshot costs, and is itself bounded so that
+it costs a fixed fraction of what the rounds write (an amortization rule). Let P be the
+pages of the newest full base (its stored + zero pages, at least COMPACT_FLOOR_PAGES) and
+D the pages the deltas after it store (stored + zero, summed over the deltas). Compact when
+  D >= compact_ratio * P                      (restore work: base plus deltas, pages), or
+  base + deltas > compact_after snapshots     (restore reads: metadata files).
+A compaction rewrites the new base, about P pages (every page decompressed and compressed
+again). The fold point makes the next compaction wait for fresh work: fold the older
+half of the chain by count, and further if needed so that the deltas left after the new
+base store at most half the page budget (compact_ratio * P / 2). After any compaction
+the chain is therefore at most half-way to both triggers, so the next one needs at least
+compact_ratio * P / 2 newly stored delta pages or compact_after / 2 new rounds. Per page
+the rounds store, compaction rewrites at most about 2 / compact_ratio pages (write
+amplification <= 1 + 2 / compact_ratio), and a restore reads at most (1 + compact_ratio)
+times the base's pages from at most compact_after snapshot files. The bound is on pages
+rewritten: the CPU time of one compaction also grows with the number of snapshots it
+folds (page_map applies them one at a time to the whole map of pieces), which this rule
+does not model.
+
+Why not fold the older half by count alone: when the newest deltas are much larger than
+the older ones (a burst of writes), folding the older half leaves the burst after the
+new base, the page trigger still holds, and the chain compacts again round after round,
+each time rewriting the whole base. Why not fold everything into the newest: compaction
+drops the snapshots before its fold point, and keeping the newer half keeps recent
+history for the same amortized cost within a factor of two.
+
+The floor: a tiny process (a base of a few pages, or a truncated first snapshot with 0
+pages) would otherwise compact on almost every round; with the floor its deltas must
+store COMPACT_FLOOR_PAGES * compact_ratio pages first, and rewriting such a base is cheap.
+
+Planning runs after every round, so its inputs are kept in memory (ChainTally): one
+entry per snapshot of the chain, updated from the snapshot each round publishes, and
+re-read from the snapshots' heads only when the chain's list of ids (one listdir) no
+longer matches: at startup, after a compaction, or when another ckptd process changed
+the chain.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..store import SnapshotMeta, Store
+from ..store import SnapshotMeta, Store, parse_snapshot_id
 from ..store.compact import compact_chain
-from ..store.format import SnapshotHead
+from ..store.format import Counts, Kind, SnapshotHead
 from .config import Retention
 
 log = logging.getLogger("ckptd.service.maintenance")
+
+# A full base is taken to hold at least this many pages (1 MiB) when the page budget is
+# computed, so that the deltas of a tiny process do not trigger compaction every round.
+COMPACT_FLOOR_PAGES = 256
+
+
+class SnapInfo(Protocol):
+    """What planning needs of one snapshot (SnapshotMeta, SnapshotHead and Entry have it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def created(self) -> float: ...
+    @property
+    def counts(self) -> Counts: ...
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One snapshot in a ChainTally."""
+
+    id: str
+    kind: Kind
+    created: float
+    counts: Counts
+
+    @classmethod
+    def of(cls, m: SnapshotHead | SnapshotMeta) -> Entry:
+        return cls(m.id, m.kind, m.created, m.counts)
+
+
+def restore_pages(c: Counts) -> int:
+    """Pages a restore applies from one snapshot: stored pages are decompressed and
+    copied, zero runs are written. For a full base this is what compaction rewrites and
+    a restore starts from; `pages_present` would also count pages a truncated snapshot
+    left out, which neither reads."""
+    return c.pages_stored + c.pages_zero
 
 
 @dataclass(frozen=True)
@@ -37,8 +110,7 @@ class Plan:
     drops: int  # snapshots older than `upto` that go away
 
 
-def plan(snaps: Sequence[SnapshotHead | SnapshotMeta], ret: Retention, now: float
-         ) -> Plan | None:
+def plan(snaps: Sequence[SnapInfo], ret: Retention, now: float) -> Plan | None:
     """What to do with one chain (snapshots oldest first), or None."""
     n = len(snaps)
     if n <= 1:
@@ -66,29 +138,86 @@ def plan(snaps: Sequence[SnapshotHead | SnapshotMeta], ret: Retention, now: floa
     if keep_from > 0:
         target = snaps[keep_from]
         return Plan(target.id, "retention: " + ", ".join(reasons), keep_from)
-    # Chain length: the newest snapshot's lineage starts at the last full snapshot.
+    return _compaction(snaps, ret)
+
+
+def _compaction(snaps: Sequence[SnapInfo], ret: Retention) -> Plan | None:
+    # The newest snapshot's lineage starts at the last full snapshot.
+    n = len(snaps)
     base = max((i for i, m in enumerate(snaps) if m.kind == "full"), default=0)
     length = n - base
-    if length > ret.compact_after:
-        upto = base + length // 2
-        return Plan(snaps[upto].id,
-                    f"compaction: restoring the newest needs {length} snapshots "
-                    f"(compact_after {ret.compact_after})", upto)
-    return None
+    base_pages = restore_pages(snaps[base].counts)
+    budget = ret.compact_ratio * max(base_pages, COMPACT_FLOOR_PAGES)
+    pages = [restore_pages(m.counts) for m in snaps[base + 1:]]
+    delta_pages = sum(pages)
+    if delta_pages >= budget:
+        why = (f"the {length - 1} delta(s) since the base store {delta_pages} pages "
+               f">= compact_ratio {ret.compact_ratio:g} x {base_pages} base pages")
+    elif length > ret.compact_after:
+        why = (f"restoring the newest needs {length} snapshots "
+               f"(compact_after {ret.compact_after})")
+    else:
+        return None
+    # Both triggers need at least one delta, so the fold point is past the base.
+    upto = base + length // 2
+    left = sum(pages[upto - base:])  # pages of the deltas after `upto`
+    while left > budget / 2 and upto < n - 1:
+        upto += 1
+        left -= pages[upto - base - 1]
+    return Plan(snaps[upto].id, "compaction: " + why, upto)
 
 
-def run(store: Store, chain: str, ret: Retention, now: float) -> str | None:
-    """Apply retention/compaction to one chain. Returns what was done, or None."""
-    ids = store.snapshot_ids(chain)
-    if (not ret.keep_age and not ret.max_bytes and len(ids) <= ret.compact_after
-            and (not ret.keep_last or len(ids) <= ret.keep_last)):
-        return None  # nothing can apply: no need to read any snapshot
-    # Heads only: planning runs after every round and must not parse every extent of
-    # every snapshot in the chain.
-    p = plan([store.head(i) for i in ids], ret, now)
+class ChainTally:
+    """Planning inputs of one chain, kept between rounds so that a round does not parse
+    every snapshot of the chain. Thread-safe: the event loop notes published snapshots
+    while the maintenance thread plans."""
+
+    def __init__(self, chain: str) -> None:
+        self.chain = chain
+        self._lock = threading.Lock()
+        self._entries: list[Entry] = []
+        self.reloads = 0  # times the entries were re-read from disk (tests, debugging)
+
+    def note(self, meta: SnapshotMeta) -> None:
+        """Record a snapshot this process just published on the chain."""
+        if meta.chain != self.chain:
+            return
+        with self._lock:
+            # Nothing loaded yet, or not the next snapshot: the next read finds the ids
+            # changed and loads them all.
+            if self._entries and parse_snapshot_id(self._entries[-1].id)[1] < meta.seq:
+                self._entries.append(Entry.of(meta))
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._entries = []
+
+    def entries(self, store: Store) -> list[Entry]:
+        """The chain's snapshots, oldest first: from memory while the ids on disk are the
+        ones remembered, else re-read from the snapshots' heads."""
+        ids = store.snapshot_ids(self.chain)
+        with self._lock:
+            if [e.id for e in self._entries] == ids:
+                return list(self._entries)
+        fresh = [Entry.of(store.head(i)) for i in ids]
+        with self._lock:
+            self._entries = fresh
+            self.reloads += 1
+        return list(fresh)
+
+
+def run(store: Store, chain: str, ret: Retention, now: float,
+        tally: ChainTally | None = None) -> str | None:
+    """Apply retention/compaction to one chain. Returns what was done, or None.
+    Without a tally, every snapshot's head is read."""
+    tally = tally if tally is not None and tally.chain == chain else ChainTally(chain)
+    p = plan(tally.entries(store), ret, now)
     if p is None:
         return None
-    result = compact_chain(store, chain, p.upto)
+    try:
+        result = compact_chain(store, chain, p.upto)
+    finally:
+        tally.invalidate()  # `upto` was rewritten and older snapshots removed
     return f"{p.reason}: folded {p.drops} snapshot(s) into a base at {p.upto} ({result})"
 
 
