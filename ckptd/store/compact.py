@@ -55,7 +55,8 @@ def compact_chain(store: Store, chain: str, upto: str) -> str:
 
 def _compact(store: Store, chain: str, upto: str) -> str:
     meta, pm, lineage = page_map(store, upto)
-    older = [m for m in store.chain_snapshots(chain) if m.seq < meta.seq]
+    # Ids only: parsing every snapshot of the chain would cost more than the folding.
+    older = [i for i in store.snapshot_ids(chain) if parse_snapshot_id(i)[1] < meta.seq]
     new_meta = meta
     if meta.kind != "full":
         metas = {m.id: m for m in lineage}
@@ -93,8 +94,8 @@ def _compact(store: Store, chain: str, upto: str) -> str:
             writer.publish_data()
             store.publish(new_meta)
         snaps_dir = store.chain_dir(chain) / "snapshots"
-        for m in sorted(older, key=lambda m: m.seq, reverse=True):
-            store.snapshot_path(m.id).unlink(missing_ok=True)
+        for old_id in reversed(older):  # newest first (snapshot_ids is in order)
+            store.snapshot_path(old_id).unlink(missing_ok=True)
             fsync_dir(snaps_dir)
         removed = store.clean_orphans(chain)
     return (f"{upto} is now a full base; removed {len(older)} older snapshot(s) and "

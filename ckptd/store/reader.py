@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import zlib
@@ -44,18 +45,109 @@ def page_map(store: Store, snapshot_id: str) -> tuple[SnapshotMeta, IntervalMap[
     Pages not in the map are absent (zeros in anonymous memory, the file's content in a
     private file mapping). Returns (meta, map, lineage)."""
     lineage = store.lineage(snapshot_id)
-    pm: IntervalMap[Source] = IntervalMap()
-    for meta in lineage:
-        items: list[tuple[int, int, Source]] = [
+    return lineage[-1], IntervalMap(resolve_sources(lineage)), lineage
+
+
+def resolve_sources(lineage: list[SnapshotMeta]) -> list[tuple[int, int, Source]]:
+    """The page map of the last snapshot of `lineage` (its full base first), as pieces.
+
+    A page's content is in the newest snapshot of the lineage that stored it (or marked
+    it zero), provided the page held content at every snapshot from that one on (a page
+    dropped in between and not stored again is absent). Walked newest first, so each
+    stored piece is looked at once: a bitmap of the pages already sourced by newer
+    snapshots tells what an older piece still provides. Linear in the pieces stored, not
+    in snapshots x pieces."""
+    out: list[tuple[int, int, Source]] = []
+    valid = normalize(tuple(p) for p in lineage[-1].present)  # type: ignore[misc]
+    claimed = _PageBitmap()
+    for depth, meta in enumerate(reversed(lineage)):
+        # Pages present in this snapshot and every newer one.
+        valid = intersect(valid, normalize(tuple(p) for p in meta.present))  # type: ignore[misc]
+        if not valid:
+            break
+        last = depth == len(lineage) - 1  # nothing older reads `claimed` after this one
+        pieces: list[tuple[int, int, Source]] = [
             (e.addr, e.addr + e.pages * PAGE_SIZE,
              DataRef(meta.id, i, e.frame, e.skip * PAGE_SIZE - e.addr))
             for i, e in enumerate(meta.extents)
         ]
-        items.extend((z.addr, z.addr + z.pages * PAGE_SIZE, ZERO) for z in meta.zeros)
-        pm.overlay(items)
-        # Pages that no longer hold content (unmapped, dropped) fall out of the map.
-        pm.restrict([tuple(p) for p in meta.present])  # type: ignore[misc]
-    return lineage[-1], pm, lineage
+        pieces.extend((z.addr, z.addr + z.pages * PAGE_SIZE, ZERO) for z in meta.zeros)
+        for start, end, src in pieces:
+            for vs, ve in _clip_to(valid, start, end):
+                for rs, re in claimed.unclaimed(vs, ve):
+                    out.append((rs, re, src))
+                if not last:
+                    claimed.claim(vs, ve)
+    return out
+
+
+class _PageBitmap:
+    """A set of pages as one byte per page, in chunks allocated on first use (memory
+    proportional to the address ranges touched, not to the address space)."""
+
+    SHIFT = 15  # pages per chunk: 2**15 (128 MiB of address space, 32 KiB of bitmap)
+
+    def __init__(self) -> None:
+        self.chunks: dict[int, bytearray] = {}
+
+    def claim(self, start: int, end: int) -> None:
+        p, e = start // PAGE_SIZE, end // PAGE_SIZE
+        while p < e:
+            key = p >> self.SHIFT
+            base = key << self.SHIFT
+            lim = min(e, base + (1 << self.SHIFT))
+            bm = self.chunks.get(key)
+            if bm is None:
+                bm = self.chunks[key] = bytearray(1 << self.SHIFT)
+            bm[p - base : lim - base] = b"\x01" * (lim - p)
+            p = lim
+
+    def unclaimed(self, start: int, end: int) -> list[Span]:
+        """The parts of [start, end) not claimed, as address spans."""
+        out: list[Span] = []
+        p, e = start // PAGE_SIZE, end // PAGE_SIZE
+        while p < e:
+            key = p >> self.SHIFT
+            base = key << self.SHIFT
+            lim = min(e, base + (1 << self.SHIFT))
+            bm = self.chunks.get(key)
+            if bm is None:
+                _add_span(out, p, lim)
+                p = lim
+                continue
+            i, stop = p - base, lim - base
+            while i < stop:
+                j = bm.find(1, i, stop)  # the next claimed page
+                if j < 0:
+                    j = stop
+                if j > i:
+                    _add_span(out, base + i, base + j)
+                if j >= stop:
+                    break
+                k = bm.find(0, j, stop)  # the next unclaimed one
+                i = stop if k < 0 else k
+            p = lim
+        return out
+
+
+def _add_span(out: list[Span], first_page: int, end_page: int) -> None:
+    s, e = first_page * PAGE_SIZE, end_page * PAGE_SIZE
+    if out and out[-1][1] == s:
+        out[-1] = (out[-1][0], e)
+    else:
+        out.append((s, e))
+
+
+def _clip_to(spans: list[Span], start: int, end: int) -> list[Span]:
+    """The parts of the normalized `spans` inside [start, end)."""
+    i = max(bisect.bisect_right(spans, (start, end)) - 1, 0)
+    out: list[Span] = []
+    while i < len(spans) and spans[i][0] < end:
+        s, e = max(spans[i][0], start), min(spans[i][1], end)
+        if s < e:
+            out.append((s, e))
+        i += 1
+    return out
 
 
 def unsourced(meta: SnapshotMeta, pm: IntervalMap[Source]) -> list[Span]:
@@ -64,14 +156,17 @@ def unsourced(meta: SnapshotMeta, pm: IntervalMap[Source]) -> list[Span]:
 
 
 class FrameReader:
-    """Decompresses frames, keeping a few recent ones (materialize walks in order)."""
+    """Decompresses frames, keeping recent ones. Walking a page map in address order
+    visits each snapshot's frames in order (a snapshot's frames follow its addresses), so
+    keeping about one frame per snapshot decompresses every frame once; the default
+    cache is sized so."""
 
-    def __init__(self, store: Store, metas: dict[str, SnapshotMeta], cache: int = 8) -> None:
+    def __init__(self, store: Store, metas: dict[str, SnapshotMeta], cache: int = 0) -> None:
         self.store = store
         self.metas = metas
         self.files: dict[str, int] = {}
         self.cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self.cache_size = cache
+        self.cache_size = cache or len(metas) + 8
         self.dctx = zstandard.ZstdDecompressor()
 
     def close(self) -> None:
@@ -225,6 +320,18 @@ def _fill_from_file(fd: int, v: Vma, spans: list[Span]) -> str:
     return "filled"
 
 
+def _lineage_in(metas: dict[str, SnapshotMeta], meta: SnapshotMeta) -> list[SnapshotMeta]:
+    """Like Store.lineage, from already loaded metadata."""
+    out = [meta]
+    while out[-1].kind != "full":
+        parent = out[-1].parent
+        if parent is None or parent not in metas or len(out) > len(metas):
+            raise CorruptStore(f"snapshot {meta.id}: its chain is broken at {out[-1].id}")
+        out.append(metas[parent])
+    out.reverse()
+    return out
+
+
 def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[str]]:
     """Check every snapshot: metadata, chain links, data files, every extent's checksum,
     and that every page holding content has a source. Returns (snapshots, problems)."""
@@ -270,8 +377,10 @@ def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[st
                 progress(done, total_bytes)
             if not m.truncated:
                 try:
-                    meta, pm, _ = page_map(store, m.id)
-                    gaps = unsourced(meta, pm)
+                    # From the metadata already loaded: reloading each lineage from disk
+                    # would make verify quadratic in chain length.
+                    lineage = _lineage_in(metas, m)
+                    gaps = unsourced(m, IntervalMap(resolve_sources(lineage)))
                     if gaps:
                         problems.append(f"{m.id}: {sum(e - s for s, e in gaps) // PAGE_SIZE} "
                                         f"pages hold content but no snapshot stored it")
