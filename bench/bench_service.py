@@ -69,8 +69,9 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
-                 concurrency: int = 2, extra_defaults: str = "") -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-"))
+                 concurrency: int = 2, extra_defaults: str = "",
+                 store_parent: str | None = None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_parent))
     sock = tmp / "ckptd.sock"
     cfg = tmp / "ckptd.toml"
     cfg.write_text(f'[service]\nstore = "{tmp / "store"}"\nsocket = "{sock}"\n'
@@ -173,6 +174,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     ap.add_argument("--concurrency", type=int, default=2,
                     help="the service's [service] concurrency (default 2, its default)")
+    ap.add_argument("--store-dir", default=None,
+                    help="where to create the store (default: $TMPDIR or /tmp); compare "
+                    "filesystems with it")
     ap.add_argument("--compact-after", type=int, default=None,
                     help="override [defaults.retention] compact_after (default: the service's)")
     ap.add_argument("--compact-ratio", type=float, default=None,
@@ -193,9 +197,11 @@ def main() -> int:
           "peak RSS | VmHWM | failures |")
     print("|---|---|---|---|---|---|---|---|")
     if args.scenario == "big":
-        run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency, extra)
+        run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency,
+                     extra, args.store_dir)
     else:
-        run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency, extra)
+        run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency,
+                     extra, args.store_dir)
     return 0
 
 

@@ -146,3 +146,39 @@ for line in sys.stdin:
             assert t.alive()
             # ... and it was the checked get-and-clear that caught it.
             assert any("no longer registered" in r.getMessage() for r in caplog.records)
+
+
+def test_private_file_pages_that_revert_to_the_file_are_restored_as_the_file(
+        engine: Engine, store: Store, tmp_path: Path) -> None:
+    """Copy-on-write pages of a private file mapping can be dropped (MADV_DONTNEED): the
+    page then shows the file again, and the write tracker does not report it. Each round
+    must still restore exactly what the process sees."""
+    data = tmp_path / "backing.bin"
+    data.write_bytes(bytes(range(256)) * 16 * 64)  # 64 pages of a known pattern
+    code = f"""
+import mmap, sys
+f = open({str(data)!r}, 'r+b')
+m = mmap.mmap(f.fileno(), 64 * 4096, flags=mmap.MAP_PRIVATE,
+              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+for p in range(0, 64, 2):
+    m[p * 4096:p * 4096 + 8] = b'cow-page'
+print('ready', flush=True)
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == 'drop':
+        for p in map(int, args):
+            m.madvise(mmap.MADV_DONTNEED, p * 4096, 4096)
+    elif cmd == 'write':
+        for p in map(int, args):
+            m[p * 4096 + 100:p * 4096 + 108] = b'again!!!'
+    print('ok', flush=True)
+"""
+    rec = GroundTruthRecorder()
+    with Target.python(code) as t:
+        steps = [None, "drop 0 2 4", "write 1 3", "drop 1 6", "write 0", None]
+        for i, step in enumerate(steps):
+            if step is not None:
+                assert t.send(step) == "ok"
+            meta = engine.snapshot(t.pid, tracker="uffd-wp", on_frozen=rec)
+            assert meta.kind == ("full" if i == 0 else "delta")
+            assert_materializes_to(store, meta.id, rec.last, tmp_path / f"m{i}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import grp
 import logging
 import os
@@ -515,6 +516,11 @@ class Service:
         tally.note(meta)  # even if a job is running: the next one plans from memory
         if chain in self._maint_running or self.stopping:
             return
+        known = tally.remembered()
+        if known is not None and maintenance.plan(known, pol.retention, time.time()) is None:
+            # Nothing to do by what we remember: no job, no listing of the chain. (What
+            # we remember is checked against the disk whenever a job does run.)
+            return
         self._maint_running.add(chain)
         self._spawn(self._maintain(chain, pol, tally), f"maint-{chain}")
 
@@ -801,4 +807,10 @@ def serve(config_path: Path | None) -> int:
     cfg = load_config(config_path)
     setup_logging(cfg.service.log_level)
     service = Service(cfg, config_path)
+    # Each round allocates many short-lived objects: with the default thresholds the
+    # cyclic collector ran several times per round. Collect less often, and leave the
+    # objects that live as long as the service (modules, config) out of every pass.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     return int(uvloop.run(service.run()))

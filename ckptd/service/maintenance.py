@@ -25,10 +25,8 @@ the chain is therefore at most half-way to both triggers, so the next one needs 
 compact_ratio * P / 2 newly stored delta pages or compact_after / 2 new rounds. Per page
 the rounds store, compaction rewrites at most about 2 / compact_ratio pages (write
 amplification <= 1 + 2 / compact_ratio), and a restore reads at most (1 + compact_ratio)
-times the base's pages from at most compact_after snapshot files. The bound is on pages
-rewritten: the CPU time of one compaction also grows with the number of snapshots it
-folds (page_map applies them one at a time to the whole map of pieces), which this rule
-does not model.
+times the base's pages from at most compact_after snapshot files. (Resolving the page
+map to fold is linear in the pieces the folded snapshots stored, so CPU follows pages.)
 
 Why not fold the older half by count alone: when the newest deltas are much larger than
 the older ones (a burst of writes), folding the older half leaves the burst after the
@@ -42,9 +40,10 @@ pages) would otherwise compact on almost every round; with the floor its deltas 
 store COMPACT_FLOOR_PAGES * compact_ratio pages first, and rewriting such a base is cheap.
 
 Planning runs after every round, so its inputs are kept in memory (ChainTally): one
-entry per snapshot of the chain, updated from the snapshot each round publishes, and
-re-read from the snapshots' heads only when the chain's list of ids (one listdir) no
-longer matches: at startup, after a compaction, or when another ckptd process changed
+entry per snapshot of the chain, updated from the snapshot each round publishes. The
+service plans from memory after each round and starts a job only when there is work;
+the job re-reads the snapshots' heads if the chain's list of ids (one listdir) no longer
+matches memory: at startup, after a compaction, or when another ckptd process changed
 the chain.
 """
 
@@ -187,6 +186,11 @@ class ChainTally:
             # changed and loads them all.
             if self._entries and parse_snapshot_id(self._entries[-1].id)[1] < meta.seq:
                 self._entries.append(Entry.of(meta))
+
+    def remembered(self) -> list[Entry] | None:
+        """The entries in memory, unchecked against the disk (None: nothing loaded)."""
+        with self._lock:
+            return list(self._entries) if self._entries else None
 
     def invalidate(self) -> None:
         with self._lock:

@@ -279,8 +279,7 @@ class UffdWpTracker(Tracker):
         file_reg = intersect(believed, file_spans)
         plan = _Plan(want_reg=want_reg, never_reg=never_reg, believed=believed,
                      new_vmas=new_vmas, file_reg=file_reg,
-                     anon_reg=subtract(believed, file_spans),
-                     file_scan=_coalesce(file_reg, vmas))
+                     anon_reg=subtract(believed, file_spans))
         self._plan_cache = (self._registered, self._unregistrable, list(vmas), plan)
         return plan
 
@@ -381,11 +380,15 @@ class UffdWpTracker(Tracker):
             # which the get-and-clear reports too (as none ptes: they read as zeros). So
             # presence carries over from the parent, limited to the mappings that exist.
             # Private file mappings also lose content by reverting to the file (a dropped
-            # copy-on-write page leaves a marker, not reported): scan those, they are small.
+            # copy-on-write page leaves a marker, not reported). Only pages that held
+            # content at the parent can have been dropped: scan just those. Pages copied
+            # since were written, so the get-and-clear reported them.
             parent = ctx.parent_present or []
             anon_present = intersect(normalize([*parent, *written_spans]), plan.anon_reg)
-            file_present, unsure = self._present(ctx, plan.file_reg, parent,
-                                                 scan=plan.file_scan)
+            had = intersect(parent, plan.file_reg)
+            kept, unsure = self._present(ctx, had, parent,
+                                         scan=_coalesce(had, vmas, _COALESCE_FILE_GAP))
+            file_present = normalize([*kept, *intersect(written_spans, plan.file_reg)])
             present = normalize([*anon_present, *file_present, *new_present,
                                  *untracked_present])
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
@@ -486,15 +489,15 @@ class _Plan:
     new_vmas: list[Mapping]   # to register this round
     file_reg: list[Span]      # registered private file mappings (presence is scanned)
     anon_reg: list[Span]      # registered anonymous memory (presence carries over)
-    file_scan: list[Span]     # fewer, wider ranges covering file_reg for one scan
 
 
-# Scanning across a gap costs the kernel a walk of the mapped pages in it; a separate
-# ioctl costs about as much as walking this many pages.
-_COALESCE_GAP_PAGES = 1024
+# Scanning across a gap costs the kernel a walk of the mapped pages in it (about 50 ns
+# each in the general path); a separate ioctl from Python costs about as much as a few
+# hundred of them.
+_COALESCE_FILE_GAP = 256
 
 
-def _coalesce(spans: list[Span], vmas: list[Mapping]) -> list[Span]:
+def _coalesce(spans: list[Span], vmas: list[Mapping], max_gap_pages: int) -> list[Span]:
     """Merge neighbouring spans into one scan range when little mapped memory lies
     between them (results are then clipped back to `spans`)."""
     if len(spans) < 2:
@@ -508,7 +511,7 @@ def _coalesce(spans: list[Span], vmas: list[Mapping]) -> list[Span]:
         while i < len(vmas) and vmas[i].start < gap_hi:
             mapped += max(0, min(vmas[i].end, gap_hi) - max(vmas[i].start, gap_lo))
             i += 1
-        if mapped >> abi.PAGE_SHIFT <= _COALESCE_GAP_PAGES:
+        if mapped >> abi.PAGE_SHIFT <= max_gap_pages:
             out[-1] = (out[-1][0], e)
         else:
             out.append((s, e))
