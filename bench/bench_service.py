@@ -69,7 +69,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
-                 concurrency: int = 2, extra_defaults: str = "",
+                 concurrency: int = 1, extra_defaults: str = "",
                  store_parent: str | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_parent))
     sock = tmp / "ckptd.sock"
@@ -172,11 +172,12 @@ def main() -> int:
     ap.add_argument("scenario", choices=["big", "small", "aio"])
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
-    ap.add_argument("--concurrency", type=int, default=2,
-                    help="the service's [service] concurrency (default 2, its default)")
-    ap.add_argument("--store-dir", default=None,
-                    help="where to create the store (default: $TMPDIR or /tmp); compare "
-                    "filesystems with it")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="the service's [service] concurrency (default 1, its default)")
+    ap.add_argument("--store-dir", default="/var/tmp",
+                    help="where to create the store (default /var/tmp: the filesystem area "
+                    "of the service's /var/lib/ckptd; on our VM /tmp's ext4 groups make "
+                    "each file creation about 15x dearer, see docs/benchmarks.md)")
     ap.add_argument("--compact-after", type=int, default=None,
                     help="override [defaults.retention] compact_after (default: the service's)")
     ap.add_argument("--compact-ratio", type=float, default=None,

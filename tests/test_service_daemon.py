@@ -562,4 +562,4 @@ def test_python_dash_m_and_help() -> None:
     r = subprocess.run([sys.executable, "-m", "ckptd", "serve", "--check"],
                        capture_output=True, text=True, check=False,
                        env={**os.environ, "HOME": "/nonexistent"})
-    assert r.returncode == 0 and json.loads(r.stdout)["service"]["concurrency"] == 2
+    assert r.returncode == 0 and json.loads(r.stdout)["service"]["concurrency"] == 1

@@ -151,7 +151,7 @@ class ServiceSection(_Strict):
     store: Path = DEFAULT_STORE
     socket: Path = DEFAULT_SOCKET
     socket_group: str = Field(default="", description="group owning the socket (mode 0660)")
-    concurrency: int = Field(default=2, ge=1, le=64, description="snapshots running at once")
+    concurrency: int = Field(default=1, ge=1, le=64, description="snapshots running at once")
     log_level: LogLevel = "info"
     shutdown_grace: Duration = Field(
         default=20.0, description="on SIGTERM, wait this long for in-flight snapshots"
