@@ -35,7 +35,8 @@ from .writer import SnapshotWriter
 
 log = logging.getLogger(__name__)
 
-WINDOW_BYTES = 32 << 20  # pages re-compressed per step: bounds compaction's memory
+WINDOW_BYTES = 8 << 20  # pages re-compressed per step: bounds compaction's memory (the
+# service runs it next to the snapshot rounds, within their memory budget)
 
 
 def compact_chain(store: Store, chain: str, upto: str) -> str:
