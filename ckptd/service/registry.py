@@ -110,6 +110,8 @@ class Registration:
     last_snapshot_at: float | None = None
     last_duration: float | None = None
     last_error: str | None = None
+    _policy_cache: tuple[PolicyOverride, Policy, Policy] | None = field(default=None,
+                                                                        repr=False)
     next_due: float | None = None  # wall clock
     closed: bool = False
     snapshot_ids: list[str] = field(default_factory=list)
@@ -119,7 +121,15 @@ class Registration:
         return self.record.pid
 
     def policy(self, defaults: Policy) -> Policy:
-        return self.record.policy.apply(defaults)
+        """The effective policy. Asked several times per round; both inputs are
+        immutable, so it is recomputed only when either object is replaced (a reload, a
+        re-registration)."""
+        cached = self._policy_cache
+        if cached is not None and cached[0] is self.record.policy and cached[1] is defaults:
+            return cached[2]
+        pol = self.record.policy.apply(defaults)
+        self._policy_cache = (self.record.policy, defaults, pol)
+        return pol
 
     def close(self) -> None:
         if not self.closed:
