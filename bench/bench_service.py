@@ -3,6 +3,8 @@
 Scenarios (issue 3, section 10):
   big    10 processes of 256 MiB, each writing 1% of its pages per second, 1 s interval
   small  100 small processes, 1 s interval
+  small-engine  the small scenario with an Engine in-process, no service (what the
+         service itself adds is the difference)
   aio    registry persistence through aiofiles vs. a plain executor call (the service's
          only async file I/O; snapshot data is written by the engine's threads)
 
@@ -127,6 +129,51 @@ def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_engine_only(n: int, pages: int, duration: float, warmup: float,
+                    store_parent: str) -> None:
+    """The "small" scenario without the service: one Engine in this process snapshots
+    each target once per second, one after the other. The difference to the service's
+    figure is the cost of the service itself (event loop, threads, scheduling)."""
+    import resource
+
+    from ckptd.engine import Engine
+    from ckptd.store import Store
+
+    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_parent))
+    targets = []
+    try:
+        for _ in range(n):
+            t = subprocess.Popen([sys.executable, "-c", TARGET, str(pages), "0"],
+                                 stdout=subprocess.PIPE, text=True)
+            assert t.stdout is not None and t.stdout.readline().strip() == "ready"
+            targets.append(t)
+        with Engine(Store.open(tmp / "store", create=True)) as engine:
+            for t in targets:
+                engine.snapshot(t.pid)
+            time.sleep(warmup)
+
+            def cpu() -> float:
+                r = resource.getrusage(resource.RUSAGE_SELF)
+                return r.ru_utime + r.ru_stime
+
+            c0, w0, rounds = cpu(), time.monotonic(), 0
+            while time.monotonic() - w0 < duration:
+                start = time.monotonic()
+                for t in targets:
+                    engine.snapshot(t.pid)
+                    rounds += 1
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - start)))
+            c1, w1 = cpu(), time.monotonic()
+        size = f"{pages * 4} KiB"
+        print(f"| {n} x {size} mapped, engine only (no service) | {w1 - w0:.0f} s | "
+              f"{100 * (c1 - c0) / (w1 - w0):.1f}% | {rounds / (w1 - w0):.1f} | - | - | - | 0 |")
+    finally:
+        for t in targets:
+            t.kill()
+            t.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench_aio(count: int) -> None:
     from ckptd.service import aio
     from ckptd.store.fsutil import atomic_write
@@ -169,7 +216,7 @@ def bench_aio(count: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", choices=["big", "small", "aio"])
+    ap.add_argument("scenario", choices=["big", "small", "small-engine", "aio"])
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     ap.add_argument("--concurrency", type=int, default=1,
@@ -206,6 +253,8 @@ def main() -> int:
     if args.scenario == "big":
         run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency,
                      extra, args.store_dir)
+    elif args.scenario == "small-engine":
+        run_engine_only(100, 64, args.duration, args.warmup, args.store_dir)
     else:
         run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency,
                      extra, args.store_dir)
