@@ -41,6 +41,10 @@ test: lint
 
 bench: setup
 	$(PY) bench/bench_capture.py
+	$(PY) bench/bench_service.py big --duration 180
+	$(PY) bench/bench_service.py small --duration 40
+	$(PY) bench/bench_service.py small-engine --duration 40
+	$(PY) bench/bench_compaction.py --snapshots 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,83 @@
+"""Compaction benchmark: CPU of resolving a page map, folding half a chain, and verify.
+
+A Python target maps 256 MiB (MAP_PRIVATE|MAP_ANONYMOUS) and rewrites random pages
+(10% of them per second, in ticks of 0.1 s); the benchmark takes N snapshots 0.1 s
+apart (about 650 written pages each), then measures in this process:
+  page_map   resolving where every page of the newest snapshot lives
+  compact    folding the older half of the chain into a new base (compact_chain)
+  verify     ckptd verify of the store
+
+Run as root from the repository root (not part of CI):
+  .venv/bin/python bench/bench_compaction.py --snapshots 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_service import TARGET  # noqa: E402
+
+from ckptd.engine import Engine  # noqa: E402
+from ckptd.store import Store, reader  # noqa: E402
+from ckptd.store.compact import compact_chain  # noqa: E402
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--snapshots", type=int, default=60)
+    ap.add_argument("--store-dir", default="/var/tmp")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (ptrace of the target)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=args.store_dir))
+    target = subprocess.Popen([sys.executable, "-c", TARGET, "65536", "0.1"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout is not None and target.stdout.readline().strip() == "ready"
+        store = Store.open(tmp / "store", create=True)
+        with Engine(store) as engine:
+            for _ in range(args.snapshots):
+                meta = engine.snapshot(target.pid)
+                time.sleep(0.1)
+        target.kill()
+        c0 = cpu()
+        _, pm, _ = reader.page_map(store, meta.id)
+        c1 = cpu()
+        upto = f"{meta.chain}-{args.snapshots // 2}"
+        summary = compact_chain(store, meta.chain, upto)
+        c2 = cpu()
+        count, problems = reader.verify(store)
+        c3 = cpu()
+        assert not problems, problems
+        print(f"| {args.snapshots} snapshots of 256 MiB | page map {c1 - c0:.2f} s "
+              f"({len(pm)} pieces) | fold {args.snapshots // 2} into a base {c2 - c1:.2f} s | "
+              f"verify {count} snapshots {c3 - c2:.2f} s |")
+        print(summary)
+    finally:
+        target.kill()
+        target.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
