@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -182,3 +183,22 @@ for line in sys.stdin:
             meta = engine.snapshot(t.pid, tracker="uffd-wp", on_frozen=rec)
             assert meta.kind == ("full" if i == 0 else "delta")
             assert_materializes_to(store, meta.id, rec.last, tmp_path / f"m{i}")
+
+
+def test_two_ckptd_processes_on_one_chain_keep_the_state_file_current(
+        engine: Engine, store: Store, tmp_path: Path) -> None:
+    """A service and a `ckptd snapshot --store` run may take turns on one chain. Each
+    round must restore exactly, and the tracker state on disk must name the newest
+    snapshot whoever took it (the service updates the file in place; the other process
+    replaces it by a rename)."""
+    rec = GroundTruthRecorder()
+    with Target.churn(threads=2, base_mib=8, seed=3) as t, Engine(store) as other:
+        order = [engine, engine, other, engine, other, other, engine]
+        for i, eng in enumerate(order):
+            time.sleep(0.05)
+            meta = eng.snapshot(t.pid, tracker="uffd-wp", on_frozen=rec)
+            assert_materializes_to(store, meta.id, rec.last, tmp_path / f"m{i}")
+            state = json.loads((store.chain_dir(meta.chain) / "state" / "uffd-wp.json")
+                               .read_text())
+            assert state["synced_with"] == meta.id, (i, state, meta.id)
+        assert t.alive()

@@ -115,7 +115,8 @@ class UffdWpTracker(Tracker):
         assert self.state is not None
         data = json.dumps(self.state.__dict__).encode()
         path = ctx.state_dir / STATE_FILE
-        if self._state_fd >= 0 and self._state_path == path and len(data) < _STATE_RECORD:
+        if (self._state_fd >= 0 and self._state_path == path and len(data) < _STATE_RECORD
+                and self._state_file_is_ours(path)):
             os.pwrite(self._state_fd, data.ljust(_STATE_RECORD - 1) + b"\n", 0)
             return
         self._close_state()
@@ -123,6 +124,15 @@ class UffdWpTracker(Tracker):
                      if len(data) < _STATE_RECORD else data, durable=False)
         self._state_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         self._state_path = path
+
+    def _state_file_is_ours(self, path: Path) -> bool:
+        """Is our open fd still the file at `path`? Another ckptd process working on the
+        same chain (under the chain lock, as we are now) replaces the file by a rename;
+        writing to our old inode would then leave its content on disk."""
+        try:
+            return os.stat(path).st_ino == os.fstat(self._state_fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _close_state(self) -> None:
         if self._state_fd >= 0:
