@@ -7,7 +7,7 @@ import json
 import os
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,31 +90,32 @@ class _PageBitmap:
     def __init__(self) -> None:
         self.chunks: dict[int, bytearray] = {}
 
-    def claim(self, start: int, end: int) -> None:
+    def _chunks(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(chunk key, first page, end page) for each chunk [start, end) touches."""
         p, e = start // PAGE_SIZE, end // PAGE_SIZE
         while p < e:
             key = p >> self.SHIFT
-            base = key << self.SHIFT
-            lim = min(e, base + (1 << self.SHIFT))
+            lim = min(e, (key + 1) << self.SHIFT)
+            yield key, p, lim
+            p = lim
+
+    def claim(self, start: int, end: int) -> None:
+        for key, p, lim in self._chunks(start, end):
             bm = self.chunks.get(key)
             if bm is None:
                 bm = self.chunks[key] = bytearray(1 << self.SHIFT)
+            base = key << self.SHIFT
             bm[p - base : lim - base] = b"\x01" * (lim - p)
-            p = lim
 
     def unclaimed(self, start: int, end: int) -> list[Span]:
         """The parts of [start, end) not claimed, as address spans."""
         out: list[Span] = []
-        p, e = start // PAGE_SIZE, end // PAGE_SIZE
-        while p < e:
-            key = p >> self.SHIFT
-            base = key << self.SHIFT
-            lim = min(e, base + (1 << self.SHIFT))
+        for key, p, lim in self._chunks(start, end):
             bm = self.chunks.get(key)
             if bm is None:
                 _add_span(out, p, lim)
-                p = lim
                 continue
+            base = key << self.SHIFT
             i, stop = p - base, lim - base
             while i < stop:
                 j = bm.find(1, i, stop)  # the next claimed page
@@ -126,7 +127,6 @@ class _PageBitmap:
                     break
                 k = bm.find(0, j, stop)  # the next unclaimed one
                 i = stop if k < 0 else k
-            p = lim
         return out
 
 
