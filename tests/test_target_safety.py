@@ -141,6 +141,72 @@ for line in sys.stdin:
         assert wait_for(lambda: t.send("count") == "1", timeout=5)
 
 
+class _SignalBeforeInterrupt(ptrace.Freezer):
+    """A Freezer that sends SIGUSR1 after seizing each thread and before interrupting
+    it, so that the thread, running and traced, reports a signal-delivery stop before
+    its interrupt stop: the race that ckptd must handle without keeping the signal."""
+
+    def _seize(self, tid: int) -> bool:
+        from ckptd.kernel.syscalls import ptrace as raw_ptrace
+
+        raw_ptrace(abi.PTRACE_SEIZE, tid, 0, 0)
+        self.threads[tid] = ptrace._Thread(tid)
+        os.kill(tid, signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while procfs.process_state(tid) != "t" and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the signal-delivery stop ("t": tracing stop)
+        assert procfs.process_state(tid) == "t", "the signal did not stop the thread"
+        raw_ptrace(abi.PTRACE_INTERRUPT, tid)
+        return True
+
+
+def test_a_signal_delivery_stop_while_freezing_is_passed_on() -> None:
+    """Deterministic version of the race: the signal's delivery stop comes first. The
+    handler must run exactly once, and the target must go on."""
+    code = """
+import signal, sys
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+print('ready', flush=True)
+for line in sys.stdin:
+    print(len(got), flush=True)
+"""
+    with Target.python(code) as t:
+        time.sleep(0.1)
+        with _SignalBeforeInterrupt(t.pid) as fz:
+            assert all(th.stopped for th in fz.threads.values())
+            assert procfs.process_state(t.pid) == "t"
+        assert wait_for(lambda: t.send("count") == "1", timeout=5)
+        assert t.send("count") == "1"  # once, not twice
+        assert t.alive()
+
+
+def test_a_signal_seen_while_freezing_survives_ckptd_being_killed() -> None:
+    """ckptd never holds a signal: a freezer that collected a signal-delivery stop and
+    is then SIGKILLed (the kernel detaches) must leave the signal delivered."""
+    code = """
+import signal, sys
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+print('ready', flush=True)
+for line in sys.stdin:
+    print(len(got), flush=True)
+"""
+    with Target.python(code) as t:
+        time.sleep(0.1)
+        child = os.fork()
+        if child == 0:  # the "ckptd": freeze, then die without thawing
+            try:
+                _SignalBeforeInterrupt(t.pid).freeze()
+                os.kill(os.getpid(), signal.SIGKILL)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        assert wait_for(lambda: t.send("count") == "1", timeout=5)
+        assert t.alive()
+
+
 def test_target_exiting_mid_snapshot_leaves_no_half_snapshot(engine: Engine,
                                                               store: Store) -> None:
     with Target.python(READER) as t:
