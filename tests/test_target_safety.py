@@ -121,8 +121,8 @@ def test_stopped_target_stays_stopped(engine: Engine) -> None:
         assert t.send("go") == hashlib.sha256(b"go\n").hexdigest()
 
 
-def test_signals_during_freeze_are_delivered(engine: Engine) -> None:
-    code = """
+# Counts the SIGUSR1 it handled; answers each line on stdin with the count.
+SIGUSR1_COUNTER = """
 import signal, sys
 got = []
 signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
@@ -130,7 +130,10 @@ print('ready', flush=True)
 for line in sys.stdin:
     print(len(got), flush=True)
 """
-    with Target.python(code) as t:
+
+
+def test_signals_during_freeze_are_delivered(engine: Engine) -> None:
+    with Target.python(SIGUSR1_COUNTER) as t:
         time.sleep(0.1)
         engine.snapshot(t.pid)
 
@@ -163,15 +166,7 @@ class _SignalBeforeInterrupt(ptrace.Freezer):
 def test_a_signal_delivery_stop_while_freezing_is_passed_on() -> None:
     """Deterministic version of the race: the signal's delivery stop comes first. The
     handler must run exactly once, and the target must go on."""
-    code = """
-import signal, sys
-got = []
-signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
-print('ready', flush=True)
-for line in sys.stdin:
-    print(len(got), flush=True)
-"""
-    with Target.python(code) as t:
+    with Target.python(SIGUSR1_COUNTER) as t:
         time.sleep(0.1)
         with _SignalBeforeInterrupt(t.pid) as fz:
             assert all(th.stopped for th in fz.threads.values())
@@ -184,15 +179,7 @@ for line in sys.stdin:
 def test_a_signal_seen_while_freezing_survives_ckptd_being_killed() -> None:
     """ckptd never holds a signal: a freezer that collected a signal-delivery stop and
     is then SIGKILLed (the kernel detaches) must leave the signal delivered."""
-    code = """
-import signal, sys
-got = []
-signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
-print('ready', flush=True)
-for line in sys.stdin:
-    print(len(got), flush=True)
-"""
-    with Target.python(code) as t:
+    with Target.python(SIGUSR1_COUNTER) as t:
         time.sleep(0.1)
         child = os.fork()
         if child == 0:  # the "ckptd": freeze, then die without thawing
