@@ -180,19 +180,19 @@ def take_snapshot(
 ) -> SnapshotMeta:
     pid = ident.pid
     t_start = time.perf_counter()
+    seq = parent.seq + 1 if parent else 1
+    snapshot_id = f"{chain.chain}-{seq}"
     ctx = TrackContext(
         pid=pid,
         state_dir=store.chain_dir(chain.chain) / "state",
         parent_present=[(s, e) for s, e in parent.present] if parent else None,
         parent_id=parent.id if parent else None,
-        snapshot_id=f"{chain.chain}-{parent.seq + 1 if parent else 1}",
+        snapshot_id=snapshot_id,
         fuzzy=fuzzy,
         max_pages=max_pages,
         privileged=privileged,
         start_time=ident.start_time,
     )
-    seq = parent.seq + 1 if parent else 1
-    snapshot_id = f"{chain.chain}-{seq}"
     armed = tracker.arm(ctx)
     full_reason = full_reason or armed.full_reason
     if parent is None and full_reason is None:

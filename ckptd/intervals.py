@@ -7,7 +7,7 @@ process with few distinct runs costs a few entries, not 262144.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -66,6 +66,17 @@ def contains(spans: list[Span], addr: int) -> bool:
     """Is addr inside one of the normalized spans?"""
     i = bisect.bisect_right(spans, (addr, float("inf"))) - 1
     return i >= 0 and spans[i][0] <= addr < spans[i][1]
+
+
+def covers(spans: Sequence[Span], span: Span) -> bool:
+    """Is `span` wholly inside one span of the normalized `spans`?"""
+    i = bisect.bisect_right(spans, (span[0], float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= span[0] and span[1] <= spans[i][1]
+
+
+def clip_to(spans: list[Span], start: int, end: int) -> list[Span]:
+    """The parts of the normalized `spans` inside [start, end)."""
+    return [(max(s, start), min(e, end)) for s, e in _clip(spans, start, end)]
 
 
 def total(spans: Iterable[Span]) -> int:

@@ -7,7 +7,6 @@ through /proc/PID/mem, which reads with FOLL_FORCE.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import errno
 import mmap
@@ -15,6 +14,7 @@ import os
 from array import array
 from collections.abc import Sequence
 
+from ..intervals import covers
 from . import abi
 from .syscalls import process_vm_readv
 
@@ -71,7 +71,7 @@ class PageReader:
         batch: list[Run] = []
         batch_offset = 0
         for run in runs:
-            if not self.use_vm_readv or _inside(run, unreadable):
+            if not self.use_vm_readv or covers(unreadable, run):
                 offset = self._flush(batch, base, batch_offset, buf)
                 self._pread(run, buf, offset)
                 offset += run[1] - run[0]
@@ -139,8 +139,3 @@ class PageReader:
             view.release()
 
 
-def _inside(run: Run, ranges: Sequence[Run]) -> bool:
-    """Is run within one of `ranges` (sorted, non-overlapping)?"""
-    s, e = run
-    i = bisect.bisect_right(ranges, (s, float("inf"))) - 1
-    return i >= 0 and ranges[i][0] <= s and e <= ranges[i][1]

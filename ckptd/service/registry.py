@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import CkptdError, TargetNotFound
+from ..kernel import procfs
 from .config import Policy, PolicyOverride
 
 log = logging.getLogger("ckptd.service.registry")
@@ -50,12 +51,9 @@ class RegistryFile(BaseModel):
 def read_start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: start time in clock ticks since boot."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        return procfs.start_time(pid)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetNotFound(f"no process with PID {pid}") from None
-    tail = raw[raw.rindex(b")") + 2 :].split()
-    return int(tail[19])  # fields from 3 (state) onward; 22 - 3 = 19
 
 
 def read_comm(pid: int) -> str:

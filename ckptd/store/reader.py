@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import zlib
@@ -15,7 +14,7 @@ from typing import Any
 import zstandard
 
 from ..errors import CorruptStore, UserError
-from ..intervals import IntervalMap, Span, intersect, normalize, subtract
+from ..intervals import IntervalMap, Span, clip_to, intersect, normalize, subtract
 from ..kernel.abi import PAGE_SIZE
 from .format import SnapshotMeta, Vma
 from .fsutil import FILE_MODE, fsync_dir, make_private_dir
@@ -73,7 +72,7 @@ def resolve_sources(lineage: list[SnapshotMeta]) -> list[tuple[int, int, Source]
         ]
         pieces.extend((z.addr, z.addr + z.pages * PAGE_SIZE, ZERO) for z in meta.zeros)
         for start, end, src in pieces:
-            for vs, ve in _clip_to(valid, start, end):
+            for vs, ve in clip_to(valid, start, end):
                 for rs, re in claimed.unclaimed(vs, ve):
                     out.append((rs, re, src))
                 if not last:
@@ -136,18 +135,6 @@ def _add_span(out: list[Span], first_page: int, end_page: int) -> None:
         out[-1] = (out[-1][0], e)
     else:
         out.append((s, e))
-
-
-def _clip_to(spans: list[Span], start: int, end: int) -> list[Span]:
-    """The parts of the normalized `spans` inside [start, end)."""
-    i = max(bisect.bisect_right(spans, (start, end)) - 1, 0)
-    out: list[Span] = []
-    while i < len(spans) and spans[i][0] < end:
-        s, e = max(spans[i][0], start), min(spans[i][1], end)
-        if s < e:
-            out.append((s, e))
-        i += 1
-    return out
 
 
 def unsourced(meta: SnapshotMeta, pm: IntervalMap[Source]) -> list[Span]:

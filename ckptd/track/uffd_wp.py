@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TrackerUnavailable
-from ..intervals import Span, contains, intersect, normalize, subtract
+from ..intervals import Span, contains, covers, intersect, normalize, subtract
 from ..kernel import abi, pagemap, procfs, ptrace, syscalls, uffd
 from ..kernel.procfs import Mapping
 from ..store.fsutil import atomic_write
@@ -279,12 +279,12 @@ class UffdWpTracker(Tracker):
         failed_before = self._unregistrable
         never_reg = normalize(
             (m.start, m.end) for m in cap
-            if not _registrable(m) or _inside(failed_before, (m.start, m.end)))
+            if not _registrable(m) or covers(failed_before, (m.start, m.end)))
         believed = normalize((m.start, m.end) for m in want_reg
-                             if _inside(known, (m.start, m.end)))
+                             if covers(known, (m.start, m.end)))
         new_vmas = [m for m in want_reg
-                    if not _inside(believed, (m.start, m.end))
-                    and not _inside(never_reg, (m.start, m.end))]
+                    if not covers(believed, (m.start, m.end))
+                    and not covers(never_reg, (m.start, m.end))]
         file_spans = normalize((m.start, m.end) for m in want_reg if m.file_backed)
         file_reg = intersect(believed, file_spans)
         plan = _Plan(want_reg=want_reg, never_reg=never_reg, believed=believed,
@@ -359,7 +359,7 @@ class UffdWpTracker(Tracker):
         # Remember failures (not retried every round), for the mappings that still exist;
         # a round that reads everything retries them.
         skipped = [(m.start, m.end) for m in plan.want_reg
-                   if _inside(self._unregistrable, (m.start, m.end))]
+                   if covers(self._unregistrable, (m.start, m.end))]
         unregistrable = normalize([*skipped, *failed])
         if unregistrable != self._unregistrable:
             self._unregistrable = unregistrable
@@ -533,15 +533,6 @@ _GET_AND_CLEAR_CHECKED = pagemap.Query(
     return_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.return_mask,
     flags=pagemap.WRITTEN_FAST_GET_AND_CLEAR.flags | abi.PM_SCAN_CHECK_WPASYNC,
 )
-
-
-def _inside(spans: list[Span], span: Span) -> bool:
-    """Is `span` wholly inside one span of the normalized list `spans`?"""
-    i = bisect.bisect_right(spans, (span[0], _MAX_ADDR)) - 1
-    return i >= 0 and spans[i][0] <= span[0] and span[1] <= spans[i][1]
-
-
-_MAX_ADDR = 1 << 64
 
 
 def _registrable(m: Mapping) -> bool:
