@@ -17,8 +17,22 @@ Span = tuple[int, int]
 
 def normalize(spans: Iterable[Span]) -> list[Span]:
     """Sort and merge overlapping or touching spans; drop empty ones."""
+    items = sorted(spans)
+    if not items:
+        return items
+    # Most inputs are already normalized (pieces of normalized lists, kernel regions):
+    # one check loop that allocates nothing is about 4x cheaper than merging.
+    prev_end = items[0][0] - 1
+    for s, e in items:
+        if s <= prev_end or e <= s:
+            break
+        prev_end = e
+    else:
+        return items
     out: list[Span] = []
-    for s, e in sorted(x for x in spans if x[1] > x[0]):
+    for s, e in items:
+        if e <= s:
+            continue
         if out and s <= out[-1][1]:
             if e > out[-1][1]:
                 out[-1] = (out[-1][0], e)
@@ -29,17 +43,75 @@ def normalize(spans: Iterable[Span]) -> list[Span]:
 
 def intersect(a: list[Span], b: list[Span]) -> list[Span]:
     """Intersection of two normalized span lists."""
+    if len(a) > len(b):
+        a, b = b, a  # walk the shorter list
     out: list[Span] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        s = max(a[i][0], b[j][0])
-        e = min(a[i][1], b[j][1])
-        if s < e:
-            out.append((s, e))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
+    nb = len(b)
+    if not a or not nb:
+        return out
+    append = out.append
+    j = 0
+    if len(a) * 8 < nb:
+        # Lopsided (a few spans against a long list): jump into `b` by bisection.
+        for s, e in a:
+            j = bisect.bisect_left(b, (s,), j)  # first span of b starting at or after s
+            if j and b[j - 1][1] > s:
+                j -= 1
+            while j < nb:
+                bs, be = b[j]
+                if bs >= e:
+                    break
+                append((bs if bs > s else s, be if be < e else e))
+                if be > e:
+                    break  # b[j] may reach into the next span of a
+                j += 1
+        return out
+    bs, be = b[0]
+    for s, e in a:
+        while be <= s:
             j += 1
+            if j == nb:
+                return out
+            bs, be = b[j]
+        while bs < e:
+            append((bs if bs > s else s, be if be < e else e))
+            if be > e:
+                break  # b[j] may reach into the next span of a
+            j += 1
+            if j == nb:
+                return out
+            bs, be = b[j]
+    return out
+
+
+def union(base: list[Span], extra: list[Span]) -> list[Span]:
+    """base | extra, both normalized, as a new list. Cheap when `extra` is short: the
+    untouched stretches of `base` are copied by slicing, not visited one by one."""
+    if not extra:
+        return base[:]
+    out: list[Span] = []
+    n = len(base)
+    pos = 0  # base[:pos] has been copied or merged into out
+    for s, e in extra:
+        i = bisect.bisect_left(base, (s,), pos)  # first span of base starting at or after s
+        if i > pos and base[i - 1][1] >= s:
+            i -= 1  # base[i - 1] overlaps or touches [s, e)
+        out += base[pos:i]
+        pos = i
+        if out and out[-1][1] >= s:  # touches what came before (from base or extra)
+            ps, pe = out.pop()
+            s = ps
+            if pe > e:
+                e = pe
+        while pos < n and base[pos][0] <= e:
+            bs, be = base[pos]
+            if bs < s:
+                s = bs
+            if be > e:
+                e = be
+            pos += 1
+        out.append((s, e))
+    out += base[pos:]
     return out
 
 
