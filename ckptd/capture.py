@@ -251,7 +251,7 @@ def take_snapshot(
     try:
         writer.write_runs(to_read, buf, keep, progress)
         view.release()
-        data_file, data_bytes = writer.commit_data()
+        stored = writer.commit_data()
         stored_pages = writer.stored_pages
         zero_pages = sum(z.pages for z in writer.zeros)
         meta = SnapshotMeta(
@@ -269,8 +269,9 @@ def take_snapshot(
             truncated=harvest.truncated,
             vmas=vma_models(vmas),
             present=present,
-            data_file=data_file,
-            data_bytes=data_bytes,
+            data_file=stored.data_file,
+            data_inline=stored.data_inline,
+            data_bytes=stored.data_bytes,
             frames=writer.frames,
             extents=writer.extents,
             zeros=writer.zeros,
@@ -282,7 +283,7 @@ def take_snapshot(
                 pages_unchanged=(nbytes // abi.PAGE_SIZE) - stored_pages - zero_pages,
                 pages_present=total(present) // abi.PAGE_SIZE,
                 bytes_read=nbytes,
-                bytes_stored=data_bytes,
+                bytes_stored=stored.data_bytes,
             ),
             timings=Timings(
                 prepare_ms=(t_prepared - t_start) * 1e3,

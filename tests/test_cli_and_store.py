@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from ckptd.engine import Engine
 from ckptd.errors import StoreError, UserError
 from ckptd.store import Store
 from ckptd.store import reader as store_reader
+from ckptd.store.format import INLINE_MAX_BYTES
 
 SLEEPER = "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
 NOBODY = 65534
@@ -176,10 +178,92 @@ def test_snapshot_metadata_with_unknown_version_is_refused(engine: Engine,
         meta = engine.snapshot(t.pid)
     p = store.snapshot_path(meta.id)
     obj = json.loads(p.read_text())
-    obj["format_version"] = 2
+    obj["format_version"] = 3
     p.write_text(json.dumps(obj))
-    with pytest.raises(UserError, match="format version 2"):
+    with pytest.raises(UserError, match="format version 3; this ckptd reads versions 1, 2"):
         store.get(meta.id)
+
+
+# Writes N pages per request, through raw fds: the interpreter's own writes stay few, so
+# a small request makes a delta of a few dozen pages.
+WRITER = """
+import mmap, os
+m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(0, 64 << 20, 4096): m[i:i + 8] = i.to_bytes(8, 'little')
+print('ready', flush=True)
+while True:
+    n = int(os.read(0, 64))
+    for i in range(0, n * 4096, 4096): m[i + 100:i + 116] = os.urandom(16)
+    os.write(1, b'ok\\n')
+"""
+
+
+@needs_root
+def test_small_delta_lives_in_its_metadata(engine: Engine, store: Store, tmp_path: Path
+                                           ) -> None:
+    """A delta whose compressed data fits INLINE_MAX_BYTES has no data file; a large
+    snapshot still has one; both restore byte for byte, and verify checks the inline
+    data."""
+    rec = GroundTruthRecorder()
+    with Target.python(WRITER) as t:
+        base = engine.snapshot(t.pid)
+        assert t.send("3") == "ok"
+        delta = engine.snapshot(t.pid, on_frozen=rec)
+        truth = rec.last
+        assert t.send("4000") == "ok"  # 16 random bytes in each of 4000 pages
+        big = engine.snapshot(t.pid)
+    assert base.data_file is not None and base.data_inline is None
+    assert delta.data_file is None and delta.data_inline is not None
+    assert delta.counts.pages_stored >= 3
+    assert 0 < delta.data_bytes <= INLINE_MAX_BYTES
+    assert big.data_file is not None and big.data_inline is None
+    assert big.data_bytes > INLINE_MAX_BYTES
+    assert sorted(p.name for p in (store.chain_dir(delta.chain) / "data").iterdir()) \
+        == sorted([base.data_file, big.data_file])
+    assert store.get(delta.id) == delta
+    assert_materializes_to(store, delta.id, truth, tmp_path / "m")
+    assert store_reader.verify(store) == (3, [])
+    # A damaged byte inside the inline data is found by verify.
+    p = store.snapshot_path(delta.id)
+    obj = json.loads(p.read_text())
+    raw = bytearray(base64.b64decode(obj["data_inline"]))
+    raw[len(raw) // 2] ^= 0xFF
+    obj["data_inline"] = base64.b64encode(bytes(raw)).decode()
+    p.write_text(json.dumps(obj))
+    _, problems = store_reader.verify(store)
+    assert len(problems) == 1 and delta.id in problems[0]
+    obj["data_inline"] = "not base64!"
+    p.write_text(json.dumps(obj))
+    _, problems = store_reader.verify(store)
+    assert len(problems) == 1 and "not base64" in problems[0]
+
+
+@needs_root
+def test_version_1_snapshots_still_restore(engine: Engine, store: Store, tmp_path: Path
+                                           ) -> None:
+    """Version 1 files (no data_inline: every delta's data in a data file) are read the
+    same as before."""
+    rec = GroundTruthRecorder()
+    with Target.python(WRITER) as t:
+        base = engine.snapshot(t.pid)
+        assert t.send("5") == "ok"
+        delta = engine.snapshot(t.pid, on_frozen=rec)
+        truth = rec.last
+    assert delta.data_inline is not None
+    # Rewrite both files as version 1 would have written them.
+    data_name = f"{delta.id}.v1.zst"
+    (store.chain_dir(delta.chain) / "data" / data_name).write_bytes(
+        base64.b64decode(delta.data_inline))
+    for meta, update in ((base, {}), (delta, {"data_file": data_name})):
+        p = store.snapshot_path(meta.id)
+        obj = json.loads(p.read_text())
+        obj.pop("data_inline")
+        obj.update(format_version=1, **update)
+        p.write_text(json.dumps(obj))
+    got = store.get(delta.id)
+    assert got.format_version == 1 and got.data_file == data_name and got.data_inline is None
+    assert store_reader.verify(store) == (2, [])
+    assert_materializes_to(store, delta.id, truth, tmp_path / "m")
 
 
 @needs_root

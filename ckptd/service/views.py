@@ -16,7 +16,9 @@ __all__ = ["registration_view", "snapshot_detail", "snapshot_summary", "status_l
 
 def snapshot_detail(m: SnapshotMeta) -> dict[str, Any]:
     """All metadata needed to plan a restore, without the (long) per-extent lists."""
-    body = m.model_dump(mode="json", exclude={"frames", "extents", "zeros"})
+    body = m.model_dump(mode="json", exclude={"frames", "extents", "zeros", "data_inline"})
+    # The data itself is not restore metadata (and is the process's memory).
+    body["data_inline"] = m.data_inline is not None
     body["frame_count"] = len(m.frames)
     body["extent_count"] = len(m.extents)
     body["zero_runs"] = len(m.zeros)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import UserError
 from ..intervals import IntervalMap
 from ..kernel.abi import PAGE_SIZE
-from .format import Counts, SnapshotMeta
+from .format import FORMAT_VERSION, Counts, SnapshotMeta
 from .fsutil import FILE_MODE, fsync_dir
 from .reader import DataRef, FrameReader, Source, page_map
 from .store import Store, parse_snapshot_id
@@ -66,7 +66,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
         writer = SnapshotWriter(store, chain, meta.id, executor)
         try:
             _rewrite(pm, metas, reader, writer)
-            data_file, data_bytes = writer.finish_data()
+            stored = writer.finish_data()
         except BaseException:
             writer.abort()
             raise
@@ -74,12 +74,14 @@ def _compact(store: Store, chain: str, upto: str) -> str:
             reader.close()
             executor.shutdown()
         new_meta = meta.model_copy(update={
+            "format_version": FORMAT_VERSION,
             "kind": "full",
             "parent": None,
             "full_reason": f"compacted: folded {len(lineage) - 1} earlier snapshot(s) "
                            f"from {lineage[0].id}",
-            "data_file": data_file,
-            "data_bytes": data_bytes,
+            "data_file": stored.data_file,
+            "data_inline": stored.data_inline,
+            "data_bytes": stored.data_bytes,
             "frames": writer.frames,
             "extents": writer.extents,
             "zeros": writer.zeros,
@@ -87,7 +89,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
                 **meta.counts.model_dump(),
                 "pages_stored": sum(e.pages for e in writer.extents),
                 "pages_zero": sum(z.pages for z in writer.zeros),
-                "bytes_stored": data_bytes,
+                "bytes_stored": stored.data_bytes,
             }),
         })
     with store.lock_chain(chain):

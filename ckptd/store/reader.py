@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import zlib
@@ -152,6 +153,7 @@ class FrameReader:
         self.store = store
         self.metas = metas
         self.files: dict[str, int] = {}
+        self.inline: dict[str, bytes] = {}  # decoded data_inline, by snapshot
         self.cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.cache_size = cache or len(metas) + 8
         self.dctx = zstandard.ZstdDecompressor()
@@ -163,11 +165,23 @@ class FrameReader:
 
     def raw_frame(self, snapshot: str, index: int) -> bytes:
         """The compressed bytes of one frame, as stored."""
-        fr = self.metas[snapshot].frames[index]
-        raw = os.pread(self._fd(snapshot), fr.length, fr.offset)
+        meta = self.metas[snapshot]
+        fr = meta.frames[index]
+        if meta.data_inline is not None:
+            raw = self._inline(snapshot)[fr.offset : fr.offset + fr.length]
+            where = "inline data"
+        else:
+            raw = os.pread(self._fd(snapshot), fr.length, fr.offset)
+            where = "data file"
         if len(raw) != fr.length:
-            raise CorruptStore(f"snapshot {snapshot}: data file truncated at frame {index}")
+            raise CorruptStore(f"snapshot {snapshot}: {where} truncated at frame {index}")
         return raw
+
+    def _inline(self, snapshot: str) -> bytes:
+        data = self.inline.get(snapshot)
+        if data is None:
+            data = self.inline[snapshot] = inline_data(self.metas[snapshot])
+        return data
 
     def _fd(self, snapshot: str) -> int:
         fd = self.files.get(snapshot)
@@ -319,6 +333,15 @@ def _lineage_in(metas: dict[str, SnapshotMeta], meta: SnapshotMeta) -> list[Snap
     return out
 
 
+def inline_data(meta: SnapshotMeta) -> bytes:
+    """The decoded data_inline of a snapshot."""
+    assert meta.data_inline is not None
+    try:
+        return base64.b64decode(meta.data_inline, validate=True)
+    except ValueError as e:
+        raise CorruptStore(f"snapshot {meta.id}: data_inline is not base64: {e}") from e
+
+
 def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[str]]:
     """Check every snapshot: metadata, chain links, data files, every extent's checksum,
     and that every page holding content has a source. Returns (snapshots, problems)."""
@@ -342,7 +365,17 @@ def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[st
                     continue
                 if metas[m.parent].chain != m.chain or metas[m.parent].seq >= m.seq:
                     problems.append(f"{m.id}: parent {m.parent} is not earlier in its chain")
-            if m.data_file is not None:
+            if m.data_inline is not None:
+                try:
+                    size = len(inline_data(m))
+                except CorruptStore as e:
+                    problems.append(str(e))
+                    continue
+                if size != m.data_bytes:
+                    problems.append(f"{m.id}: inline data is {size} bytes, metadata says "
+                                    f"{m.data_bytes}")
+                    continue
+            elif m.data_file is not None:
                 path = store.data_path(m)
                 try:
                     size = path.stat().st_size

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from ..errors import CorruptStore, StoreError, UnknownSnapshot
 from .format import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    READABLE_VERSIONS,
     ChainInfo,
     SnapshotHead,
     SnapshotMeta,
@@ -45,10 +45,11 @@ def default_store_path() -> Path:
 
 
 def _check_version(kind: str, where: Path, version: object) -> None:
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        known = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise StoreError(
-            f"{where} is {kind} format version {version}; this ckptd reads version "
-            f"{FORMAT_VERSION} only: use a ckptd release that matches the store"
+            f"{where} is {kind} format version {version}; this ckptd reads versions "
+            f"{known}: use a ckptd release that matches the store"
         )
 
 

@@ -1,18 +1,22 @@
 """Writing one snapshot's page data: zero detection, extents, parallel zstd, fsync.
 
-The data goes to tmp/ first. commit() fsyncs it, renames it into the chain's data/
-directory, fsyncs that directory, and only then publishes the metadata (Store.publish),
-so a listed snapshot always has all of its data on disk.
+Compressed data of at most INLINE_MAX_BYTES stays in memory and is published inside the
+metadata (data_inline): no data file at all. Larger data goes to tmp/ first; commit
+fsyncs it, renames it into the chain's data/ directory, fsyncs that directory, and only
+then is the metadata published (Store.publish), so a listed snapshot always has all of
+its data on disk.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
@@ -21,7 +25,7 @@ from pydantic import TypeAdapter
 from ..intervals import Span
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import start_writeback
-from .format import Extent, Frame, ZeroRun
+from .format import INLINE_MAX_BYTES, Extent, Frame, ZeroRun
 from .fsutil import fsync_dir, open_private
 from .store import Store
 
@@ -36,6 +40,15 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 _local = threading.local()
 _FRAMES = TypeAdapter(list[Frame])
 _EXTENTS = TypeAdapter(list[Extent])
+
+
+@dataclass(frozen=True)
+class StoredData:
+    """Where a snapshot's compressed data ended up: the metadata fields that say so."""
+
+    data_file: str | None    # name under data/, when the data went to a file
+    data_inline: str | None  # base64 of the data, when it is small enough to inline
+    data_bytes: int
 
 
 def _compressor() -> zstandard.ZstdCompressor:
@@ -78,15 +91,18 @@ def zero_page_flags(buf: object, start: int, end: int) -> list[int]:
 
 
 class SnapshotWriter:
-    def __init__(self, store: Store, chain: str, snapshot_id: str, executor: Executor) -> None:
+    def __init__(self, store: Store, chain: str, snapshot_id: str, executor: Executor,
+                 inline: bool = True) -> None:
         self.store = store
         self.chain = chain
         self.snapshot_id = snapshot_id
         self.executor = executor
         self.data_name = f"{snapshot_id}.{os.urandom(4).hex()}.zst"
         self.tmp_path = store.tmp_dir / f"{os.getpid()}.{self.data_name}"
-        self.fd = -1  # opened with the first frame: an idle process's delta writes no file
+        self.fd = -1  # opened once the data outgrows INLINE_MAX_BYTES
         self.offset = 0
+        self.inline = inline
+        self._held: list[bytes] = []  # compressed data not (yet) in a file
         self._frame_rows: list[dict[str, int]] = []
         self._extent_rows: list[dict[str, int]] = []
         self._models: tuple[list[Frame], list[Extent]] | None = None
@@ -211,12 +227,9 @@ class SnapshotWriter:
             compressed = fut.result()
             t = time.perf_counter()
             blob = b"".join(f for f, _ in compressed)
-            self._open()
-            view = memoryview(blob)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-            start_writeback(self.fd, self.offset, len(blob))
+            if self._hold(blob):
+                self._write(blob)
+                start_writeback(self.fd, self.offset, len(blob))
             self.write_s += time.perf_counter() - t
             for extents, (frame, crc) in zip(frames, compressed, strict=True):
                 self._add_frame(extents, frame, crc)
@@ -259,33 +272,48 @@ class SnapshotWriter:
         """Add an already compressed frame holding `extents` (compaction copies frames
         unchanged)."""
         t = time.perf_counter()
-        self._open()
-        view = memoryview(frame)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        if self._hold(frame):
+            self._write(frame)
         self.write_s += time.perf_counter() - t
         self._add_frame(extents, frame, crc)
 
-    def _open(self) -> None:
+    def _hold(self, blob: bytes) -> bool:
+        """Keep `blob` (the next bytes of the data) in memory while all of the data still
+        fits inline. Returns False if it was kept; True if it must go to the file, which
+        then holds everything kept so far."""
+        if self.fd < 0 and self.inline and self.offset + len(blob) <= INLINE_MAX_BYTES:
+            self._held.append(blob)
+            return False
         if self.fd < 0:
             self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            held, self._held = b"".join(self._held), []
+            self._write(held)
+        return True
 
-    def finish_data(self) -> tuple[str | None, int]:
-        """fsync the data (still in tmp/). Returns (data_file, bytes); None if empty."""
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def finish_data(self) -> StoredData:
+        """fsync the data file (still in tmp/), if there is one."""
         if self.fd < 0:
-            return None, 0
+            if not self._held:
+                return StoredData(None, None, 0)
+            held = b"".join(self._held)
+            return StoredData(None, base64.b64encode(held).decode("ascii"), len(held))
         t = time.perf_counter()
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         self.write_s += time.perf_counter() - t
-        return self.data_name, self.offset
+        return StoredData(self.data_name, None, self.offset)
 
     def publish_data(self) -> None:
-        """Move the finished data into the chain's data/ directory, durably."""
-        if not self._frame_rows:
-            return
+        """Move the finished data file into the chain's data/ directory, durably."""
+        if self._held or not self._frame_rows:
+            return  # inline, or empty: nothing to move
         t = time.perf_counter()
         data_dir = self.store.chain_dir(self.chain) / "data"
         os.rename(self.tmp_path, data_dir / self.data_name)
@@ -295,8 +323,9 @@ class SnapshotWriter:
         fsync_dir(data_dir)
         self.write_s += time.perf_counter() - t
 
-    def commit_data(self) -> tuple[str | None, int]:
-        """Make the data durable under its final name. Returns (data_file, bytes)."""
+    def commit_data(self) -> StoredData:
+        """Make the data durable under its final name (inline data becomes durable with
+        the metadata that carries it)."""
         result = self.finish_data()
         self.publish_data()
         return result
