@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,10 @@ Region = tuple[int, int, int]
 """(start, end exclusive, categories) as reported by the kernel."""
 
 DEFAULT_VEC_LEN = 4096
+
+# struct pm_scan_arg: twelve u64 fields in abi.PmScanArg's order (see docs/kernel.md).
+_ARG = struct.Struct("=12Q")
+assert _ARG.size == ctypes.sizeof(abi.PmScanArg)
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,11 @@ class Pagemap:
         self._vec_len = vec_len
         self._vec = (abi.PageRegion * vec_len)()
         self._words = memoryview(self._vec).cast("B").cast("Q")
+        # One argument struct, filled in place by one pack_into per call: building a
+        # ctypes Structure from keywords cost about as much as the ioctl itself.
+        self._arg = abi.PmScanArg()
+        self._arg_bytes = memoryview(self._arg).cast("B")
+        self._vec_addr = ctypes.addressof(self._vec)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -112,23 +122,14 @@ class Pagemap:
         """One raw ioctl. Returns (regions, walk_end). vec_len <= the buffer size."""
         if vec_len > self._vec_len:
             raise ValueError("vec_len larger than the buffer")
-        arg = abi.PmScanArg(
-            size=ctypes.sizeof(abi.PmScanArg),
-            flags=query.flags,
-            start=start,
-            end=end,
-            walk_end=0,
-            vec=ctypes.addressof(self._vec),
-            vec_len=vec_len,
-            max_pages=max_pages,
-            category_inverted=query.category_inverted,
-            category_mask=query.category_mask,
-            category_anyof_mask=query.category_anyof_mask,
-            return_mask=query.return_mask,
+        _ARG.pack_into(
+            self._arg_bytes, 0, _ARG.size, query.flags, start, end, 0, self._vec_addr,
+            vec_len, max_pages, query.category_inverted, query.category_mask,
+            query.category_anyof_mask, query.return_mask,
         )
-        n = ioctl(self.fd, abi.PAGEMAP_SCAN, arg)
+        n = ioctl(self.fd, abi.PAGEMAP_SCAN, self._arg)
         flat = self._words[: 3 * n].tolist()
-        return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * n, 3)], arg.walk_end
+        return list(zip(flat[0::3], flat[1::3], flat[2::3], strict=True)), self._arg.walk_end
 
     def scan(
         self,
