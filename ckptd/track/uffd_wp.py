@@ -287,9 +287,12 @@ class UffdWpTracker(Tracker):
                     and not covers(never_reg, (m.start, m.end))]
         file_spans = normalize((m.start, m.end) for m in want_reg if m.file_backed)
         file_reg = intersect(believed, file_spans)
+        still_failed = normalize((m.start, m.end) for m in want_reg
+                                 if covers(failed_before, (m.start, m.end)))
         plan = _Plan(want_reg=want_reg, never_reg=never_reg, believed=believed,
                      new_vmas=new_vmas, file_reg=file_reg,
-                     anon_reg=subtract(believed, file_spans))
+                     anon_reg=subtract(believed, file_spans), still_failed=still_failed,
+                     frozen_scan=_join_across_holes(believed, vmas))
         self._plan_cache = (self._registered, self._unregistrable, list(vmas), plan)
         return plan
 
@@ -357,17 +360,19 @@ class UffdWpTracker(Tracker):
         untracked = normalize([*never_reg, *failed])
         untracked_present, _ = self._present(ctx, untracked, None)
         # Remember failures (not retried every round), for the mappings that still exist;
-        # a round that reads everything retries them.
-        skipped = [(m.start, m.end) for m in plan.want_reg
-                   if covers(self._unregistrable, (m.start, m.end))]
-        unregistrable = normalize([*skipped, *failed])
+        # a round that reads everything retries them. (The plan was made with the same
+        # self._unregistrable, so its still_failed is current.)
+        unregistrable = normalize([*plan.still_failed, *failed])
         if unregistrable != self._unregistrable:
             self._unregistrable = unregistrable
 
         # The atomic get-and-clear over memory that was already tracked. CHECK_WPASYNC:
-        # the kernel refuses (EPERM) if any of it is not registered after all.
+        # the kernel refuses (EPERM) if any of it is not registered after all. Frozen,
+        # the mappings cannot change, so spans apart only by unmapped holes go in one
+        # ioctl (see _join_across_holes); fuzzy, one per span.
         try:
-            written = pm.scan(registered, _GET_AND_CLEAR_CHECKED if checked
+            written = pm.scan(registered if ctx.fuzzy else plan.frozen_scan,
+                              _GET_AND_CLEAR_CHECKED if checked
                               else pagemap.WRITTEN_FAST_GET_AND_CLEAR,
                               max_pages=0 if full else ctx.max_pages)
         except OSError as e:
@@ -499,6 +504,8 @@ class _Plan:
     new_vmas: list[Mapping]   # to register this round
     file_reg: list[Span]      # registered private file mappings (presence is scanned)
     anon_reg: list[Span]      # registered anonymous memory (presence carries over)
+    still_failed: list[Span]  # want_reg whose registration failed in an earlier round
+    frozen_scan: list[Span]   # believed, joined across unmapped holes (frozen rounds)
 
 
 # Scanning across a gap costs the kernel a walk of the mapped pages in it (about 50 ns
@@ -525,6 +532,28 @@ def _coalesce(spans: list[Span], vmas: list[Mapping], max_gap_pages: int) -> lis
             out[-1] = (out[-1][0], e)
         else:
             out.append((s, e))
+    return out
+
+
+def _join_across_holes(spans: list[Span], vmas: list[Mapping]) -> list[Span]:
+    """Join neighbouring spans when no mapping at all lies between them, so that one
+    ioctl scans both. The kernel's page walk passes over a hole without calling the scan's
+    per-mapping check, so PM_SCAN_CHECK_WPASYNC still fails only for a mapping that is not
+    registered, and the get-and-clear reports and protects exactly the same pages. A
+    mapping of any kind in between (unregistered, special, new this round) keeps the
+    spans apart: the check would fail on it, and the get-and-clear must not touch it.
+    `vmas` must be every mapping of the process, sorted, as read while it is frozen."""
+    if len(spans) < 2:
+        return spans
+    starts = [m.start for m in vmas]
+    out = [spans[0]]
+    for s, e in spans[1:]:
+        lo = out[-1][1]
+        i = bisect.bisect_left(starts, s)  # vmas[:i] start before s
+        if i and vmas[i - 1].end > lo:  # the last of them reaches into the gap
+            out.append((s, e))
+        else:
+            out[-1] = (out[-1][0], e)
     return out
 
 
