@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TrackerUnavailable
-from ..intervals import Span, contains, covers, intersect, normalize, subtract
+from ..intervals import Span, contains, covers, intersect, normalize, subtract, union
 from ..kernel import abi, pagemap, procfs, ptrace, syscalls, uffd
 from ..kernel.procfs import Mapping
 from ..store.fsutil import atomic_write
@@ -93,6 +93,7 @@ class UffdWpTracker(Tracker):
         self._state_fd = -1  # the state file, open for in-place updates
         self._state_path: Path | None = None
         self._plan_cache: tuple[list[Span] | None, list[Span], list[Mapping], _Plan] | None = None
+        self._parent_cache: _FromParent | None = None
 
     # --- state ------------------------------------------------------------------------
 
@@ -398,14 +399,17 @@ class UffdWpTracker(Tracker):
             # copy-on-write page leaves a marker, not reported). Only pages that held
             # content at the parent can have been dropped: scan just those. Pages copied
             # since were written, so the get-and-clear reported them.
-            parent = ctx.parent_present or []
-            anon_present = intersect(normalize([*parent, *written_spans]), plan.anon_reg)
-            had = intersect(parent, plan.file_reg)
-            kept, unsure = self._present(ctx, had, parent,
-                                         scan=_coalesce(had, vmas, _COALESCE_FILE_GAP))
-            file_present = normalize([*kept, *intersect(written_spans, plan.file_reg)])
-            present = normalize([*anon_present, *file_present, *new_present,
-                                 *untracked_present])
+            fp = self._from_parent(plan, ctx.parent_present or [], vmas)
+            kept, unsure = self._present(ctx, fp.had, fp.parent, scan=fp.had_scan)
+            # present = (parent | written) & anon_reg, plus kept | (written & file_reg),
+            # plus the new and untracked pages; anon_reg | file_reg is plan.believed.
+            # Merged into the long lists from the parent, which repeat round after round.
+            extra = normalize([*intersect(written_spans, plan.believed), *new_present,
+                               *untracked_present])
+            if kept == fp.had:  # no file page reverted: the usual case
+                present = union(fp.anon_and_had, extra)
+            else:
+                present = union(fp.anon, normalize([*kept, *extra]))
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
         # A round that read everything says nothing about the next delta's size.
         self._last_read_pages = None if read_all else (
@@ -418,6 +422,24 @@ class UffdWpTracker(Tracker):
             scan_ms=(time.perf_counter() - t0) * 1e3,
             notes=notes,
         )
+
+    def _from_parent(self, plan: _Plan, parent: list[Span], vmas: list[Mapping]
+                     ) -> _FromParent:
+        """What a delta derives from the parent's present pages alone. In the steady state
+        the plan and the parent's pages (the last round's result, unless something was
+        written outside them) repeat, and so does all of this: reused while the plan is
+        the same object and the parent's list is equal (compared in C)."""
+        fp = self._parent_cache
+        if fp is not None and fp.plan is plan and fp.parent == parent:
+            return fp
+        parent = normalize(parent)  # a private copy; normally normalized already
+        anon = intersect(parent, plan.anon_reg)
+        had = intersect(parent, plan.file_reg)
+        fp = _FromParent(plan=plan, parent=parent, anon=anon, had=had,
+                         had_scan=_coalesce(had, vmas, _COALESCE_FILE_GAP),
+                         anon_and_had=normalize([*anon, *had]))
+        self._parent_cache = fp
+        return fp
 
     def _present(self, ctx: TrackContext, spans: list[Span], previously: list[Span] | None,
                  scan: list[Span] | None = None) -> tuple[list[Span], list[Span]]:
@@ -489,6 +511,7 @@ class UffdWpTracker(Tracker):
         self._unregistrable = []
         self._last_read_pages = None
         self._plan_cache = None
+        self._parent_cache = None
         self._close_state()
 
 
@@ -506,6 +529,17 @@ class _Plan:
     anon_reg: list[Span]      # registered anonymous memory (presence carries over)
     still_failed: list[Span]  # want_reg whose registration failed in an earlier round
     frozen_scan: list[Span]   # believed, joined across unmapped holes (frozen rounds)
+
+
+@dataclass(frozen=True)
+class _FromParent:
+    """A delta's inputs that depend only on the plan and the parent (see _from_parent)."""
+    plan: _Plan
+    parent: list[Span]        # the parent's present pages (normalized, our own copy)
+    anon: list[Span]          # parent & anon_reg
+    had: list[Span]           # parent & file_reg: file pages that may have reverted
+    had_scan: list[Span]      # `had`, coalesced into fewer scan ranges
+    anon_and_had: list[Span]  # anon | had: present now if no file page reverted
 
 
 # Scanning across a gap costs the kernel a walk of the mapped pages in it (about 50 ns
