@@ -91,7 +91,9 @@ class UffdWpTracker(Tracker):
         self._unregistrable: list[Span] = []
         self._last_read_pages: int | None = None
         self._state_fd = -1  # the state file, open for in-place updates
-        self._state_path: Path | None = None
+        self._state_path: str | None = None
+        self._state_ino = 0  # the inode of _state_fd (an open file's inode never changes)
+        self._state_file: tuple[Path, str] | None = None  # see _state_file_path
         self._plan_cache: tuple[list[Span] | None, list[Span], list[Mapping], _Plan] | None = None
         self._parent_cache: _FromParent | None = None
 
@@ -115,23 +117,32 @@ class UffdWpTracker(Tracker):
         the kernel copies whole or not at all (a single page, from memory we own)."""
         assert self.state is not None
         data = json.dumps(self.state.__dict__).encode()
-        path = ctx.state_dir / STATE_FILE
+        path = self._state_file_path(ctx.state_dir)
         if (self._state_fd >= 0 and self._state_path == path and len(data) < _STATE_RECORD
                 and self._state_file_is_ours(path)):
             os.pwrite(self._state_fd, data.ljust(_STATE_RECORD - 1) + b"\n", 0)
             return
         self._close_state()
-        atomic_write(path, data.ljust(_STATE_RECORD - 1) + b"\n"
+        atomic_write(Path(path), data.ljust(_STATE_RECORD - 1) + b"\n"
                      if len(data) < _STATE_RECORD else data, durable=False)
         self._state_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._state_ino = os.fstat(self._state_fd).st_ino
         self._state_path = path
 
-    def _state_file_is_ours(self, path: Path) -> bool:
+    def _state_file_path(self, state_dir: Path) -> str:
+        """The state file in `state_dir`, remembered: building the path anew cost a
+        quarter of begin(), which runs every round."""
+        known = self._state_file
+        if known is None or known[0] != state_dir:
+            known = self._state_file = (state_dir, str(state_dir / STATE_FILE))
+        return known[1]
+
+    def _state_file_is_ours(self, path: str) -> bool:
         """Is our open fd still the file at `path`? Another ckptd process working on the
         same chain (under the chain lock, as we are now) replaces the file by a rename;
         writing to our old inode would then leave its content on disk."""
         try:
-            return os.stat(path).st_ino == os.fstat(self._state_fd).st_ino
+            return os.stat(path).st_ino == self._state_ino
         except FileNotFoundError:
             return False
 
