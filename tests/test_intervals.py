@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from ckptd.intervals import Span, intersect, normalize, subtract, union
+from ckptd.intervals import Span, intersect, normalize, subtract, total, union
 
 
 def pages(spans: list[Span]) -> set[int]:
@@ -57,6 +57,7 @@ def test_set_operations_match_a_per_page_reference(seed: int, na: int, nb: int) 
     assert subtract(a, b) == from_pages(pa - pb)
     assert (a, b) == (a_before, b_before)  # inputs are never modified
     assert union(a, []) == a and union(a, []) is not a  # always a new list
+    assert total(a) == len(pa) and total(iter(b)) == len(pb)
 
 
 @pytest.mark.parametrize("seed", range(60))

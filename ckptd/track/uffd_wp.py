@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TrackerUnavailable
-from ..intervals import Span, contains, covers, intersect, normalize, subtract, union
+from ..intervals import (
+    Span,
+    contains,
+    covers,
+    intersect,
+    normalize,
+    subtract,
+    total,
+    union,
+)
 from ..kernel import abi, pagemap, procfs, ptrace, syscalls, uffd
 from ..kernel.procfs import Mapping
 from ..store.fsutil import atomic_write
@@ -424,7 +433,7 @@ class UffdWpTracker(Tracker):
             to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
         # A round that read everything says nothing about the next delta's size.
         self._last_read_pages = None if read_all else (
-            sum(e - s for s, e in to_read) >> abi.PAGE_SHIFT)
+            total(to_read) >> abi.PAGE_SHIFT)
         return Harvest(
             to_read=to_read,
             present=present,
