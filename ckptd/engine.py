@@ -134,8 +134,9 @@ class Engine:
         """The chain's latest snapshot; from cache when nobody else changed the chain."""
         last = proc.last
         if (last is not None and last.chain == chain.chain
-                and self.store.snapshot_path(last.id).exists()
-                and not self.store.snapshot_path(f"{chain.chain}-{last.seq + 1}").exists()):
+                and os.path.exists(self.store.snapshot_file(chain.chain, last.id))
+                and not os.path.exists(
+                    self.store.snapshot_file(chain.chain, f"{chain.chain}-{last.seq + 1}"))):
             # Still published, and nothing after it (ids only grow): two stats instead of
             # listing the chain.
             return last

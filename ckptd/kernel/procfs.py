@@ -19,6 +19,16 @@ class Mapping:
     inode: int
     path: str | None
 
+    def __hash__(self) -> int:
+        # Cached: mappings are dict keys every round (vma_models), and the generated hash
+        # would hash all seven fields each time. Equality stays field by field.
+        h: int | None = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.start, self.end, self.perms, self.offset, self.dev, self.inode,
+                      self.path))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @property
     def size(self) -> int:
         return self.end - self.start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def make_private_dir(path: Path) -> None:
         os.chmod(path, DIR_MODE)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -24,18 +25,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_private(path: Path, flags: int) -> int:
+def open_private(path: Path | str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
 
 
-def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None,
-                 durable: bool = True) -> None:
+def atomic_write(path: Path | str, data: bytes, durable: bool = True) -> None:
     """Write data to a temporary file, fsync it, rename it over `path`, fsync the directory.
     Readers see the old content or the new, never a mix; after return it is durable.
     durable=False skips the fsyncs: still atomic, and it survives the writer dying, but
     not the machine crashing (for state that a machine crash makes moot anyway)."""
-    tmp_dir = tmp_dir or path.parent
-    tmp = tmp_dir / f".{path.name}.{os.getpid()}.tmp"
+    # Plain strings: this runs once per snapshot, and Path objects cost more than the
+    # syscalls on tmpfs.
+    parent, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         view = memoryview(data)
@@ -46,9 +48,10 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None,
             os.fsync(fd)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     os.close(fd)
     os.rename(tmp, path)
     if durable:
-        fsync_dir(path.parent)
+        fsync_dir(parent)

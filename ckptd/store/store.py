@@ -262,10 +262,13 @@ class Store:
         assert meta.data_file is not None
         return self.chain_dir(meta.chain) / "data" / meta.data_file
 
+    def snapshot_file(self, chain: str, snapshot_id: str) -> str:
+        """snapshot_path as a string, for the per-round path (no Path objects)."""
+        return f"{self.chains_dir}/{chain}/snapshots/{snapshot_id}.json"
+
     def publish(self, meta: SnapshotMeta) -> None:
         """The commit point: the metadata becomes visible atomically and durably."""
-        atomic_write(self.snapshot_path(meta.id), meta.model_dump_json().encode(),
-                     tmp_dir=self.chain_dir(meta.chain) / "snapshots")
+        atomic_write(self.snapshot_file(meta.chain, meta.id), meta.model_dump_json().encode())
 
     def clean_orphans(self, chain: str) -> list[str]:
         """Delete data files no published snapshot of `chain` refers to: left by a writer

@@ -98,11 +98,11 @@ class SnapshotWriter:
         self.snapshot_id = snapshot_id
         self.executor = executor
         self.data_name = f"{snapshot_id}.{os.urandom(4).hex()}.zst"
-        self.tmp_path = store.tmp_dir / f"{os.getpid()}.{self.data_name}"
         self.fd = -1  # opened once the data outgrows INLINE_MAX_BYTES
         self.offset = 0
         self.inline = inline
         self._held: list[bytes] = []  # compressed data not (yet) in a file
+        self._file_made = False
         self._frame_rows: list[dict[str, int]] = []
         self._extent_rows: list[dict[str, int]] = []
         self._models: tuple[list[Frame], list[Extent]] | None = None
@@ -286,6 +286,7 @@ class SnapshotWriter:
             return False
         if self.fd < 0:
             self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            self._file_made = True
             held, self._held = b"".join(self._held), []
             self._write(held)
         return True
@@ -334,5 +335,11 @@ class SnapshotWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        Path(self.tmp_path).unlink(missing_ok=True)
-        (self.store.chain_dir(self.chain) / "data" / self.data_name).unlink(missing_ok=True)
+        if self._file_made:
+            self.tmp_path.unlink(missing_ok=True)
+            (self.store.chain_dir(self.chain) / "data" / self.data_name).unlink(missing_ok=True)
+
+    @property
+    def tmp_path(self) -> Path:
+        # Built on use: most small snapshots never have a data file.
+        return self.store.tmp_dir / f"{os.getpid()}.{self.data_name}"
