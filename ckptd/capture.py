@@ -185,7 +185,7 @@ def take_snapshot(
     ctx = TrackContext(
         pid=pid,
         state_dir=store.chain_dir(chain.chain) / "state",
-        parent_present=[(s, e) for s, e in parent.present] if parent else None,
+        parent_present=list(parent.present) if parent else None,
         parent_id=parent.id if parent else None,
         snapshot_id=snapshot_id,
         fuzzy=fuzzy,
