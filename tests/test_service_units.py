@@ -577,6 +577,58 @@ def test_run_compacts_and_reloads_the_tally(tmp_path: Path) -> None:
     assert store.snapshot_ids("9-1") == ["9-1-9", "9-1-10", "9-1-11"]
 
 
+class _Heads:
+    """What ChainTally.entries reads of a store, from a list of snapshots."""
+
+    def __init__(self, metas: list[SnapshotMeta]) -> None:
+        self.metas = {m.id: m for m in metas}
+
+    def snapshot_ids(self, chain: str) -> list[str]:
+        return list(self.metas)
+
+    def head(self, snapshot_id: str) -> SnapshotMeta:
+        return self.metas[snapshot_id]
+
+
+def test_tally_may_need_work_agrees_with_plan() -> None:
+    """After every round the service asks the tally (constant time) instead of planning
+    (linear in the chain): the two must agree on every chain and every setting, through
+    noted rounds, rebases and reloads."""
+    import random
+
+    rng = random.Random(11)
+    settings = [Retention(), Retention(keep_last=5), Retention(keep_age=30),
+                Retention(max_bytes=2_000), Retention(compact_ratio=0.2),
+                Retention(compact_ratio=3, compact_after=8),
+                Retention(keep_last=40, keep_age=500, max_bytes=50_000, compact_after=20)]
+    for trial in range(40):
+        tally = maintenance.ChainTally("9-1")
+        assert tally.may_need_work(Retention(), 0)  # nothing remembered: ask the disk
+        first_kind = "full" if trial % 4 else "delta"  # a chain may start truncated
+        chain = [_meta(1, first_kind, created=0.0, stored=rng.randint(0, 900),
+                       pages=rng.choice([0, 3, 300, 5000]))]
+        tally.entries(_Heads(chain[:1]))  # type: ignore[arg-type]
+        for seq in range(2, rng.randint(3, 60)):
+            kind = "full" if rng.random() < 0.05 else "delta"
+            m = _meta(seq, kind, created=seq * 5.0, stored=rng.randint(0, 900),
+                      pages=rng.choice([0, 1, 20, 200, 2000]), zero=rng.choice([0, 0, 7]))
+            chain.append(m)
+            tally.note(m)
+            for ret in settings:
+                now = seq * 5.0 + rng.choice([0, 10, 100, 1000])
+                expect = maintenance.plan(chain, ret, now) is not None
+                assert tally.may_need_work(ret, now) == expect, (trial, seq, ret)
+        # Re-read from the disk (a compaction, another process): the sums follow.
+        cut = rng.randrange(len(chain))
+        rest = [chain[cut].model_copy(update={"kind": "full"}), *chain[cut + 1:]]
+        tally.entries(_Heads(rest))  # type: ignore[arg-type]
+        for ret in settings:
+            assert tally.may_need_work(ret, 1e4) == (
+                maintenance.plan(rest, ret, 1e4) is not None)
+        tally.invalidate()
+        assert tally.may_need_work(Retention(), 0) and tally.remembered() is None
+
+
 # --- registry: pidfds and start times of real processes --------------------------------
 
 

@@ -40,8 +40,9 @@ pages) would otherwise compact on almost every round; with the floor its deltas 
 store COMPACT_FLOOR_PAGES * compact_ratio pages first, and rewriting such a base is cheap.
 
 Planning runs after every round, so its inputs are kept in memory (ChainTally): one
-entry per snapshot of the chain, updated from the snapshot each round publishes. The
-service plans from memory after each round and starts a job only when there is work;
+entry per snapshot of the chain, updated from the snapshot each round publishes, and the
+running sums the triggers compare. After each round the service asks the tally whether
+planning would find work (constant time) and starts a job only when it would;
 the job re-reads the snapshots' heads if the chain's list of ids (one listdir) no longer
 matches memory: at startup, after a compaction, or when another ckptd process changed
 the chain.
@@ -53,7 +54,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..store import SnapshotMeta, Store, parse_snapshot_id
 from ..store.compact import compact_chain
@@ -80,9 +81,9 @@ class SnapInfo(Protocol):
     def counts(self) -> Counts: ...
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One snapshot in a ChainTally."""
+class Entry(NamedTuple):
+    """One snapshot in a ChainTally. (A named tuple: one is made per round, and a frozen
+    dataclass's __init__ costs several times more.)"""
 
     id: str
     kind: Kind
@@ -169,13 +170,43 @@ def _compaction(snaps: Sequence[SnapInfo], ret: Retention) -> Plan | None:
 class ChainTally:
     """Planning inputs of one chain, kept between rounds so that a round does not parse
     every snapshot of the chain. Thread-safe: the event loop notes published snapshots
-    while the maintenance thread plans."""
+    while the maintenance thread plans.
+
+    Besides the entries it keeps the sums `plan` starts from (bytes stored, the newest
+    full base and the pages of the deltas after it), updated as snapshots are noted, so
+    that `may_need_work`, asked after every round, costs the same for a chain of 250
+    snapshots as for one of 2."""
 
     def __init__(self, chain: str) -> None:
         self.chain = chain
         self._lock = threading.Lock()
         self._entries: list[Entry] = []
+        self._last_seq = -1
+        self._bytes = 0  # bytes_stored, summed over the entries
+        self._base = 0  # index of the newest full snapshot (0 if none, as in plan)
+        self._base_pages = 0
+        self._delta_pages = 0  # restore_pages summed over the entries after the base
         self.reloads = 0  # times the entries were re-read from disk (tests, debugging)
+
+    def _set(self, entries: list[Entry]) -> None:
+        # Under self._lock.
+        self._entries = []
+        self._bytes = self._base = self._base_pages = self._delta_pages = 0
+        self._last_seq = -1
+        for e in entries:
+            self._append(e, parse_snapshot_id(e.id)[1])
+
+    def _append(self, e: Entry, seq: int) -> None:
+        # Under self._lock.
+        i = len(self._entries)
+        self._entries.append(e)
+        self._last_seq = seq
+        self._bytes += e.counts.bytes_stored
+        pages = restore_pages(e.counts)
+        if i == 0 or e.kind == "full":
+            self._base, self._base_pages, self._delta_pages = i, pages, 0
+        else:
+            self._delta_pages += pages
 
     def note(self, meta: SnapshotMeta) -> None:
         """Record a snapshot this process just published on the chain."""
@@ -184,17 +215,38 @@ class ChainTally:
         with self._lock:
             # Nothing loaded yet, or not the next snapshot: the next read finds the ids
             # changed and loads them all.
-            if self._entries and parse_snapshot_id(self._entries[-1].id)[1] < meta.seq:
-                self._entries.append(Entry.of(meta))
+            if self._entries and self._last_seq < meta.seq:
+                self._append(Entry.of(meta), meta.seq)
 
     def remembered(self) -> list[Entry] | None:
         """The entries in memory, unchecked against the disk (None: nothing loaded)."""
         with self._lock:
             return list(self._entries) if self._entries else None
 
+    def may_need_work(self, ret: Retention, now: float) -> bool:
+        """False when, by what is remembered, `plan` has nothing to do: the same answer
+        as `plan(self.remembered(), ret, now) is None`, without walking the entries.
+        True when nothing is remembered (only a job that reads the disk can tell)."""
+        with self._lock:
+            n = len(self._entries)
+            if n == 0:
+                return True
+            if n == 1:
+                return False
+            # Retention (plan drops something as soon as any limit drops the oldest).
+            if ret.keep_last and n > ret.keep_last:
+                return True
+            if ret.keep_age and now - self._entries[0].created >= ret.keep_age:
+                return True
+            if ret.max_bytes and self._bytes > ret.max_bytes:
+                return True
+            # Compaction (_compaction's two triggers).
+            budget = ret.compact_ratio * max(self._base_pages, COMPACT_FLOOR_PAGES)
+            return self._delta_pages >= budget or n - self._base > ret.compact_after
+
     def invalidate(self) -> None:
         with self._lock:
-            self._entries = []
+            self._set([])
 
     def entries(self, store: Store) -> list[Entry]:
         """The chain's snapshots, oldest first: from memory while the ids on disk are the
@@ -205,7 +257,7 @@ class ChainTally:
                 return list(self._entries)
         fresh = [Entry.of(store.head(i)) for i in ids]
         with self._lock:
-            self._entries = fresh
+            self._set(fresh)
             self.reloads += 1
         return list(fresh)
 
