@@ -289,6 +289,8 @@ def test_metrics_text_format() -> None:
     m.freeze_seconds.observe(0.003)
     m.freeze_seconds.observe(5.0)
     m.registered.set(3)
+    m.in_flight.add(2)
+    m.in_flight.add(-1)
     text = m.render().decode()
     assert 'ckptd_snapshots_total{kind="delta"} 2' in text
     assert 'ckptd_snapshot_failures_total{reason="we\\"ird"} 1' in text
@@ -297,9 +299,15 @@ def test_metrics_text_format() -> None:
     assert 'ckptd_freeze_seconds_bucket{le="+Inf"} 2' in text
     assert "ckptd_freeze_seconds_count 2" in text
     assert "ckptd_registered_processes 3" in text
+    assert "ckptd_snapshots_in_flight 1" in text
     assert "# TYPE ckptd_freeze_seconds histogram" in text
     for line in text.splitlines():
         assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
+    # Labels name one series whatever their order.
+    m.compactions.inc(result="ok", chain="1-2")
+    m.compactions.inc(chain="1-2", result="ok")
+    assert m.compactions.get(result="ok", chain="1-2") == 2
+    assert 'ckptd_compactions_total{chain="1-2",result="ok"} 2' in m.render().decode()
 
 
 # --- retention planning ---------------------------------------------------------------

@@ -4,6 +4,7 @@ histograms with labels, rendered to bytes by a pure function."""
 from __future__ import annotations
 
 import math
+import threading
 from bisect import bisect_left
 from collections.abc import Iterable
 
@@ -30,6 +31,10 @@ def _fmt_value(v: float) -> str:
 
 
 def _key(labels: dict[str, str]) -> Labels:
+    # Counters are bumped on every snapshot round: skip the sort when there is nothing
+    # to order (no label, or one).
+    if len(labels) < 2:
+        return tuple(labels.items())
     return tuple(sorted(labels.items()))
 
 
@@ -74,6 +79,11 @@ class Gauge(Counter):
     def set(self, value: float, **labels: str) -> None:
         self.values[_key(labels)] = value
 
+    def add(self, amount: float, **labels: str) -> None:
+        """Move the gauge up or down by `amount`."""
+        k = _key(labels)
+        self.values[k] = self.values.get(k, 0.0) + amount
+
 
 class Histogram(_Metric):
     kind = "histogram"
@@ -103,9 +113,11 @@ class Histogram(_Metric):
 
 
 class Metrics:
-    """Everything the service exports."""
+    """Everything the service exports. Capture workers update the per-round metrics
+    under `lock`; render() takes it too, so a scrape sees whole rounds."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.snapshots = Counter("ckptd_snapshots_total", "Snapshots published, by kind.")
         self.failures = Counter(
             "ckptd_snapshot_failures_total", "Snapshot rounds that failed, by reason."
@@ -147,7 +159,8 @@ class Metrics:
         ]
 
     def render(self) -> bytes:
-        return render(self.all())
+        with self.lock:
+            return render(self.all())
 
 
 def render(metrics: Iterable[_Metric]) -> bytes:
