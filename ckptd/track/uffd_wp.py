@@ -105,6 +105,7 @@ class UffdWpTracker(Tracker):
         self._state_file: tuple[Path, str] | None = None  # see _state_file_path
         self._plan_cache: tuple[list[Span] | None, list[Span], list[Mapping], _Plan] | None = None
         self._parent_cache: _FromParent | None = None
+        self._fuzzy_present: tuple[str, list[Span]] | None = None  # see _lost_in_parent
 
     # --- state ------------------------------------------------------------------------
 
@@ -424,16 +425,20 @@ class UffdWpTracker(Tracker):
             # present = (parent | written) & anon_reg, plus kept | (written & file_reg),
             # plus the new and untracked pages; anon_reg | file_reg is plan.believed.
             # Merged into the long lists from the parent, which repeat round after round.
+            lost = self._lost_in_parent(ctx, plan.believed)
+            lost_present = self._present(ctx, lost, None)[0] if lost else []
             extra = normalize([*intersect(written_spans, plan.believed), *new_present,
-                               *untracked_present])
+                               *untracked_present, *lost_present])
             if kept == fp.had:  # no file page reverted: the usual case
                 present = union(fp.anon_and_had, extra)
             else:
                 present = union(fp.anon, normalize([*kept, *extra]))
-            to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure])
+            to_read = normalize([*written_spans, *new_present, *untracked_present, *unsure,
+                                 *lost_present])
         # A round that read everything says nothing about the next delta's size.
         self._last_read_pages = None if read_all else (
             total(to_read) >> abi.PAGE_SHIFT)
+        self._fuzzy_present = (ctx.snapshot_id, present) if ctx.fuzzy else None
         return Harvest(
             to_read=to_read,
             present=present,
@@ -442,6 +447,19 @@ class UffdWpTracker(Tracker):
             scan_ms=(time.perf_counter() - t0) * 1e3,
             notes=notes,
         )
+
+    def _lost_in_parent(self, ctx: TrackContext, believed: list[Span]) -> list[Span]:
+        """Tracked pages that the last round, a fuzzy one, reported present but that its
+        snapshot (the parent) lacks. A fuzzy capture drops what it fails to read because
+        the process unmapped memory meanwhile, and a failed read drops the rest of its
+        run, which can reach into a mapping that stays. Such pages were write-protected as
+        they were, so no later get-and-clear reports them, and a delta that takes presence
+        from the parent would lose them: they are scanned and read again."""
+        last = self._fuzzy_present
+        if last is None or last[0] != ctx.parent_id or ctx.parent_present is None:
+            return []
+        lost = subtract(last[1], normalize(ctx.parent_present))
+        return intersect(lost, believed) if lost else []
 
     def _from_parent(self, plan: _Plan, parent: list[Span], vmas: list[Mapping]
                      ) -> _FromParent:
@@ -532,6 +550,7 @@ class UffdWpTracker(Tracker):
         self._last_read_pages = None
         self._plan_cache = None
         self._parent_cache = None
+        self._fuzzy_present = None
         self._close_state()
 
 
