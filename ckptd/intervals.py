@@ -148,6 +148,12 @@ def covers(spans: Sequence[Span], span: Span) -> bool:
     return i >= 0 and spans[i][0] <= span[0] and span[1] <= spans[i][1]
 
 
+def overlaps(spans: Sequence[Span], span: Span) -> bool:
+    """Does `span` share at least one address with the normalized `spans`?"""
+    i = bisect.bisect_left(spans, (span[1],))  # spans[:i] start before span's end
+    return i > 0 and spans[i - 1][1] > span[0]
+
+
 def clip_to(spans: list[Span], start: int, end: int) -> list[Span]:
     """The parts of the normalized `spans` inside [start, end)."""
     return [(max(s, start), min(e, end)) for s, e in _clip(spans, start, end)]

@@ -1,17 +1,30 @@
-"""The uffd-wp tracker when a process remaps memory between rounds, on the real kernel."""
+"""The uffd-wp tracker when a process remaps memory between rounds, on the real kernel.
+
+Registration belongs to a kernel mapping (VMA). Memory registered in one round can be
+split or merged by mprotect, grown in place, unmapped and replaced by new memory at an
+overlapping address, moved by mremap, or joined by a brk extension. When the mappings
+changed, the tracker asks the kernel in one probe which of those that overlap memory it
+registered before are still registered. The first tests check that probe and the kernel
+facts it relies on; the next runs Engine rounds through all of these changes and restores
+every one byte for byte without falling back to reading every page; the last covers
+pages a fuzzy round could not read because memory was unmapped under it."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import GroundTruthRecorder, Target, assert_materializes_to, needs_root
+from test_tracker_rounds import _uffd_of
 
 from ckptd.engine import Engine
 from ckptd.intervals import Span, intersect, normalize
-from ckptd.kernel import abi, procfs
+from ckptd.kernel import abi, pagemap, procfs, uffd
 from ckptd.store import Store
+from ckptd.track import uffd_wp
 
 pytestmark = needs_root
 
@@ -115,6 +128,162 @@ def area() -> Iterator[Area]:
     a = Area()
     yield a
     a.t.kill()
+
+
+def _registered_per_smaps(pid: int, lo: int, hi: int) -> list[Span]:
+    """The mappings in [lo, hi) whose VmFlags carry `uw` (registered for write-protect):
+    the kernel's own answer, independent of PAGEMAP_SCAN."""
+    out: list[Span] = []
+    cur: Span | None = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                s, e = (int(x, 16) for x in head.split("-"))
+                cur = (s, e)
+            elif (head == "VmFlags:" and cur is not None and cur[0] < hi and cur[1] > lo
+                  and "uw" in line.split()[1:]):
+                out.append(cur)
+    return normalize(out)
+
+
+def test_the_probe_finds_exactly_the_unregistered_mappings(area: Area) -> None:
+    """_NOT_WP_ALLOWED over a range reports the mappings that are not registered, whole,
+    and nothing of the registered ones, after each kind of change; smaps agrees. Also the
+    facts the tracker's plan relies on: mprotect keeps the registration of both parts, an
+    in-place mremap growth keeps it (and its new tail reports WRITTEN), new memory mapped
+    over unmapped registered memory is not registered, and mremap does not move it."""
+    pid = area.t.pid
+    lo, hi = area.span(0, AREA)
+    fd = _uffd_of(pid)
+
+    def register(a: int, b: int) -> None:
+        uffd.register_wp(fd, *area.span(a, b))
+        uffd.write_protect(fd, *area.span(a, b))
+
+    def check(expect_unregistered: list[Span]) -> None:
+        registered = _registered_per_smaps(pid, lo, hi)
+        with pagemap.Pagemap(pid) as pm:
+            unreg = normalize((s, e) for s, e, _ in pm.scan([(lo, hi)],
+                                                            uffd_wp._NOT_WP_ALLOWED).regions)
+        mapped = normalize(span for span, _ in area.lines())
+        assert unreg == normalize(expect_unregistered), (area.lines(), registered)
+        # smaps agrees: every mapping is either registered or reported, not both.
+        assert normalize([*registered, *unreg]) == mapped
+        assert not intersect(registered, unreg)
+
+    try:
+        area.do("map 0 1024 3", "fill 0 512 17")
+        register(0, 1024)
+        check([])
+        # mprotect splits: three mappings, all registered, pages keep their state.
+        area.do("prot 256 512 1")
+        assert len(area.lines()) == 3
+        check([])
+        area.do("w 100 700")
+        with pagemap.Pagemap(pid) as pm:
+            got = pm.scan([area.span(0, 1024)], uffd_wp._GET_AND_CLEAR_CHECKED)
+        assert [(s, e) for s, e, _ in got.regions] == [area.span(100, 101),
+                                                        area.span(700, 701)]
+        # The tail unmapped, new memory mapped over part of it and beyond: not registered;
+        # the registered part in front of it still is.
+        area.do("unmap 768 1024", "map 896 1280 3", "fill 896 900 34")
+        check([area.span(896, 1280)])
+        # Grown in place: still registered; the tail reports WRITTEN (none entries).
+        area.do("grow 512 768 832")
+        check([area.span(896, 1280)])
+        with pagemap.Pagemap(pid) as pm:
+            got = pm.scan([area.span(0, 832)], uffd_wp._GET_AND_CLEAR_CHECKED)
+        assert [(s, e) for s, e, _ in got.regions] == [area.span(768, 832)]
+        # Moved: registration does not follow (no UFFD_FEATURE_EVENT_REMAP).
+        area.do("move 512 832 2048")
+        check([area.span(896, 1280), area.span(2048, 2368)])
+        with pagemap.Pagemap(pid) as pm, pytest.raises(OSError):
+            pm.scan([area.span(2048, 2368)], uffd_wp._GET_AND_CLEAR_CHECKED)
+    finally:
+        os.close(fd)
+
+
+def test_brk_growth_is_a_new_unregistered_mapping(area: Area) -> None:
+    """sbrk past a registered heap: the kernel does not merge the extension into the
+    registered mapping (their flags differ), so the new part is a mapping of its own,
+    which overlaps nothing registered: new memory to the tracker."""
+    pid = area.t.pid
+    heap = next(m for m in procfs.read_maps(pid) if m.path == "[heap]")
+    fd = _uffd_of(pid)
+    try:
+        uffd.register_wp(fd, heap.start, heap.end)
+        uffd.write_protect(fd, heap.start, heap.end)
+        int(area.t.send("brk 64"))
+        heaps = [(m.start, m.end) for m in procfs.read_maps(pid) if m.path == "[heap]"]
+        assert heaps[0] == (heap.start, heap.end) and heaps[1][0] == heap.end, heaps
+        assert _registered_per_smaps(pid, heap.start, heaps[-1][1]) == [heaps[0]]
+    finally:
+        os.close(fd)
+
+
+def _read_all_notes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "every page was read" in r.getMessage()]
+
+
+def test_remapping_rounds_are_deltas_not_full_reads(
+        area: Area, engine: Engine, store: Store, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Rounds of a process that unmaps and maps memory at overlapping addresses with other
+    bounds, splits and merges it with mprotect, grows it in place, moves it, and extends
+    its heap with brk. Every round restores byte for byte (new memory at an old address
+    shows its own content, not the old one), no round falls back to reading every page
+    (the static BASE pages are never read again), and memory that stays registered
+    through a change is tracked, not captured whole."""
+    caplog.set_level(logging.INFO, logger="ckptd")
+    rec = GroundTruthRecorder()
+    area.do("map 0 2048 3", "fill 0 2048 17", "map 2048 4096 0")
+    # (commands, most pages the round may read: None when only "not everything")
+    steps: list[tuple[list[str], int | None]] = [
+        ([], None),
+        # Replaced by new memory with other bounds, partly written: captured whole (1536
+        # pages of 0x22, the rest zeros: the old 0x11 content must not show through).
+        (["unmap 0 2048", "map 0 256 0", "map 256 1792 3", "map 1792 2048 0",
+          "fill 256 1792 34", "w 1700"], None),
+        ([], 400),  # quiet: the new memory is tracked now
+        (["prot 800 900 1", "w 300 1000 1700"], 400),  # split by mprotect: still tracked
+        (["prot 800 900 3", "w 850"], 400),  # merged again
+        # Grown in place over the guard: tracked; the 256-page tail reads as zeros.
+        (["unmap 1792 2048", "grow 256 1792 2048", "w 2000"], 700),
+        # Moved: not registered at its new place, captured whole.
+        (["unmap 2048 4096", "move 256 2048 2304", "map 256 2304 0"], None),
+        ([], 400),
+        # Replaced by an identical mapping (the case the checked get-and-clear is for),
+        # while other mappings changed too: the probe finds it, no round reads everything.
+        (["unmap 2304 4096", "map 2304 4096 3", "fill 2400 2410 51", "unmap 0 256",
+          "map 0 128 3", "w 5"], None),
+        ([], 400),
+    ]
+    for i, (cmds, most) in enumerate(steps):
+        area.do(*cmds)
+        caplog.clear()
+        meta = engine.snapshot(area.t.pid, tracker="uffd-wp", on_frozen=rec)
+        assert meta.kind == ("full" if i == 0 else "delta")
+        assert_materializes_to(store, meta.id, rec.last, tmp_path / f"m{i}")
+        if i == 0:
+            continue
+        assert not _read_all_notes(caplog), (i, cmds)
+        c = meta.counts
+        assert c.pages_read + BASE <= c.pages_present, (i, cmds, c)
+        if most is not None:
+            assert c.pages_read <= most, (i, cmds, c)
+    # And a brk extension: new memory, then tracked once registered.
+    caplog.clear()
+    int(area.t.send("brk 300"))
+    meta = engine.snapshot(area.t.pid, tracker="uffd-wp", on_frozen=rec)
+    assert_materializes_to(store, meta.id, rec.last, tmp_path / "brk")
+    assert not _read_all_notes(caplog)
+    assert 300 <= meta.counts.pages_read <= meta.counts.pages_present - BASE, meta.counts
+    quiet = engine.snapshot(area.t.pid, tracker="uffd-wp", on_frozen=rec)
+    assert_materializes_to(store, quiet.id, rec.last, tmp_path / "brk-quiet")
+    assert not _read_all_notes(caplog)
+    assert quiet.counts.pages_read <= 400, quiet.counts
+    assert area.t.alive()
 
 
 def test_pages_a_fuzzy_round_failed_to_read_are_read_again(

@@ -29,6 +29,7 @@ from ..intervals import (
     covers,
     intersect,
     normalize,
+    overlaps,
     subtract,
     total,
     union,
@@ -105,6 +106,7 @@ class UffdWpTracker(Tracker):
         self._state_file: tuple[Path, str] | None = None  # see _state_file_path
         self._plan_cache: tuple[list[Span] | None, list[Span], list[Mapping], _Plan] | None = None
         self._parent_cache: _FromParent | None = None
+        self._asked_about: list[Mapping] | None = None  # mappings the last plan knew
         self._fuzzy_present: tuple[str, list[Span]] | None = None  # see _lost_in_parent
 
     # --- state ------------------------------------------------------------------------
@@ -280,21 +282,43 @@ class UffdWpTracker(Tracker):
                                                                    ).regions)
         return normalize((m.start, m.end) for m in mappings if contains(allowed, m.start))
 
+    def _unregistered_parts(self, spans: list[Span], vmas: list[Mapping]) -> list[Span]:
+        """The parts of `spans` that lie in mappings not registered for async
+        write-protect. The query matches pages *without* WPALLOWED: the kernel skips a
+        registered mapping whole at its per-mapping check, without walking its pages, so
+        this costs nothing for registered memory however large, and for unregistered
+        memory about what the presence scan that follows costs anyway."""
+        assert self.pm is not None
+        return normalize((s, e) for s, e, _ in self.pm.scan(_join_across_holes(spans, vmas),
+                                                            _NOT_WP_ALLOWED).regions)
+
     def _plan(self, vmas: list[Mapping]) -> _Plan:
         """How this round treats each mapping; see _Plan. Computed once per distinct
         (mappings, registrations) and reused while neither changes, which is the steady
         state of most processes.
 
-        Believed registered: inside what this tracker registered or verified before. A
-        mapping replaced at the same place since (munmap + mmap) is not registered
-        although it looks the same; the get-and-clear's CHECK_WPASYNC catches that (see
-        harvest)."""
+        Registration is a property of a kernel mapping (VMA), and /proc/PID/maps shows
+        one line per VMA. Memory registered in an earlier round can since have been split
+        or merged by mprotect, grown in place by mremap or as a stack (all still
+        registered; their pages keep their write-protect state, so they stay tracked), or
+        unmapped, with new memory mapped at an overlapping address (not registered: to be
+        captured whole). So when the mappings changed at all, the plan asks the kernel
+        about every mapping that overlaps memory registered before, in one cheap probe
+        (_unregistered_parts). A mapping that overlaps nothing registered before is new
+        without asking: registered memory only moves by mremap, which drops the
+        registration (the flags do not follow the VMA without UFFD_FEATURE_EVENT_REMAP).
+        While the mappings look the same, the plan is reused without asking; a mapping
+        replaced by an identical one (munmap + mmap at the same place) then looks
+        registered, and the get-and-clear's CHECK_WPASYNC catches that (see harvest)."""
         cached = self._plan_cache
         if (cached is not None and cached[0] is self._registered
                 and cached[1] is self._unregistrable and cached[2] == vmas):
             return cached[3]
         cap = capturable(vmas)
         want_reg = [m for m in cap if _registrable(m)]
+        # Ask the kernel only about mappings it has not answered for yet: after a round
+        # that registered new memory, the same mappings come back with a new `known`.
+        fresh = self._registered is None or vmas == self._asked_about
         if self._registered is None:
             self._registered = self._verified_registered(want_reg)
         known = self._registered
@@ -302,11 +326,17 @@ class UffdWpTracker(Tracker):
         never_reg = normalize(
             (m.start, m.end) for m in cap
             if not _registrable(m) or covers(failed_before, (m.start, m.end)))
-        believed = normalize((m.start, m.end) for m in want_reg
-                             if covers(known, (m.start, m.end)))
-        new_vmas = [m for m in want_reg
-                    if not covers(believed, (m.start, m.end))
-                    and not covers(never_reg, (m.start, m.end))]
+        candidates = [m for m in want_reg if not covers(never_reg, (m.start, m.end))]
+        maybe = [m for m in candidates if overlaps(known, (m.start, m.end))]
+        if maybe and not fresh:
+            unreg = self._unregistered_parts(normalize((m.start, m.end) for m in maybe), vmas)
+            maybe = [m for m in maybe if not overlaps(unreg, (m.start, m.end))]
+        self._asked_about = list(vmas)
+        believed = normalize((m.start, m.end) for m in maybe)
+        if believed == known:
+            believed = known  # the same list: harvest then has nothing to update
+        # `believed` is a union of whole mappings, which never overlap one another.
+        new_vmas = [m for m in candidates if not covers(believed, (m.start, m.end))]
         file_spans = normalize((m.start, m.end) for m in want_reg if m.file_backed)
         file_reg = intersect(believed, file_spans)
         still_failed = normalize((m.start, m.end) for m in want_reg
@@ -405,7 +435,7 @@ class UffdWpTracker(Tracker):
         written_spans = normalize((s, e) for s, e, _ in written.regions)
         if new_spans:
             self._registered = normalize([*registered, *subtract(new_spans, failed)])
-        elif self._registered != registered:
+        elif self._registered is not registered:
             self._registered = registered  # mappings that went away drop out
 
         if read_all:
@@ -454,7 +484,9 @@ class UffdWpTracker(Tracker):
         the process unmapped memory meanwhile, and a failed read drops the rest of its
         run, which can reach into a mapping that stays. Such pages were write-protected as
         they were, so no later get-and-clear reports them, and a delta that takes presence
-        from the parent would lose them: they are scanned and read again."""
+        from the parent would lose them: they are scanned and read again. (Before the
+        plan asked the kernel about changed mappings, the frozen round after fuzzy ones
+        nearly always read every page, which hid this.)"""
         last = self._fuzzy_present
         if last is None or last[0] != ctx.parent_id or ctx.parent_present is None:
             return []
@@ -550,6 +582,7 @@ class UffdWpTracker(Tracker):
         self._last_read_pages = None
         self._plan_cache = None
         self._parent_cache = None
+        self._asked_about = None
         self._fuzzy_present = None
         self._close_state()
 
@@ -629,6 +662,13 @@ def _join_across_holes(spans: list[Span], vmas: list[Mapping]) -> list[Span]:
             out[-1] = (out[-1][0], e)
     return out
 
+
+# Pages of mappings that are not registered: WPALLOWED inverted. See _unregistered_parts.
+_NOT_WP_ALLOWED = pagemap.Query(
+    category_mask=abi.PAGE_IS_WPALLOWED,
+    category_inverted=abi.PAGE_IS_WPALLOWED,
+    return_mask=abi.PAGE_IS_WPALLOWED,
+)
 
 _GET_AND_CLEAR_CHECKED = pagemap.Query(
     category_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.category_mask,
