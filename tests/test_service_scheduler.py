@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
+
+import pytest
 
 from ckptd.service.config import Policy, PolicyOverride
 from ckptd.service.registry import Registration, RegistrationRecord
@@ -131,5 +134,139 @@ def test_set_concurrency() -> None:
         assert s.sem is old
         s.set_concurrency(4)
         assert s.sem is not old and s.concurrency == 4
+
+    asyncio.run(main())
+
+
+def test_stop_and_shutdown_let_a_timer_round_finish() -> None:
+    """Timer rounds run inline in the timer task: stopping must not cancel one that has
+    started (its work would be cut off from its bookkeeping), nor start another."""
+
+    async def main() -> None:
+        entered = asyncio.Event()
+        release = asyncio.Event()
+        done: list[int] = []
+
+        async def round_(reg: Registration) -> None:
+            entered.set()
+            await release.wait()
+            done.append(reg.pid)
+
+        s = Scheduler(round_, lambda r: Policy(interval=0.001, jitter=0), concurrency=2)
+        s.start(_reg(1), first_delay=0.0)
+        s.start(_reg(2), first_delay=60.0)  # asleep: cancelled at once
+        await entered.wait()
+        await s.shutdown()
+        timers = [s.slots[1].timer, s.slots[2].timer]
+        await asyncio.sleep(0.01)
+        assert timers[1] is not None and timers[1].cancelled()
+        assert timers[0] is not None and not timers[0].done() and done == []
+        release.set()
+        await asyncio.wait([timers[0]])
+        assert done == [1] and not timers[0].cancelled()
+        await asyncio.sleep(0.01)
+        assert done == [1]  # no round after the stop
+        assert s.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_stop_while_queued_behind_the_lock() -> None:
+    """A timer that waits for the lock (an on-demand round holds it) is cancelled by
+    stop(), and stop() waits for the on-demand round."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+        rounds: list[str] = []
+
+        async def timer_round(reg: Registration) -> None:
+            rounds.append("timer")
+
+        async def on_demand() -> None:
+            await release.wait()
+            rounds.append("on-demand")
+
+        s = Scheduler(timer_round, lambda r: Policy(interval=0.001, jitter=0), concurrency=1)
+        slot = s.start(_reg(4), first_delay=0.02)
+        demand = asyncio.create_task(s.run_exclusive(slot, on_demand))
+        await asyncio.sleep(0.06)  # the timer is due, and waits for the lock
+        assert rounds == [] and slot.lock.locked() and not slot.in_round
+        stopper = asyncio.create_task(s.stop(4))
+        await asyncio.sleep(0.01)
+        assert not stopper.done()
+        release.set()
+        await stopper
+        await demand
+        assert rounds == ["on-demand"] and slot.timer is not None and slot.timer.done()
+
+    asyncio.run(main())
+
+
+def test_policy_change_wakes_a_sleeping_timer() -> None:
+    async def main() -> None:
+        policy = Policy(interval=3600, jitter=0)
+        calls = 0
+
+        async def round_(reg: Registration) -> None:
+            nonlocal calls
+            calls += 1
+
+        s = Scheduler(round_, lambda r: policy, concurrency=1)
+        reg = _reg(6)
+        s.start(reg)  # a first round now, the next one an hour later
+        while calls < 1:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        assert calls == 1 and reg.next_due is not None and reg.next_due > time.time() + 3000
+        policy = Policy(interval=0.005, jitter=0)
+        s.policies_changed()
+        while calls < 4:
+            await asyncio.sleep(0.005)
+        await s.stop(6)
+
+    asyncio.run(main())
+
+
+# --- capture workers --------------------------------------------------------------------
+
+
+def test_workers_hand_off() -> None:
+    import threading
+
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        w = Workers(2, "t-workers")
+        value, name = await w.submit(lambda a, b=0: (a + b, threading.current_thread().name),
+                                     1, b=2)
+        assert value == 3 and name.startswith("t-workers_")
+
+        def boom() -> None:
+            raise ValueError("bad")
+
+        with pytest.raises(ValueError, match="bad"):
+            await w.submit(boom)
+        # A job whose awaiting task gave up still counts until it has finished.
+        gate = threading.Event()
+        fut = w.submit(gate.wait, 5)
+        fut.cancel()
+        assert w.jobs == 1
+        idle = asyncio.create_task(w.wait_idle())
+        await asyncio.sleep(0.01)
+        assert not idle.done()
+        gate.set()
+        await asyncio.wait_for(idle, 5)
+        assert w.jobs == 0
+        # Resizing: more threads at once; fewer once the queued jobs are done.
+        w.resize(3)
+        assert w.size == 3
+        names = await asyncio.gather(*(w.submit(
+            lambda: (time.sleep(0.05), threading.current_thread().name)[1])
+            for _ in range(3)))
+        assert len(set(names)) == 3
+        w.resize(1)
+        assert await w.submit(lambda: 5) == 5
+        w.shutdown(wait=True)
+        assert not [t for t in threading.enumerate() if t.name.startswith("t-workers_")]
 
     asyncio.run(main())

@@ -2,7 +2,9 @@
 sd_notify and metrics together on an asyncio (uvloop) event loop.
 
 Blocking work never runs on the loop:
-  capture pool  (service.concurrency threads)  engine.snapshot: ptrace, reads, compression
+  capture workers (service.concurrency threads) engine.snapshot: ptrace, reads,
+                                               compression (workers.py: one hand-off
+                                               each way per round)
   work pool     (2 threads)                    store reads for requests: list, show,
                                                materialize, verify
   maint pool    (1 thread)                     retention and compaction, in the background
@@ -51,6 +53,7 @@ from .protocol import ErrorCode, ProtocolError
 from .registry import REGISTRY_FILE, Registration, Registry, new_record, open_process
 from .scheduler import Scheduler, Slot
 from .views import registration_view, snapshot_detail, snapshot_summary, status_line
+from .workers import Workers
 
 log = logging.getLogger("ckptd.service")
 T = TypeVar("T")
@@ -97,6 +100,7 @@ class Service:
         self.last_snapshot_at: float | None = None
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by run(); capture workers call into it
         self._persist_lock: asyncio.Lock | None = None
         self._adhoc_slots: dict[int, Slot] = {}
         self._watched: set[int] = set()  # pids whose pidfd we watch for exit
@@ -112,7 +116,7 @@ class Service:
         self.engine: Engine
         self.registry: Registry
         self.scheduler: Scheduler
-        self.capture_pool = ThreadPoolExecutor(config.service.concurrency, "ckptd-capture")
+        self.capture = Workers(config.service.concurrency, "ckptd-capture")
         self.work_pool = ThreadPoolExecutor(2, "ckptd-work")
         self.maint_pool = ThreadPoolExecutor(1, "ckptd-maint")
 
@@ -149,7 +153,7 @@ class Service:
     # --- start --------------------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._persist_lock = asyncio.Lock()
         svc = self.cfg.service
@@ -258,9 +262,7 @@ class Service:
         self.scheduler.policies_changed()
         if new.service.concurrency != old.service.concurrency:
             self.scheduler.set_concurrency(new.service.concurrency)
-            old_pool = self.capture_pool
-            self.capture_pool = ThreadPoolExecutor(new.service.concurrency, "ckptd-capture")
-            old_pool.shutdown(wait=False)
+            self.capture.resize(new.service.concurrency)
         log.info("configuration reloaded from %s; %d registration(s) kept",
                  self.config_path or "defaults", len(self.registry))
         self.notifier.ready(self._status_text())
@@ -274,10 +276,13 @@ class Service:
         if self._http is not None:
             self._http.close()
         await self.scheduler.shutdown()
-        pending = [f for f in self._busy if not f.done()]
+        pending: list[asyncio.Future[Any]] = [f for f in self._busy if not f.done()]
+        count = len(pending) + self.capture.jobs
+        if self.capture.jobs:
+            pending.append(asyncio.ensure_future(self.capture.wait_idle()))
         if pending:
             log.info("waiting up to %.0fs for %d operation(s) in flight",
-                     self.cfg.service.shutdown_grace, len(pending))
+                     self.cfg.service.shutdown_grace, count)
             _, still = await asyncio.wait(pending, timeout=self.cfg.service.shutdown_grace)
             if still:
                 await self._persist()
@@ -299,7 +304,8 @@ class Service:
         for fd in self._adhoc_pidfds.values():
             os.close(fd)
         self.engine.close()
-        for pool in (self.capture_pool, self.work_pool, self.maint_pool):
+        self.capture.shutdown(wait=True)
+        for pool in (self.work_pool, self.maint_pool):
             pool.shutdown(wait=True)
         log.info("stopped")
         return 0
@@ -407,35 +413,58 @@ class Service:
                 "last_snapshot": reg.snapshot_ids[-1] if reg.snapshot_ids else None}
 
     # --- snapshots ----------------------------------------------------------------------
+    #
+    # A round is one hand-off to a capture worker (workers.py), which runs the engine and
+    # then the round's bookkeeping (metrics, the registration's counters, the chain's
+    # tally) at once, in the same thread, while that code and data are still in the CPU's
+    # caches; the event loop only wakes to end the round. Sharing that state with the
+    # loop is safe: metrics change under their lock (there are several workers when
+    # concurrency > 1) and the loop renders them under it; a registration's counters have
+    # one writer at a time (one round of a process at once) and the loop only reads
+    # them; what needs the loop (unregistering a gone process, starting a maintenance
+    # job) is handed to it with call_soon_threadsafe.
 
     async def _scheduled_round(self, reg: Registration) -> None:
         if self.stopping or reg.closed:
             return
+        try:
+            await self.capture.submit(self._scheduled_job, reg)
+        except Exception:
+            return  # the job has logged it with context and counted it in the metrics
+
+    def _scheduled_job(self, reg: Registration) -> SnapshotMeta:
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
-        try:
-            await self._capture(reg.pid, reg, tracker=pol.tracker,
-                                fuzzy=pol.consistency == "fuzzy", max_pages=max_pages)
-        except Exception:
-            return  # _capture has logged it with context and counted it in the metrics
+        return self._capture_job(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy",
+                                 max_pages)
 
     async def _capture(self, pid: int, reg: Registration | None, *, tracker: str,
                        fuzzy: bool, max_pages: int) -> SnapshotMeta:
+        # Not through _in: shutdown waits for these through self.capture's job count.
+        return await self.capture.submit(self._capture_job, pid, reg, tracker, fuzzy,
+                                         max_pages)
+
+    def _capture_job(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
+                     max_pages: int) -> SnapshotMeta:
+        """In a capture worker: one snapshot and its bookkeeping."""
+        m = self.metrics
+        with m.lock:
+            m.in_flight.add(1)
         t0 = time.monotonic()
-        self.metrics.in_flight.inc()
         try:
-            meta = await self._in(self.capture_pool, self.engine.snapshot, pid,
-                                  tracker=tracker, fuzzy=fuzzy, max_pages=max_pages)
+            meta = self.engine.snapshot(pid, tracker=tracker, fuzzy=fuzzy, max_pages=max_pages)
         except Exception as exc:
             reason = failure_reason(exc)
-            self.metrics.failures.inc(reason=reason)
+            with m.lock:
+                m.in_flight.add(-1)
+                m.failures.inc(reason=reason)
             if reg is not None:
                 reg.failures += 1
                 reg.last_error = str(exc)
             if reason == "gone":
                 log.info("pid %d: %s", pid, exc)
                 if reg is not None:
-                    self._spawn(self.unregister(pid, str(exc)), f"gone-{pid}")
+                    self._loop.call_soon_threadsafe(self._gone, reg, str(exc))
             elif isinstance(exc, UserError):
                 log.warning("pid %d: snapshot refused: %s", pid, exc)
             elif isinstance(exc, CkptdError):
@@ -443,33 +472,41 @@ class Service:
             else:
                 log.exception("pid %d: snapshot failed with an internal error", pid)
             raise
-        finally:
-            self.metrics.in_flight.set(self.metrics.in_flight.get() - 1)
         elapsed = time.monotonic() - t0
         now = time.time()
+        counts = meta.counts
+        with m.lock:
+            m.in_flight.add(-1)
+            m.snapshots.inc(kind=meta.kind)
+            m.bytes_read.inc(counts.bytes_read)
+            m.bytes_stored.inc(counts.bytes_stored)
+            m.freeze_seconds.observe(meta.timings.freeze_ms / 1e3)
+            m.round_seconds.observe(elapsed)
+            if meta.truncated:
+                m.truncated.inc()
         self.last_snapshot_at = now
-        m = self.metrics
-        m.snapshots.inc(kind=meta.kind)
-        m.bytes_read.inc(meta.counts.bytes_read)
-        m.bytes_stored.inc(meta.counts.bytes_stored)
-        m.freeze_seconds.observe(meta.timings.freeze_ms / 1e3)
-        m.round_seconds.observe(elapsed)
-        if meta.truncated:
-            m.truncated.inc()
         if reg is not None:
             reg.rounds += 1
             reg.last_snapshot_at = now
             reg.last_duration = elapsed
             reg.last_error = None
-            reg.snapshot_ids.append(meta.id)
-            del reg.snapshot_ids[:-16]
+            ids = reg.snapshot_ids
+            ids.append(meta.id)
+            if len(ids) > 16:
+                del ids[0]
             if meta.truncated:
                 reg.truncated_rounds += 1
-            self._maybe_maintain(pid, meta, self.policy_of(reg))
+            self._maybe_maintain(reg, meta, now)
         log.debug("pid %d: %s %s, %d pages stored, %.1f ms frozen, %.1f ms total", pid,
-                  meta.kind, meta.id, meta.counts.pages_stored, meta.timings.freeze_ms,
+                  meta.kind, meta.id, counts.pages_stored, meta.timings.freeze_ms,
                   meta.timings.total_ms)
         return meta
+
+    def _gone(self, reg: Registration, why: str) -> None:
+        # On the loop. The registration may have been dropped or replaced meanwhile, or
+        # be on its way out (the pidfd saw the exit first: no longer watched).
+        if self.registry.get(reg.pid) is reg and reg.pid in self._watched:
+            self._spawn(self.unregister(reg.pid, why), f"gone-{reg.pid}")
 
     async def snapshot_now(self, peer: Peer, req: protocol.SnapshotNowReq) -> dict[str, Any]:
         auth.check_process(peer, req.pid)
@@ -508,21 +545,28 @@ class Service:
 
     # --- retention and compaction -------------------------------------------------------
 
-    def _maybe_maintain(self, pid: int, meta: SnapshotMeta, pol: Policy) -> None:
+    def _maybe_maintain(self, reg: Registration, meta: SnapshotMeta, now: float) -> None:
+        """In the round's worker: note the snapshot; ask the loop for a maintenance job
+        only if the chain may need one."""
         chain = meta.chain
-        tally = self._tallies.get(pid)
+        tally = self._tallies.get(reg.pid)
         if tally is None or tally.chain != chain:  # new registration, or the process exec'd
-            tally = self._tallies[pid] = maintenance.ChainTally(chain)
+            tally = self._tallies[reg.pid] = maintenance.ChainTally(chain)
         tally.note(meta)  # even if a job is running: the next one plans from memory
         if chain in self._maint_running or self.stopping:
             return
-        known = tally.remembered()
-        if known is not None and maintenance.plan(known, pol.retention, time.time()) is None:
+        if not tally.may_need_work(self.policy_of(reg).retention, now):
             # Nothing to do by what we remember: no job, no listing of the chain. (What
             # we remember is checked against the disk whenever a job does run.)
             return
+        self._loop.call_soon_threadsafe(self._start_maintenance, reg, tally)
+
+    def _start_maintenance(self, reg: Registration, tally: maintenance.ChainTally) -> None:
+        chain = tally.chain
+        if reg.closed or self.stopping or chain in self._maint_running:
+            return
         self._maint_running.add(chain)
-        self._spawn(self._maintain(chain, pol, tally), f"maint-{chain}")
+        self._spawn(self._maintain(chain, self.policy_of(reg), tally), f"maint-{chain}")
 
     async def _maintain(self, chain: str, pol: Policy, tally: maintenance.ChainTally
                         ) -> None:
