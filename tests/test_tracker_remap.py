@@ -161,16 +161,18 @@ def test_the_probe_finds_exactly_the_unregistered_mappings(area: Area) -> None:
         uffd.register_wp(fd, *area.span(a, b))
         uffd.write_protect(fd, *area.span(a, b))
 
-    def check(expect_unregistered: list[Span]) -> None:
+    def check(expect_unregistered: list[Span] | None) -> list[Span]:
         registered = _registered_per_smaps(pid, lo, hi)
         with pagemap.Pagemap(pid) as pm:
             unreg = normalize((s, e) for s, e, _ in pm.scan([(lo, hi)],
                                                             uffd_wp._NOT_WP_ALLOWED).regions)
         mapped = normalize(span for span, _ in area.lines())
-        assert unreg == normalize(expect_unregistered), (area.lines(), registered)
+        if expect_unregistered is not None:
+            assert unreg == normalize(expect_unregistered), (area.lines(), registered)
         # smaps agrees: every mapping is either registered or reported, not both.
         assert normalize([*registered, *unreg]) == mapped
         assert not intersect(registered, unreg)
+        return unreg
 
     try:
         area.do("map 0 1024 3", "fill 0 512 17")
@@ -200,6 +202,18 @@ def test_the_probe_finds_exactly_the_unregistered_mappings(area: Area) -> None:
         check([area.span(896, 1280), area.span(2048, 2368)])
         with pagemap.Pagemap(pid) as pm, pytest.raises(OSError):
             pm.scan([area.span(2048, 2368)], uffd_wp._GET_AND_CLEAR_CHECKED)
+        # A registered mapping never written to, moved right next to a registered one
+        # with the same flags: on 6.18 the kernel merges them and then drops the
+        # registration of the merged whole, the neighbour included, whose pages keep
+        # their write-protect bits. The neighbour's bounds change, so the tracker asks
+        # about it; the probe must then agree with smaps.
+        area.do("map 3000 3064 3", "map 3200 3264 3", "fill 3200 3264 9")
+        register(3000, 3064)
+        register(3200, 3264)
+        area.do("move 3000 3064 3136")
+        unreg = check(None)
+        assert area.span(3200, 3264) not in [span for span, _ in area.lines()] or \
+            not intersect(unreg, [area.span(3200, 3264)])
     finally:
         os.close(fd)
 
@@ -257,6 +271,10 @@ def test_remapping_rounds_are_deltas_not_full_reads(
         # while other mappings changed too: the probe finds it, no round reads everything.
         (["unmap 2304 4096", "map 2304 4096 3", "fill 2400 2410 51", "unmap 0 256",
           "map 0 128 3", "w 5"], None),
+        (["map 192 256 3"], 400),  # a small new mapping, never written to
+        # ... moved next to the registered mapping at 2304, which loses its registration
+        # with it on 6.18 (see above): captured whole with its new neighbour.
+        (["move 192 256 2240", "fill 2500 2501 68"], None),
         ([], 400),
     ]
     for i, (cmds, most) in enumerate(steps):
