@@ -236,6 +236,47 @@ def test_brk_growth_is_a_new_unregistered_mapping(area: Area) -> None:
         os.close(fd)
 
 
+def test_a_mapping_that_grows_down_stays_registered() -> None:
+    """A stack (MAP_GROWSDOWN) that grows is the same mapping with a lower start: still
+    registered, and the new page reports WRITTEN, so the tracker keeps it tracked."""
+    code = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+room = libc.mmap(None, 1 << 24, 0, 0x22, -1, 0)
+assert libc.munmap(room, 1 << 24) == 0
+GROWSDOWN, FIXED = 0x100, 0x10
+a = libc.mmap(room + (1 << 23), 16 * 4096, 3, 0x22 | GROWSDOWN | FIXED, -1, 0)
+ctypes.memset(a, 1, 16 * 4096)
+print('ready', flush=True)
+print(a, flush=True)
+sys.stdin.readline()
+ctypes.memset(a - 4096, 2, 4096)  # below the mapping: it grows down by a page
+print('ok', flush=True)
+sys.stdin.readline()
+"""
+    with Target.python(code) as t:
+        a = int(t.readline())
+        fd = _uffd_of(t.pid)
+        try:
+            uffd.register_wp(fd, a, a + 16 * PAGE)
+            uffd.write_protect(fd, a, a + 16 * PAGE)
+            assert t.send("grow") == "ok"
+            assert (a - PAGE, a + 16 * PAGE) in [(m.start, m.end)
+                                                 for m in procfs.read_maps(t.pid)]
+            assert _registered_per_smaps(t.pid, a - PAGE, a) == [(a - PAGE, a + 16 * PAGE)]
+            with pagemap.Pagemap(t.pid) as pm:
+                lo = a - 64 * PAGE
+                assert pm.scan([(lo, a + 16 * PAGE)], uffd_wp._NOT_WP_ALLOWED).regions == []
+                got = pm.scan([(a - PAGE, a + 16 * PAGE)], uffd_wp._GET_AND_CLEAR_CHECKED)
+                assert [(s, e) for s, e, _ in got.regions] == [(a - PAGE, a)]
+        finally:
+            os.close(fd)
+
+
 def _read_all_notes(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "every page was read" in r.getMessage()]
 
