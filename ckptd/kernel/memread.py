@@ -15,7 +15,7 @@ from array import array
 from collections.abc import Sequence
 
 from ..intervals import covers
-from . import abi
+from . import abi, procfs
 from .syscalls import process_vm_readv
 
 Run = tuple[int, int]  # [start, end) in the target
@@ -125,17 +125,34 @@ class PageReader:
         got = 0
         try:
             while got < len(view):
-                n = os.preadv(self.mem_fd, [view[got:]], start + got)
-                if n <= 0:
-                    raise OSError(errno.EIO,
-                                  f"short read of {self.pid}'s memory at {start + got:#x}")
+                try:
+                    n = os.preadv(self.mem_fd, [view[got:]], start + got)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"short read of {self.pid}'s memory at "
+                                      f"{start + got:#x}")
+                except OSError as e:
+                    if not (self.tolerate_unmapped and e.errno in (errno.EIO, errno.EFAULT)):
+                        raise
+                    # Lose only what is unmapped now: the rest of the run may lie in a
+                    # mapping that stays, whose pages this round is taken to hold.
+                    resume = self._mapped_from(start + got, end) - start
+                    view[got:resume] = bytes(resume - got)
+                    self.failed.append((start + got, start + resume))
+                    n = resume - got
                 got += n
-        except OSError as e:
-            if not (self.tolerate_unmapped and e.errno in (errno.EIO, errno.EFAULT)):
-                raise
-            view[got:] = bytes(len(view) - got)
-            self.failed.append((start + got, end))
         finally:
             view.release()
+
+    def _mapped_from(self, addr: int, end: int) -> int:
+        """Where, after the page at `addr` that failed to read, memory in [addr, end) is
+        mapped again now (`end` if nowhere). The failing page itself is always skipped, so
+        a read that fails inside a mapping still advances."""
+        after = addr + abi.PAGE_SIZE
+        if after >= end:
+            return end
+        for m in procfs.read_maps(self.pid):
+            if m.end > after and m.start < end:
+                return max(m.start, after)
+        return end
 
 
