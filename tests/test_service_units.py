@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.errors import TargetNotFound
+from ckptd.errors import CkptdError, TargetNotFound
 from ckptd.service import auth, maintenance, protocol
 from ckptd.service.config import (
     ConfigError,
@@ -563,9 +563,9 @@ def test_tally_follows_a_compaction_underneath(tmp_path: Path) -> None:
     assert entries[0].kind == "full" and entries[0].counts.pages_stored == 1234
 
 
-def test_run_compacts_and_reloads_the_tally(tmp_path: Path) -> None:
-    """run() plans from the tally, compacts through the store, and the tally reloads
-    afterwards (the base was rewritten)."""
+def test_run_compacts_and_updates_the_tally(tmp_path: Path) -> None:
+    """run() plans from the tally, compacts through the store, and the tally follows:
+    the folded snapshots go, the new base is read back from disk (its head only)."""
     store, _ = _tally_store(tmp_path, 11)  # deltas store 1000 pages = the base's
     tally = maintenance.ChainTally("9-1")
     assert maintenance.run(store, "9-1", Retention(compact_ratio=2), 0, tally) is None
@@ -574,15 +574,26 @@ def test_run_compacts_and_reloads_the_tally(tmp_path: Path) -> None:
     assert result is not None and "folded 5 snapshot(s) into a base at 9-1-6" in result
     entries = tally.entries(store)
     assert [e.id for e in entries] == [f"9-1-{i}" for i in range(6, 12)]
-    assert entries[0].kind == "full" and tally.reloads == 2
+    assert entries[0].kind == "full" and tally.reloads == 1  # no re-read of every head
     # The rewritten base's counts come from disk: these synthetic snapshots hold no data,
     # so the new base stores 0 pages (its old entry said 100) and counts as the floor.
     assert entries[0].counts.pages_stored == 0
+    # Exactly what reading the chain afresh gives, and the same decisions.
+    assert entries == maintenance.ChainTally("9-1").entries(store)
+    for ret in (Retention(), Retention(compact_ratio=0.4), Retention(keep_last=3)):
+        assert tally.may_need_work(ret, 0) == (maintenance.plan(entries, ret, 0) is not None)
     assert maintenance.run(store, "9-1", Retention(compact_ratio=2), 0, tally) is None
-    assert tally.reloads == 2
+    assert tally.reloads == 1
     # Without a tally, run() reads the heads itself.
     assert maintenance.run(store, "9-1", Retention(compact_ratio=100, compact_after=2), 0)
     assert store.snapshot_ids("9-1") == ["9-1-9", "9-1-10", "9-1-11"]
+    # A compaction that fails leaves the tally to be read from disk again.
+    tally = maintenance.ChainTally("9-1")
+    tally.entries(store)
+    store.snapshot_path("9-1-10").unlink()  # the lineage breaks underneath
+    with pytest.raises(CkptdError):
+        maintenance.run(store, "9-1", Retention(keep_last=1), 0, tally)
+    assert tally.remembered() is None
 
 
 class _Heads:
