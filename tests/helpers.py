@@ -29,6 +29,22 @@ needs_root = pytest.mark.skipif(
 
 GroundTruth = dict[tuple[int, int], bytes | None]
 
+# The start of a target program that maps memory through libc: `ctypes`, `sys` and a
+# `libc` whose mmap, munmap, mprotect, mremap and sbrk take and return addresses.
+LIBC_MM = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for f in ("mmap", "mremap", "sbrk"):
+    getattr(libc, f).restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p]
+libc.sbrk.argtypes = [ctypes.c_long]
+"""
+
 
 class Target:
     """A real child process speaking a line protocol on stdin/stdout."""

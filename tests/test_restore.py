@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import GroundTruth, GroundTruthRecorder, Target, assert_materializes_to, needs_root
+from helpers import (
+    LIBC_MM,
+    GroundTruth,
+    GroundTruthRecorder,
+    Target,
+    assert_materializes_to,
+    needs_root,
+)
 
 from ckptd.engine import Engine
 from ckptd.store import Store
@@ -110,13 +117,8 @@ def test_mapping_replaced_at_the_same_address_is_captured(
     again at the same address and size looks identical in /proc/PID/maps but is no longer
     registered: the checked get-and-clear must notice, and the round must still capture
     the new content exactly."""
-    code = """
-import ctypes, mmap, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    code = LIBC_MM + """
+import mmap
 SIZE = 64 * 4096
 PROT_RW, FLAGS = 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 MAP_FIXED_NOREPLACE = 0x100000

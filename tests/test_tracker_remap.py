@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import GroundTruthRecorder, Target, assert_materializes_to, needs_root
+from helpers import (
+    LIBC_MM,
+    GroundTruthRecorder,
+    Target,
+    assert_materializes_to,
+    needs_root,
+)
 from test_tracker_rounds import _uffd_of
 
 from ckptd.engine import Engine
@@ -44,18 +50,7 @@ BASE = 4096  # pages of a static, populated region that a delta must not read ag
 #   move A B C        mremap [A, B) to C (MREMAP_MAYMOVE | MREMAP_FIXED)
 #   brk N             extend the heap by N pages with sbrk and fill them with 0x5b
 #   base              print the static region's address
-TARGET = f"""
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-for f in ("mmap", "mremap", "sbrk"):
-    getattr(libc, f).restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
-                        ctypes.c_void_p]
-libc.sbrk.argtypes = [ctypes.c_long]
+TARGET = LIBC_MM + f"""
 P, AREA, BASE = {PAGE}, {AREA}, {BASE}
 PRIVATE_ANON, FIXED, NOREPLACE = 0x22, 0x10, 0x100000
 base = libc.mmap(None, BASE * P, 3, PRIVATE_ANON, -1, 0)
@@ -239,13 +234,7 @@ def test_brk_growth_is_a_new_unregistered_mapping(area: Area) -> None:
 def test_a_mapping_that_grows_down_stays_registered() -> None:
     """A stack (MAP_GROWSDOWN) that grows is the same mapping with a lower start: still
     registered, and the new page reports WRITTEN, so the tracker keeps it tracked."""
-    code = """
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    code = LIBC_MM + """
 room = libc.mmap(None, 1 << 24, 0, 0x22, -1, 0)
 assert libc.munmap(room, 1 << 24) == 0
 GROWSDOWN, FIXED = 0x100, 0x10

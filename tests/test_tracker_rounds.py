@@ -10,7 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import GroundTruthRecorder, Target, assert_materializes_to, needs_root
+from helpers import (
+    LIBC_MM,
+    GroundTruthRecorder,
+    Target,
+    assert_materializes_to,
+    needs_root,
+)
 
 from ckptd.engine import Engine
 from ckptd.intervals import Span, normalize
@@ -27,14 +33,7 @@ U_SIZE = 70 << 20  # read-only and above MAX_READONLY_REGISTER: never registered
 # [A][hole][B][U][C]: A, B and C read-write; the hole unmapped; U a read-only mapping
 # that the tracker never registers. "w ADDR..." writes one byte at each address;
 # "map" maps a new read-write chunk into the hole, "unmap" removes it again.
-LAYOUT_CODE = f"""
-import ctypes, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+LAYOUT_CODE = LIBC_MM + f"""
 P, C, U = {PAGE}, {CHUNK}, {U_SIZE}
 PRIVATE_ANON, FIXED_NOREPLACE = 0x22, 0x100000
 r = libc.mmap(None, 4 * C * P + U, 1, PRIVATE_ANON, -1, 0)
