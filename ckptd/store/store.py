@@ -187,7 +187,7 @@ class Store:
 
     def snapshot_path(self, snapshot_id: str) -> Path:
         chain, _ = parse_snapshot_id(snapshot_id)
-        return self.chain_dir(chain).joinpath("snapshots", f"{snapshot_id}.json")
+        return Path(self.snapshot_file(chain, snapshot_id))
 
     def _read_snapshot(self, snapshot_id: str) -> tuple[Path, bytes]:
         path = self.snapshot_path(snapshot_id)

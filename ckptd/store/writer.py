@@ -91,8 +91,7 @@ def zero_page_flags(buf: object, start: int, end: int) -> list[int]:
 
 
 class SnapshotWriter:
-    def __init__(self, store: Store, chain: str, snapshot_id: str, executor: Executor,
-                 inline: bool = True) -> None:
+    def __init__(self, store: Store, chain: str, snapshot_id: str, executor: Executor) -> None:
         self.store = store
         self.chain = chain
         self.snapshot_id = snapshot_id
@@ -100,7 +99,6 @@ class SnapshotWriter:
         self.data_name = f"{snapshot_id}.{os.urandom(4).hex()}.zst"
         self.fd = -1  # opened once the data outgrows INLINE_MAX_BYTES
         self.offset = 0
-        self.inline = inline
         self._held: list[bytes] = []  # compressed data not (yet) in a file
         self._file_made = False
         self._frame_rows: list[dict[str, int]] = []
@@ -227,9 +225,7 @@ class SnapshotWriter:
             compressed = fut.result()
             t = time.perf_counter()
             blob = b"".join(f for f, _ in compressed)
-            if self._hold(blob):
-                self._write(blob)
-                start_writeback(self.fd, self.offset, len(blob))
+            self._emit(blob, writeback=True)
             self.write_s += time.perf_counter() - t
             for extents, (frame, crc) in zip(frames, compressed, strict=True):
                 self._add_frame(extents, frame, crc)
@@ -272,24 +268,24 @@ class SnapshotWriter:
         """Add an already compressed frame holding `extents` (compaction copies frames
         unchanged)."""
         t = time.perf_counter()
-        if self._hold(frame):
-            self._write(frame)
+        self._emit(frame)
         self.write_s += time.perf_counter() - t
         self._add_frame(extents, frame, crc)
 
-    def _hold(self, blob: bytes) -> bool:
-        """Keep `blob` (the next bytes of the data) in memory while all of the data still
-        fits inline. Returns False if it was kept; True if it must go to the file, which
-        then holds everything kept so far."""
-        if self.fd < 0 and self.inline and self.offset + len(blob) <= INLINE_MAX_BYTES:
-            self._held.append(blob)
-            return False
+    def _emit(self, blob: bytes, writeback: bool = False) -> None:
+        """Append `blob` (the next bytes of the data): kept in memory while all of the data
+        fits inline; else written to the file, which first gets what was kept."""
         if self.fd < 0:
+            if self.offset + len(blob) <= INLINE_MAX_BYTES:
+                self._held.append(blob)
+                return
             self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             self._file_made = True
             held, self._held = b"".join(self._held), []
             self._write(held)
-        return True
+        self._write(blob)
+        if writeback:
+            start_writeback(self.fd, self.offset, len(blob))
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
