@@ -62,6 +62,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(tail[11]) + int(tail[12])) / CLK
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one pool share a name prefix)."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")].rstrip("_0123456789")
+        tail = raw.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(tail[11]) + int(tail[12])) / CLK
+    return out
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
     rss = hwm = 0
     with open(f"/proc/{pid}/status") as f:
@@ -105,11 +120,13 @@ def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float
         with Client(sock) as c:
             s0 = c.call("status")
         c0, w0 = cpu_seconds(daemon.pid), time.monotonic()
+        t0 = thread_cpu(daemon.pid)
         peak = 0
         while time.monotonic() - w0 < duration:
             time.sleep(1)
             peak = max(peak, rss_kib(daemon.pid)[0])
         c1, w1 = cpu_seconds(daemon.pid), time.monotonic()
+        t1 = thread_cpu(daemon.pid)
         with Client(sock) as c:
             s1 = c.call("status")
             procs = c.call("list")["processes"]
@@ -122,6 +139,9 @@ def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float
               f"{100 * (c1 - c0) / wall:.1f}% | {snaps / wall:.1f} | {overruns} | "
               f"{peak / 1024:.0f} MiB | {hwm / 1024:.0f} MiB | "
               f"{sum(p['failures'] for p in procs)} |")
+        threads = sorted(((t1[k] - t0.get(k, 0.0)) / (w1 - w0), k) for k in t1)
+        print("  by thread: " + ", ".join(f"{k} {100 * v:.1f}%" for v, k in reversed(threads)
+                                          if v >= 0.001), file=sys.stderr)
     finally:
         if daemon is not None:
             daemon.terminate()

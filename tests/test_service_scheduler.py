@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -240,6 +241,10 @@ def test_workers_hand_off() -> None:
         value, name = await w.submit(lambda a, b=0: (a + b, threading.current_thread().name),
                                      1, b=2)
         assert value == 3 and name.startswith("t-workers_")
+        # The kernel knows the thread by that name too (top -H, /proc/PID/task/TID/comm).
+        comm = await w.submit(lambda: Path(f"/proc/self/task/{threading.get_native_id()}/comm")
+                              .read_text().strip())
+        assert comm.startswith("t-workers_")
 
         def boom() -> None:
             raise ValueError("bad")

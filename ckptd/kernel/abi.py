@@ -172,6 +172,8 @@ SYSCALL_INSN = b"\x0f\x05"
 MADV_POPULATE_WRITE = 23  # Linux 5.14+
 SYNC_FILE_RANGE_WRITE = 2
 SYS_sync_file_range = 277
+# prctl(2): set the calling thread's name (comm, at most 15 bytes plus NUL).
+PR_SET_NAME = 15
 
 
 class IoVec(ctypes.Structure):

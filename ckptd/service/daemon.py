@@ -41,6 +41,7 @@ from ..errors import (
     UserError,
 )
 from ..kernel.abi import PAGE_SIZE
+from ..kernel.syscalls import name_os_thread
 from ..store import SnapshotMeta, Store
 from ..store import reader as store_reader
 from . import aio, auth, maintenance, protocol
@@ -117,8 +118,8 @@ class Service:
         self.registry: Registry
         self.scheduler: Scheduler
         self.capture = Workers(config.service.concurrency, "ckptd-capture")
-        self.work_pool = ThreadPoolExecutor(2, "ckptd-work")
-        self.maint_pool = ThreadPoolExecutor(1, "ckptd-maint")
+        self.work_pool = ThreadPoolExecutor(2, "ckptd-work", initializer=name_os_thread)
+        self.maint_pool = ThreadPoolExecutor(1, "ckptd-maint", initializer=name_os_thread)
 
     # --- helpers ------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..kernel.syscalls import name_os_thread
+
 T = TypeVar("T")
 
 _Item = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any],
@@ -108,6 +110,7 @@ class Workers:
                     w.set_result(None)
 
     def _work(self) -> None:
+        name_os_thread()
         get = self._queue.get
         while True:
             item = get()

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import UserError
 from ..intervals import IntervalMap
 from ..kernel.abi import PAGE_SIZE
+from ..kernel.syscalls import name_os_thread
 from .format import FORMAT_VERSION, Counts, SnapshotMeta
 from .fsutil import FILE_MODE, fsync_dir
 from .reader import DataRef, FrameReader, Source, page_map
@@ -62,7 +63,8 @@ def _compact(store: Store, chain: str, upto: str) -> str:
     if meta.kind != "full":
         metas = {m.id: m for m in lineage}
         reader = FrameReader(store, metas)
-        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-compact")
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-compact",
+                                      initializer=name_os_thread)
         writer = SnapshotWriter(store, chain, meta.id, executor)
         try:
             _rewrite(pm, metas, reader, writer)
