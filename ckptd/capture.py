@@ -184,7 +184,7 @@ def take_snapshot(
     snapshot_id = f"{chain.chain}-{seq}"
     ctx = TrackContext(
         pid=pid,
-        state_dir=store.chain_dir(chain.chain) / "state",
+        state_dir=store.state_dir(chain.chain),
         parent_present=list(parent.present) if parent else None,
         parent_id=parent.id if parent else None,
         snapshot_id=snapshot_id,
@@ -275,7 +275,9 @@ def take_snapshot(
             frames=writer.frames,
             extents=writer.extents,
             zeros=writer.zeros,
-            counts=Counts(
+            # Our own numbers: built without validation (the metadata is validated
+            # again by every reader).
+            counts=Counts.model_construct(
                 pages_dirty=pages_dirty if not full else nbytes // abi.PAGE_SIZE,
                 pages_read=nbytes // abi.PAGE_SIZE,
                 pages_stored=stored_pages,
@@ -285,7 +287,7 @@ def take_snapshot(
                 bytes_read=nbytes,
                 bytes_stored=stored.data_bytes,
             ),
-            timings=Timings(
+            timings=Timings.model_construct(
                 prepare_ms=(t_prepared - t_start) * 1e3,
                 freeze_ms=0.0 if fuzzy else (t_thawed - t_freeze) * 1e3,
                 scan_ms=(t_scanned - t_frozen) * 1e3,

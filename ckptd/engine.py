@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
 from .errors import TrackerUnavailable, UserError
+from .kernel.syscalls import name_os_thread
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import SnapshotHead
 from .track import hash as hash_tracker
@@ -67,7 +68,7 @@ class Engine:
         self.store = store
         self.executor = ThreadPoolExecutor(
             max_workers=compress_threads or min(2, os.cpu_count() or 1),
-            thread_name_prefix="ckptd-zstd",
+            thread_name_prefix="ckptd-zstd", initializer=name_os_thread,
         )
         # One capture buffer per thread: the service snapshots processes concurrently.
         self._buffers = threading.local()
@@ -113,7 +114,7 @@ class Engine:
         c = proc.chain
         if (c is not None and c.pid == ident.pid and c.start_time == ident.start_time
                 and c.mm_fingerprint == ident.mm_fingerprint
-                and self.store.chain_dir(c.chain).exists()):
+                and self.store.chain_exists(c.chain)):
             return c, None
         proc.last = None
         chains = self.store.find_chain(ident.pid, ident.start_time)

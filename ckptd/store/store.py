@@ -70,6 +70,9 @@ class Store:
         self.chains_dir = root / "chains"
         self.tmp_dir = root / "tmp"
         self._chain_dirs: dict[str, Path] = {}  # paths are built often, and never change
+        self._state_dirs: dict[str, Path] = {}
+        # The per-round path uses plain strings: Path objects cost more than the syscalls.
+        self._chains = str(self.chains_dir)
 
     # --- opening ------------------------------------------------------------------------
 
@@ -119,6 +122,18 @@ class Store:
                 self._chain_dirs.clear()
             d = self._chain_dirs[chain] = self.chains_dir / chain
         return d
+
+    def state_dir(self, chain: str) -> Path:
+        """The chain's tracker state directory (the same object every time)."""
+        d = self._state_dirs.get(chain)
+        if d is None:
+            if len(self._state_dirs) > 4096:
+                self._state_dirs.clear()
+            d = self._state_dirs[chain] = self.chain_dir(chain) / "state"
+        return d
+
+    def chain_exists(self, chain: str) -> bool:
+        return os.path.isdir(f"{self._chains}/{chain}")
 
     def chain_ids(self) -> list[str]:
         try:
@@ -175,7 +190,7 @@ class Store:
     @contextmanager
     def lock_chain(self, chain: str) -> Iterator[None]:
         """Exclusive writer lock on a chain (released by the kernel if we die)."""
-        fd = os.open(self.chain_dir(chain) / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+        fd = os.open(f"{self._chains}/{chain}/lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -264,7 +279,7 @@ class Store:
 
     def snapshot_file(self, chain: str, snapshot_id: str) -> str:
         """snapshot_path as a string, for the per-round path (no Path objects)."""
-        return f"{self.chains_dir}/{chain}/snapshots/{snapshot_id}.json"
+        return f"{self._chains}/{chain}/snapshots/{snapshot_id}.json"
 
     def publish(self, meta: SnapshotMeta) -> None:
         """The commit point: the metadata becomes visible atomically and durably."""

@@ -147,13 +147,11 @@ class SnapshotWriter:
             size += pages * PAGE_SIZE
         if frames:
             if pending:
-                last = self.executor.submit(_compress_frames, chunks)
+                pending.append((frames, self.executor.submit(_compress_frames, chunks)))
             else:
                 # The whole write is one batch (the usual small delta): compress it here;
                 # handing it to a thread and back costs more than compressing it.
-                last = Future()
-                last.set_result(_compress_frames(chunks))
-            pending.append((frames, last))
+                self._write_batch(frames, _compress_frames(chunks), progress)
         self._drain(pending, progress)
         del chunks
         view.release()
@@ -222,15 +220,19 @@ class SnapshotWriter:
                                          Future[list[tuple[bytes, int]]]]],
                progress: Callable[[int], None] | None) -> None:
         for frames, fut in pending:
-            compressed = fut.result()
-            t = time.perf_counter()
-            blob = b"".join(f for f, _ in compressed)
-            self._emit(blob, writeback=True)
-            self.write_s += time.perf_counter() - t
-            for extents, (frame, crc) in zip(frames, compressed, strict=True):
-                self._add_frame(extents, frame, crc)
-                if progress:
-                    progress(sum(p for _, p in extents) * PAGE_SIZE)
+            self._write_batch(frames, fut.result(), progress)
+
+    def _write_batch(self, frames: list[list[tuple[int, int]]],
+                     compressed: list[tuple[bytes, int]],
+                     progress: Callable[[int], None] | None) -> None:
+        t = time.perf_counter()
+        blob = b"".join(f for f, _ in compressed)
+        self._emit(blob, writeback=True)
+        self.write_s += time.perf_counter() - t
+        for extents, (frame, crc) in zip(frames, compressed, strict=True):
+            self._add_frame(extents, frame, crc)
+            if progress:
+                progress(sum(p for _, p in extents) * PAGE_SIZE)
 
     def _add_frame(self, extents: list[tuple[int, int]], frame: bytes, crc: int) -> None:
         # Plain rows now, models once at the end: validating a list in one call costs
