@@ -258,11 +258,11 @@ def main() -> int:
     ap.add_argument("--spread", action="store_true",
                     help="small-engine: space the snapshots over each second as the "
                     "service's timers do, instead of back to back")
-    ap.add_argument("--settle", type=float, default=35.0,
-                    help="seconds to wait before starting (default 35): ext4 without a "
+    ap.add_argument("--settle", type=float, default=65.0,
+                    help="seconds to wait before starting (default 65): ext4 without a "
                     "journal, as on our VM, makes each file creation skip inodes freed "
-                    "in the last 30 s, so a test run or an earlier benchmark's cleanup "
-                    "would be billed to ckptd")
+                    "in the last 60 s (5 minutes while their block is dirty), so a test "
+                    "run or an earlier benchmark's cleanup would be billed to ckptd")
     args = ap.parse_args()
     ret = {k: v for k, v in (("compact_after", args.compact_after),
                              ("compact_ratio", args.compact_ratio)) if v}
