@@ -56,10 +56,17 @@ TARGET = textwrap.dedent(r'''
 CLK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_cpu(path: str) -> tuple[str, float]:
+    """(comm, utime + stime in seconds) from a /proc .../stat file."""
+    with open(path) as f:
+        raw = f.read()
+    head, _, tail = raw.rpartition(")")
+    fields = tail.split()
+    return head.partition("(")[2], (int(fields[11]) + int(fields[12])) / CLK
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        tail = f.read().rsplit(")", 1)[1].split()
-    return (int(tail[11]) + int(tail[12])) / CLK
+    return _stat_cpu(f"/proc/{pid}/stat")[1]
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -67,13 +74,11 @@ def thread_cpu(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                raw = f.read()
+            comm, cpu = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:
             continue
-        name = raw[raw.index("(") + 1 : raw.rindex(")")].rstrip("_0123456789")
-        tail = raw.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (int(tail[11]) + int(tail[12])) / CLK
+        name = comm.rstrip("_0123456789")
+        out[name] = out.get(name, 0.0) + cpu
     return out
 
 

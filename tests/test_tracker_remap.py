@@ -143,7 +143,7 @@ def _registered_per_smaps(pid: int, lo: int, hi: int) -> list[Span]:
 
 
 def test_the_probe_finds_exactly_the_unregistered_mappings(area: Area) -> None:
-    """_NOT_WP_ALLOWED over a range reports the mappings that are not registered, whole,
+    """NOT_WP_ALLOWED over a range reports the mappings that are not registered, whole,
     and nothing of the registered ones, after each kind of change; smaps agrees. Also the
     facts the tracker's plan relies on: mprotect keeps the registration of both parts, an
     in-place mremap growth keeps it (and its new tail reports WRITTEN), new memory mapped
@@ -160,7 +160,7 @@ def test_the_probe_finds_exactly_the_unregistered_mappings(area: Area) -> None:
         registered = _registered_per_smaps(pid, lo, hi)
         with pagemap.Pagemap(pid) as pm:
             unreg = normalize((s, e) for s, e, _ in pm.scan([(lo, hi)],
-                                                            uffd_wp._NOT_WP_ALLOWED).regions)
+                                                            pagemap.NOT_WP_ALLOWED).regions)
         mapped = normalize(span for span, _ in area.lines())
         if expect_unregistered is not None:
             assert unreg == normalize(expect_unregistered), (area.lines(), registered)
@@ -259,7 +259,7 @@ sys.stdin.readline()
             assert _registered_per_smaps(t.pid, a - PAGE, a) == [(a - PAGE, a + 16 * PAGE)]
             with pagemap.Pagemap(t.pid) as pm:
                 lo = a - 64 * PAGE
-                assert pm.scan([(lo, a + 16 * PAGE)], uffd_wp._NOT_WP_ALLOWED).regions == []
+                assert pm.scan([(lo, a + 16 * PAGE)], pagemap.NOT_WP_ALLOWED).regions == []
                 got = pm.scan([(a - PAGE, a + 16 * PAGE)], uffd_wp._GET_AND_CLEAR_CHECKED)
                 assert [(s, e) for s, e, _ in got.regions] == [(a - PAGE, a)]
         finally:

@@ -76,6 +76,13 @@ WP_ALLOWED = Query(
     category_mask=abi.PAGE_IS_WPALLOWED,
     return_mask=abi.PAGE_IS_WPALLOWED,
 )
+# The opposite: ranges of mappings that are *not* registered. The kernel skips a
+# registered mapping whole at its per-mapping check, without walking its pages.
+NOT_WP_ALLOWED = Query(
+    category_mask=abi.PAGE_IS_WPALLOWED,
+    category_inverted=abi.PAGE_IS_WPALLOWED,
+    return_mask=abi.PAGE_IS_WPALLOWED,
+)
 
 
 @dataclass

@@ -290,7 +290,7 @@ class UffdWpTracker(Tracker):
         memory about what the presence scan that follows costs anyway."""
         assert self.pm is not None
         return normalize((s, e) for s, e, _ in self.pm.scan(_join_across_holes(spans, vmas),
-                                                            _NOT_WP_ALLOWED).regions)
+                                                            pagemap.NOT_WP_ALLOWED).regions)
 
     def _plan(self, vmas: list[Mapping]) -> _Plan:
         """How this round treats each mapping; see _Plan. Computed once per distinct
@@ -662,13 +662,6 @@ def _join_across_holes(spans: list[Span], vmas: list[Mapping]) -> list[Span]:
             out[-1] = (out[-1][0], e)
     return out
 
-
-# Pages of mappings that are not registered: WPALLOWED inverted. See _unregistered_parts.
-_NOT_WP_ALLOWED = pagemap.Query(
-    category_mask=abi.PAGE_IS_WPALLOWED,
-    category_inverted=abi.PAGE_IS_WPALLOWED,
-    return_mask=abi.PAGE_IS_WPALLOWED,
-)
 
 _GET_AND_CLEAR_CHECKED = pagemap.Query(
     category_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.category_mask,
