@@ -42,7 +42,7 @@ test: lint
 bench: setup
 	$(PY) bench/bench_capture.py
 	$(PY) bench/bench_service.py big --duration 180
-	$(PY) bench/bench_service.py small --duration 40
+	$(PY) bench/bench_service.py small --duration 120 --warmup 150
 	$(PY) bench/bench_service.py small-engine --duration 40
 	$(PY) bench/bench_compaction.py --snapshots 60
 
