@@ -194,6 +194,43 @@ def test_a_signal_seen_while_freezing_survives_ckptd_being_killed() -> None:
         assert t.alive()
 
 
+# Starts short-lived threads without pause, so that new threads appear while the
+# freezer works; each one bumps a counter the main thread reports.
+THREAD_SPAWNER = """
+import sys, threading
+count = 0
+def bump():
+    global count
+    count += 1
+def spawn():
+    while True:
+        th = threading.Thread(target=bump)
+        th.start()
+        th.join()
+threading.Thread(target=spawn, daemon=True).start()
+threading.Thread(target=spawn, daemon=True).start()
+print('ready', flush=True)
+for line in sys.stdin:
+    print(count, flush=True)
+"""
+
+
+def test_freeze_holds_every_thread_of_a_process_that_keeps_starting_threads() -> None:
+    """Threads started while the freezer works are held too: while frozen, every task
+    of the process is in a tracing stop, and the process goes on afterwards."""
+    with Target.python(THREAD_SPAWNER) as t:
+        for _ in range(30):
+            with ptrace.Freezer(t.pid) as fz:
+                tids = procfs.thread_ids(t.pid)
+                assert set(tids) <= set(fz.threads), "a thread escaped the freeze"
+                states = {tid: procfs.process_state(tid) for tid in tids}
+                assert all(st == "t" for st in states.values()), states
+                assert len(tids) >= 3  # main and both spawners, at least
+        before = int(t.send("count"))
+        assert wait_for(lambda: int(t.send("count")) > before, timeout=5)
+        assert t.alive()
+
+
 def test_target_exiting_mid_snapshot_leaves_no_half_snapshot(engine: Engine,
                                                               store: Store) -> None:
     with Target.python(READER) as t:

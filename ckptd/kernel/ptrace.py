@@ -86,6 +86,11 @@ class Freezer:
 
     def freeze(self) -> None:
         try:
+            # The main thread first, without a listing: for a single-threaded process
+            # the one listing below then only confirms that nothing else runs (a
+            # listing costs as much as the seize itself).
+            if self._seize(self.pid):
+                self._wait_stop(self.threads[self.pid])
             while True:
                 try:
                     tids = procfs.thread_ids(self.pid)
