@@ -161,6 +161,33 @@ def vma_models(vmas: list[procfs.Mapping]) -> list[Vma]:
     return out
 
 
+@dataclass(frozen=True)
+class _FromMaps:
+    """What a round derives from the mappings alone."""
+
+    vmas: tuple[procfs.Mapping, ...]
+    models: list[Vma]
+    unreadable: list[Span]
+
+
+# The last round's _FromMaps per process: a process's mappings usually repeat, and then
+# the rows and the unreadable ranges are reused. Bounded.
+_FROM_MAPS: dict[int, _FromMaps] = {}
+
+
+def _from_maps(pid: int, vmas: list[procfs.Mapping]) -> _FromMaps:
+    key = tuple(vmas)
+    d = _FROM_MAPS.get(pid)
+    if d is not None and d.vmas == key:  # mostly the same objects: compared by identity
+        return d
+    d = _FromMaps(key, vma_models(vmas),
+                  normalize((m.start, m.end) for m in vmas if not m.readable))
+    if len(_FROM_MAPS) >= 4096:
+        _FROM_MAPS.clear()
+    _FROM_MAPS[pid] = d
+    return d
+
+
 def take_snapshot(
     store: Store,
     ident: Identity,
@@ -218,11 +245,11 @@ def take_snapshot(
             to_read = harvest.to_read
             nbytes = total(to_read)
             buf = buffers.get(nbytes)
-            unreadable = normalize((m.start, m.end) for m in vmas if not m.readable)
+            from_maps = _from_maps(pid, vmas)
             if on_frozen is not None:
                 on_frozen(pid, vmas)  # tests and the demo read ground truth here
             t_hooked = time.perf_counter()
-            reader.read_runs(to_read, buf, unreadable)
+            reader.read_runs(to_read, buf, from_maps.unreadable)
             t_read = time.perf_counter()
         t_thawed = time.perf_counter()
     except (PtraceTargetGone, ProcessLookupError) as e:
@@ -267,7 +294,7 @@ def take_snapshot(
             tracker_reason=tracker_reason,
             consistency="fuzzy" if fuzzy else "frozen",
             truncated=harvest.truncated,
-            vmas=vma_models(vmas),
+            vmas=from_maps.models,
             present=present,
             data_file=stored.data_file,
             data_inline=stored.data_inline,

@@ -76,8 +76,20 @@ def read_file(path: str) -> bytes:
     return b"".join(chunks)
 
 
+# The last maps text of each process and its parse: between rounds the whole file is
+# usually unchanged, and then even the per-line lookups are skipped. Bounded, and only
+# for files of ordinary size (a process with tens of thousands of mappings is not kept).
+_LAST_MAPS: dict[int, tuple[bytes, list[Mapping]]] = {}
+_LAST_MAPS_MAX = 4096
+_LAST_MAPS_MAX_BYTES = 256 << 10
+
+
 def read_maps(pid: int) -> list[Mapping]:
+    """The mappings of PID, in address order (a new list each call)."""
     data = read_file(f"/proc/{pid}/maps")
+    last = _LAST_MAPS.get(pid)
+    if last is not None and last[0] == data:
+        return list(last[1])
     parsed = _PARSED
     out: list[Mapping] = []
     for line in data.splitlines():
@@ -88,7 +100,11 @@ def read_maps(pid: int) -> list[Mapping]:
                 parsed.clear()
             parsed[line] = m
         out.append(m)
-    return out
+    if len(data) <= _LAST_MAPS_MAX_BYTES:
+        if len(_LAST_MAPS) >= _LAST_MAPS_MAX:
+            _LAST_MAPS.clear()
+        _LAST_MAPS[pid] = (data, out)
+    return list(out)
 
 
 def _parse_maps_line(raw: bytes) -> Mapping:
