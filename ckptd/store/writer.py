@@ -212,9 +212,9 @@ class SnapshotWriter:
     def _add_zero(self, addr: int) -> None:
         z = self.zeros
         if z and z[-1].addr + z[-1].pages * PAGE_SIZE == addr:
-            z[-1] = ZeroRun.model_construct(addr=z[-1].addr, pages=z[-1].pages + 1)
+            z[-1] = ZeroRun(addr=z[-1].addr, pages=z[-1].pages + 1)
         else:
-            z.append(ZeroRun.model_construct(addr=addr, pages=1))
+            z.append(ZeroRun(addr=addr, pages=1))
 
     def _drain(self, pending: list[tuple[list[list[tuple[int, int]]],
                                          Future[list[tuple[bytes, int]]]]],
