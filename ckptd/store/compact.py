@@ -18,6 +18,7 @@ Crash safety, step by step (docs/store-format.md has the full protocol):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -98,9 +99,10 @@ def _compact(store: Store, chain: str, upto: str) -> str:
         if new_meta is not meta:
             writer.publish_data()
             store.publish(new_meta)
-        snaps_dir = store.chain_dir(chain) / "snapshots"
+        snaps_dir = os.fspath(store.chain_dir(chain) / "snapshots")
         for old_id in reversed(older):  # newest first (snapshot_ids is in order)
-            store.snapshot_path(old_id).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # a string path: no Path per file
+                os.unlink(store.snapshot_file(chain, old_id))
             fsync_dir(snaps_dir)
         removed = store.clean_orphans(chain)
     return (f"{upto} is now a full base; removed {len(older)} older snapshot(s) and "
