@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import GroundTruth, GroundTruthRecorder, Target, assert_materializes_to, needs_root
 
 from ckptd.engine import Engine
-from ckptd.errors import UserError
+from ckptd.errors import CkptdError, UserError
 from ckptd.store import Store
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
@@ -114,3 +116,40 @@ def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store,
     assert store.get(upto).kind == "full"
     store.clean_tmp()
     assert os.listdir(store.tmp_dir) == []
+
+
+def _rejection(call: Callable[[], object]) -> tuple[type[BaseException], str]:
+    with pytest.raises(CkptdError) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+def test_compaction_rejects_a_damaged_folded_snapshot_as_get_does(store: Store) -> None:
+    """The folded snapshots are parsed only in part, but a damaged or unknown-version one
+    fails with the error the full parse gives, and the chain is left as it was."""
+    chain, truths = _chain_of_snapshots(store, 4)
+    ids = list(truths)
+    victim = store.snapshot_path(ids[1])
+    good = victim.read_bytes()
+    obj = json.loads(good)
+    damaged = {  # what the error must name: the parse stops at it
+        "not JSON": good[: len(good) // 2],
+        "format version 3": json.dumps({**obj, "format_version": 3}).encode(),
+        "format version 3 ": json.dumps(  # the version is checked before anything else
+            {**obj, "format_version": 3, "frames": "nope"}).encode(),
+        "'frames'": json.dumps({**obj, "frames": "nope"}).encode(),
+        "'extents', 0, 'pages'": json.dumps({**obj, "extents": [{"addr": 0}]}).encode(),
+        "'parent'": json.dumps({k: v for k, v in obj.items() if k != "parent"}).encode(),
+        "both set": json.dumps({**obj, "data_file": "x", "data_inline": ""}).encode(),
+    }
+    for what, raw in damaged.items():
+        victim.write_bytes(raw)
+        expected = _rejection(lambda: store.get(ids[1]))
+        assert what.strip() in expected[1]
+        assert _rejection(lambda: store.pages(ids[1])) == expected, what
+        assert _rejection(lambda: store.lineage(ids[3])) == expected, what
+        assert _rejection(lambda: compact_chain(store, chain, ids[3])) == expected, what
+        assert store.snapshot_ids(chain) == ids, what
+    victim.write_bytes(good)
+    compact_chain(store, chain, ids[3])
+    assert store.snapshot_ids(chain) == ids[3:]

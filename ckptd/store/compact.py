@@ -23,15 +23,16 @@ import fcntl
 import logging
 import mmap
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import UserError
 from ..intervals import IntervalMap
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import name_os_thread
-from .format import FORMAT_VERSION, Counts, SnapshotMeta
+from .format import FORMAT_VERSION, Counts, SnapshotData
 from .fsutil import FILE_MODE, fsync_dir
-from .reader import DataRef, FrameReader, Source, page_map
+from .reader import DataRef, FrameReader, Source, resolve_sources
 from .store import Store, parse_snapshot_id
 from .writer import SnapshotWriter
 
@@ -57,7 +58,10 @@ def compact_chain(store: Store, chain: str, upto: str) -> str:
 
 
 def _compact(store: Store, chain: str, upto: str) -> str:
-    meta, pm, lineage = page_map(store, upto)
+    # Only `upto` is parsed in full (it is rewritten with model_copy); the snapshots it
+    # folds are parsed only as far as their pages: their vmas cost most of a full parse.
+    meta, lineage = store.fold_lineage(upto)
+    pm = IntervalMap(resolve_sources(lineage))
     # Ids only: parsing every snapshot of the chain would cost more than the folding.
     older = [i for i in store.snapshot_ids(chain) if parse_snapshot_id(i)[1] < meta.seq]
     new_meta = meta
@@ -109,8 +113,8 @@ def _compact(store: Store, chain: str, upto: str) -> str:
             f"{len(removed)} data file(s)")
 
 
-def _rewrite(pm: IntervalMap[Source], metas: dict[str, SnapshotMeta], reader: FrameReader,
-             writer: SnapshotWriter) -> None:
+def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
+             reader: FrameReader, writer: SnapshotWriter) -> None:
     """Copy every sourced page into the writer: whole extents as raw frames, pieces of
     extents (and zero runs) re-compressed through a bounded window buffer."""
     window = mmap.mmap(-1, WINDOW_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -8,7 +8,7 @@ misread a file written by this one. Readers refuse any version they do not know
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -135,9 +135,42 @@ class SnapshotHead(BaseModel):
     data_file: str | None
 
 
-class SnapshotMeta(_Model):
-    """chains/<chain>/snapshots/<id>.json: everything needed to restore this snapshot,
-    given its ancestors."""
+class SnapshotData(Protocol):
+    """What reading a snapshot's pages needs (its page map, frames and data), and what
+    walking its lineage needs. SnapshotMeta has it, and so does SnapshotPages."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def chain(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def parent(self) -> str | None: ...
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def present(self) -> list[tuple[int, int]]: ...
+    @property
+    def data_file(self) -> str | None: ...
+    @property
+    def data_inline(self) -> str | None: ...
+    @property
+    def frames(self) -> list[Frame]: ...
+    @property
+    def extents(self) -> list[Extent]: ...
+    @property
+    def zeros(self) -> list[ZeroRun]: ...
+
+
+def _check_one_data_place(data_file: str | None, data_inline: str | None) -> None:
+    if data_file is not None and data_inline is not None:
+        raise ValueError("data_file and data_inline are both set; at most one may be")
+
+
+class _SnapshotKey(_Model):
+    """The first fields of a snapshot's metadata, shared by SnapshotMeta and
+    SnapshotPages (same types and defaults in both)."""
 
     format_version: int = FORMAT_VERSION
     id: str
@@ -145,6 +178,34 @@ class SnapshotMeta(_Model):
     seq: int
     parent: str | None
     kind: Kind
+
+
+class SnapshotPages(_SnapshotKey):
+    """The fields of a snapshot's metadata that folding it into a new base needs
+    (SnapshotData). Compaction parses the snapshots it folds with this: validating their
+    vmas, counts and timings was most of the cost of parsing a small delta, and none of
+    them is read. Same types and defaults as SnapshotMeta, so whatever SnapshotMeta
+    accepts, this accepts too."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    present: list[tuple[int, int]]
+    data_file: str | None
+    data_inline: str | None = None
+    frames: list[Frame]
+    extents: list[Extent]
+    zeros: list[ZeroRun]
+
+    @model_validator(mode="after")
+    def _one_data_place(self) -> SnapshotPages:
+        _check_one_data_place(self.data_file, self.data_inline)
+        return self
+
+
+class SnapshotMeta(_SnapshotKey):
+    """chains/<chain>/snapshots/<id>.json: everything needed to restore this snapshot,
+    given its ancestors."""
+
     full_reason: str | None = Field(None, description="why this is a full snapshot")
     pid: int
     created: float
@@ -173,6 +234,5 @@ class SnapshotMeta(_Model):
 
     @model_validator(mode="after")
     def _one_data_place(self) -> SnapshotMeta:
-        if self.data_file is not None and self.data_inline is not None:
-            raise ValueError("data_file and data_inline are both set; at most one may be")
+        _check_one_data_place(self.data_file, self.data_inline)
         return self

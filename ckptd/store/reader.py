@@ -7,7 +7,7 @@ import json
 import os
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import zstandard
 from ..errors import CorruptStore, UserError
 from ..intervals import IntervalMap, Span, clip_to, intersect, normalize, subtract
 from ..kernel.abi import PAGE_SIZE
-from .format import SnapshotMeta, Vma
+from .format import SnapshotData, SnapshotMeta, Vma
 from .fsutil import FILE_MODE, fsync_dir, make_private_dir
 from .store import Store
 
@@ -48,7 +48,7 @@ def page_map(store: Store, snapshot_id: str) -> tuple[SnapshotMeta, IntervalMap[
     return lineage[-1], IntervalMap(resolve_sources(lineage)), lineage
 
 
-def resolve_sources(lineage: list[SnapshotMeta]) -> list[tuple[int, int, Source]]:
+def resolve_sources(lineage: Sequence[SnapshotData]) -> list[tuple[int, int, Source]]:
     """The page map of the last snapshot of `lineage` (its full base first), as pieces.
 
     A page's content is in the newest snapshot of the lineage that stored it (or marked
@@ -149,7 +149,8 @@ class FrameReader:
     keeping about one frame per snapshot decompresses every frame once; the default
     cache is sized so."""
 
-    def __init__(self, store: Store, metas: dict[str, SnapshotMeta], cache: int = 0) -> None:
+    def __init__(self, store: Store, metas: Mapping[str, SnapshotData], cache: int = 0
+                 ) -> None:
         self.store = store
         self.metas = metas
         self.files: dict[str, int] = {}
@@ -333,7 +334,7 @@ def _lineage_in(metas: dict[str, SnapshotMeta], meta: SnapshotMeta) -> list[Snap
     return out
 
 
-def inline_data(meta: SnapshotMeta) -> bytes:
+def inline_data(meta: SnapshotData) -> bytes:
     """The decoded data_inline of a snapshot."""
     assert meta.data_inline is not None
     try:

@@ -16,9 +16,10 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -27,11 +28,16 @@ from .format import (
     FORMAT_NAME,
     READABLE_VERSIONS,
     ChainInfo,
+    SnapshotData,
     SnapshotHead,
     SnapshotMeta,
+    SnapshotPages,
     StoreInfo,
 )
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
+
+_Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
+_Walked = TypeVar("_Walked", bound=SnapshotData)
 
 
 def default_store_path() -> Path:
@@ -221,14 +227,24 @@ class Store:
 
     def head(self, snapshot_id: str) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
+        return self._parse_subset(SnapshotHead, snapshot_id)
+
+    def pages(self, snapshot_id: str) -> SnapshotPages:
+        """What folding a snapshot into a new base needs (fast: vmas, counts and timings
+        are not validated)."""
+        return self._parse_subset(SnapshotPages, snapshot_id)
+
+    def _parse_subset(self, model: type[_Subset], snapshot_id: str) -> _Subset:
+        """Parse some fields of a snapshot, failing the way `get` does: the same
+        version check, and the full parse's precise error when the subset is invalid."""
         path, raw = self._read_snapshot(snapshot_id)
         try:
-            head = SnapshotHead.model_validate_json(raw)
+            sub = model.model_validate_json(raw)
         except ValidationError:
             _parse_meta(path, raw)  # raises the precise error (version, corruption)
             raise
-        _check_version("a snapshot of", path, head.format_version)
-        return head
+        _check_version("a snapshot of", path, sub.format_version)
+        return sub
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
         return [self.get(i) for i in self.snapshot_ids(chain)]
@@ -255,10 +271,23 @@ class Store:
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
         """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
-        out: list[SnapshotMeta] = []
-        meta: SnapshotMeta | None = self.get(snapshot_id)
+        return self._walk(snapshot_id, self.get(snapshot_id), self.get)
+
+    def fold_lineage(self, snapshot_id: str) -> tuple[SnapshotMeta, list[SnapshotData]]:
+        """What compacting up to `snapshot_id` reads: that snapshot in full (it is
+        rewritten), and its lineage like `lineage` (it last), the others parsed only
+        as far as folding them needs (`pages`)."""
+        meta = self.get(snapshot_id)
+        first: SnapshotData = meta
+        load: Callable[[str], SnapshotData] = self.pages
+        return meta, self._walk(snapshot_id, first, load)
+
+    def _walk(self, snapshot_id: str, meta: _Walked,
+              load: Callable[[str], _Walked]) -> list[_Walked]:
+        """From `meta` (of `snapshot_id`) back to its full base, loading each parent."""
+        out: list[_Walked] = []
         seen: set[str] = set()
-        while meta is not None:
+        while True:
             if meta.id in seen:
                 raise CorruptStore(f"snapshot chain of {snapshot_id} loops at {meta.id}")
             seen.add(meta.id)
@@ -268,7 +297,7 @@ class Store:
             if meta.parent is None:
                 raise CorruptStore(f"delta snapshot {meta.id} has no parent")
             try:
-                meta = self.get(meta.parent)
+                meta = load(meta.parent)
             except UnknownSnapshot:
                 raise CorruptStore(
                     f"snapshot {meta.id} needs its parent {meta.parent}, which is missing"
@@ -276,7 +305,7 @@ class Store:
         out.reverse()
         return out
 
-    def data_path(self, meta: SnapshotMeta) -> Path:
+    def data_path(self, meta: SnapshotData) -> Path:
         assert meta.data_file is not None
         return self.chain_dir(meta.chain) / "data" / meta.data_file
 
