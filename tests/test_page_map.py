@@ -35,9 +35,13 @@ def _random_lineage(rng: random.Random, deltas: int, pages: int) -> list[Any]:
     bitmap spans more than one chunk and a gap)."""
     bases = [0x10000000, 0x7F0000000000]
     lineage: list[Any] = []
+    present_pages: list[int] = []
     for k in range(deltas + 1):
-        present_pages = sorted({b + i * P for b in bases for i in range(pages)
-                                if rng.random() < 0.9})
+        # Half the deltas keep the previous `present`, as an idle process's do (the
+        # resolver skips intersecting an unchanged one).
+        if k == 0 or rng.random() < 0.5:
+            present_pages = sorted({b + i * P for b in bases for i in range(pages)
+                                    if rng.random() < 0.9})
         stored = present_pages if k == 0 else [a for a in present_pages if rng.random() < 0.2]
         runs: list[list[int]] = []
         for a in stored:

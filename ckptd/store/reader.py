@@ -58,11 +58,17 @@ def resolve_sources(lineage: Sequence[SnapshotData]) -> list[tuple[int, int, Sou
     snapshots tells what an older piece still provides. Linear in the pieces stored, not
     in snapshots x pieces."""
     out: list[tuple[int, int, Source]] = []
-    valid = normalize(tuple(p) for p in lineage[-1].present)  # type: ignore[misc]
+    newer_present = lineage[-1].present
+    valid = normalize(tuple(p) for p in newer_present)  # type: ignore[misc]
     claimed = _PageBitmap()
     for depth, meta in enumerate(reversed(lineage)):
-        # Pages present in this snapshot and every newer one.
-        valid = intersect(valid, normalize(tuple(p) for p in meta.present))  # type: ignore[misc]
+        # Pages present in this snapshot and every newer one. `valid` is within the
+        # newer snapshot's `present`, so the same `present` (usual between the rounds of
+        # an idle process) leaves it as it is. Intersecting anyway was half of the time
+        # resolving a chain of 86 small snapshots took.
+        if meta.present != newer_present:
+            valid = intersect(valid, normalize(tuple(p) for p in meta.present))  # type: ignore[misc]
+            newer_present = meta.present
         if not valid:
             break
         last = depth == len(lineage) - 1  # nothing older reads `claimed` after this one
