@@ -118,6 +118,32 @@ def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store,
     assert os.listdir(store.tmp_dir) == []
 
 
+def test_clean_orphans_goes_by_the_id_in_the_name(store: Store, tmp_path: Path) -> None:
+    """Files of unpublished ids go unparsed, a published id keeps only the file its
+    metadata names, and names of any other form are left alone."""
+    chain, truths = _chain_of_snapshots(store, 3)
+    ids = list(truths)
+    base = store.get(ids[0])
+    assert base.data_file is not None  # an 8 MiB full snapshot: not inline
+    data_dir = store.chain_dir(chain) / "data"
+    content = store.data_path(base).read_bytes()
+    stale_of_published = f"{ids[0]}.0badc0de.zst"
+    of_unpublished = f"{chain}-99.0123abcd.zst"
+    foreign = ["notes.zst", f"{ids[0]}.zst", f"{ids[0]}.0BADC0DE.zst",
+               f"{chain}-98.0123abcd.zst.bak", f".{ids[1]}.0123abcd.zst"]
+    for name in [stale_of_published, of_unpublished, *foreign]:
+        (data_dir / name).write_bytes(content)
+    with store.lock_chain(chain):
+        removed = store.clean_orphans(chain)
+    assert sorted(removed) == sorted([stale_of_published, of_unpublished])
+    left = {p.name for p in data_dir.iterdir()}
+    assert left == {base.data_file, *foreign} | {
+        m.data_file for m in store.list_snapshots() if m.data_file}
+    _check_all(store, truths, tmp_path)
+    with store.lock_chain(chain):
+        assert store.clean_orphans(chain) == []  # nothing else is an orphan
+
+
 def _rejection(call: Callable[[], object]) -> tuple[type[BaseException], str]:
     with pytest.raises(CkptdError) as info:
         call()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,10 @@ from .format import (
     StoreInfo,
 )
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
+
+# A data file's name as SnapshotWriter chooses it: '<snapshot id>.<8 hex>.zst'. Only the
+# snapshot with that id may refer to it, which is what lets clean_orphans skip parsing.
+_DATA_NAME = re.compile(r"([0-9]+-[0-9]+-[0-9]+)\.[0-9a-f]{8}\.zst")
 
 _Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
 _Walked = TypeVar("_Walked", bound=SnapshotData)
@@ -319,15 +324,33 @@ class Store:
 
     def clean_orphans(self, chain: str) -> list[str]:
         """Delete data files no published snapshot of `chain` refers to: left by a writer
-        that died between renaming its data and publishing its metadata. Call with the
-        chain lock held. Returns the names removed."""
-        used = {self.head(i).data_file for i in self.snapshot_ids(chain)}
+        that died between renaming its data and publishing its metadata, or by a
+        compaction (the folded snapshots' files, the rewritten base's old one). Call with
+        the chain lock held. Returns the names removed.
+
+        A data file is named '<snapshot id>.<8 hex>.zst', and only that snapshot may
+        refer to it. So a file whose id is not published is an orphan without parsing
+        anything, and only the published snapshots that have files are read, to learn
+        which one (if any) each refers to: for a chain of inline deltas, one head instead
+        of one per snapshot. A name of any other form is left alone."""
+        published = set(self.snapshot_ids(chain))
+        data_dir = f"{self._chains}/{chain}/data"
+        by_id: dict[str, list[str]] = {}
+        try:
+            names = os.listdir(data_dir)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            m = _DATA_NAME.fullmatch(name)
+            if m is not None:
+                by_id.setdefault(m.group(1), []).append(name)
         removed = []
-        data_dir = self.chain_dir(chain) / "data"
-        for p in data_dir.glob("*.zst"):
-            if p.name not in used:
-                p.unlink()
-                removed.append(p.name)
+        for sid, files in by_id.items():
+            used = self.head(sid).data_file if sid in published else None
+            for name in files:
+                if name != used:
+                    os.unlink(f"{data_dir}/{name}")
+                    removed.append(name)
         if removed:
             fsync_dir(data_dir)
         return removed
