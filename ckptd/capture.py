@@ -24,7 +24,7 @@ from .kernel import abi, memread, procfs
 from .kernel.ptrace import Freezer
 from .kernel.ptrace import TargetGone as PtraceTargetGone
 from .store import ChainInfo, SnapshotMeta, Store
-from .store.format import Counts, SnapshotHead, Timings, Vma
+from .store.format import Counts, SnapshotHead, Timings, Vma, vmas_json
 from .store.writer import SnapshotWriter
 from .track.base import TrackContext, Tracker
 
@@ -167,11 +167,12 @@ class _FromMaps:
 
     vmas: tuple[procfs.Mapping, ...]
     models: list[Vma]
+    models_json: bytes  # format.vmas_json(models)
     unreadable: list[Span]
 
 
 # The last round's _FromMaps per process: a process's mappings usually repeat, and then
-# the rows and the unreadable ranges are reused. Bounded.
+# the rows, their JSON and the unreadable ranges are reused. Bounded.
 _FROM_MAPS: dict[int, _FromMaps] = {}
 
 
@@ -180,7 +181,8 @@ def _from_maps(pid: int, vmas: list[procfs.Mapping]) -> _FromMaps:
     d = _FROM_MAPS.get(pid)
     if d is not None and d.vmas == key:  # mostly the same objects: compared by identity
         return d
-    d = _FromMaps(key, vma_models(vmas),
+    models = vma_models(vmas)
+    d = _FromMaps(key, models, vmas_json(models),
                   normalize((m.start, m.end) for m in vmas if not m.readable))
     if len(_FROM_MAPS) >= 4096:
         _FROM_MAPS.clear()
@@ -323,7 +325,7 @@ def take_snapshot(
                 total_ms=(time.perf_counter() - t_start) * 1e3,
             ),
         )
-        store.publish(meta)
+        store.publish(meta, from_maps.models_json)
     except BaseException:
         writer.abort()
         tracker.abandon(ctx)

@@ -341,3 +341,30 @@ def test_data_left_by_a_crash_before_publish_is_cleaned(store: Store) -> None:
     assert not orphan.exists()
     assert {m.id for m in store.list_snapshots()} == {meta.id, nxt.id}
     assert store_reader.verify(store) == (2, [])
+
+
+def test_metadata_with_kept_vma_json_is_the_same_document() -> None:
+    """snapshot_json with the mappings' JSON kept from an earlier round writes the same
+    document as a plain dump (only the key order differs), and it parses back equal."""
+    from ckptd.store.format import SnapshotMeta, snapshot_json, vmas_json
+
+    meta = SnapshotMeta.model_validate({
+        "id": "41-1-7", "chain": "41-1", "seq": 7, "parent": "41-1-6", "kind": "delta",
+        "pid": 41, "created": 1.5, "tracker": "uffd-wp", "consistency": "frozen",
+        "vmas": [
+            {"start": 4096, "end": 16384, "perms": "rw-p", "offset": 0, "dev": "00:00",
+             "inode": 0, "path": None, "capture": "private"},
+            {"start": 1 << 47, "end": (1 << 47) + 4096, "perms": "r--p", "offset": 8192,
+             "dev": "fe:00", "inode": 12, "path": "/lib/x \"q\" (deleted)",
+             "capture": "private"},
+        ],
+        "present": [[4096, 8192]], "data_file": None, "data_inline": "AAAA",
+        "data_bytes": 3, "frames": [{"offset": 0, "length": 3, "pages": 1, "crc32": 5}],
+        "extents": [{"addr": 4096, "pages": 1, "frame": 0, "skip": 0}], "zeros": [],
+        "counts": {"pages_read": 1}, "timings": {"total_ms": 0.5},
+    })
+    kept = vmas_json(meta.vmas)
+    spliced = snapshot_json(meta, kept)
+    assert json.loads(spliced) == json.loads(snapshot_json(meta))
+    assert SnapshotMeta.model_validate_json(spliced) == meta
+    assert json.loads(spliced)["vmas"][1]["path"] == "/lib/x \"q\" (deleted)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 FORMAT_NAME: Final = "ckptd-store"
 FORMAT_VERSION = 2
@@ -236,3 +236,22 @@ class SnapshotMeta(_SnapshotKey):
     def _one_data_place(self) -> SnapshotMeta:
         _check_one_data_place(self.data_file, self.data_inline)
         return self
+
+
+_VMA_ROWS = TypeAdapter(list[Vma])
+
+
+def vmas_json(vmas: list[Vma]) -> bytes:
+    """The JSON of a snapshot's `vmas`, for `snapshot_json`."""
+    return _VMA_ROWS.dump_json(vmas)
+
+
+def snapshot_json(meta: SnapshotMeta, vmas: bytes | None = None) -> bytes:
+    """The metadata file's content. `vmas`, when given, must be `vmas_json(meta.vmas)`:
+    a process's mappings repeat from round to round, and their rows are most of the cost
+    of serializing a small delta, so the writer keeps that JSON while they repeat. It
+    goes first in the object; readers do not depend on key order."""
+    if vmas is None:
+        return meta.model_dump_json().encode()
+    rest = meta.model_dump_json(exclude={"vmas"}).encode()
+    return b'{"vmas":' + vmas + b"," + rest[1:]

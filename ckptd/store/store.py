@@ -34,6 +34,7 @@ from .format import (
     SnapshotMeta,
     SnapshotPages,
     StoreInfo,
+    snapshot_json,
 )
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
 
@@ -318,9 +319,10 @@ class Store:
         """snapshot_path as a string, for the per-round path (no Path objects)."""
         return f"{self._chains}/{chain}/snapshots/{snapshot_id}.json"
 
-    def publish(self, meta: SnapshotMeta) -> None:
-        """The commit point: the metadata becomes visible atomically and durably."""
-        atomic_write(self.snapshot_file(meta.chain, meta.id), meta.model_dump_json().encode())
+    def publish(self, meta: SnapshotMeta, vmas_json: bytes | None = None) -> None:
+        """The commit point: the metadata becomes visible atomically and durably.
+        `vmas_json`: see format.snapshot_json."""
+        atomic_write(self.snapshot_file(meta.chain, meta.id), snapshot_json(meta, vmas_json))
 
     def clean_orphans(self, chain: str) -> list[str]:
         """Delete data files no published snapshot of `chain` refers to: left by a writer
