@@ -172,6 +172,9 @@ class Engine:
                 if chain is not known:
                     for name in self.store.clean_orphans(chain.chain):
                         log.info("chain %s: removed unpublished data %s", chain.chain, name)
+                    for name in self.store.clean_leftovers(chain.chain):
+                        log.info("chain %s: removed %s, left by a ckptd that is gone",
+                                 chain.chain, name)
                 # Under the lock: another ckptd may have added a snapshot.
                 parent = self._parent(proc, chain)
                 chosen, reason = self._choose(proc, tracker, ident)

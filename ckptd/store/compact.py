@@ -18,7 +18,6 @@ Crash safety, step by step (docs/store-format.md has the full protocol):
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import mmap
@@ -105,8 +104,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
             store.publish(new_meta)
         snaps_dir = os.fspath(store.chain_dir(chain) / "snapshots")
         for old_id in reversed(older):  # newest first (snapshot_ids is in order)
-            with contextlib.suppress(FileNotFoundError):  # a string path: no Path per file
-                os.unlink(store.snapshot_file(chain, old_id))
+            store.retire_snapshot(chain, old_id)  # unlinked, or kept as a spare
             fsync_dir(snaps_dir)
         removed = store.clean_orphans(chain)
     return (f"{upto} is now a full base; removed {len(older)} older snapshot(s) and "

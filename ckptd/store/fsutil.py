@@ -29,21 +29,35 @@ def open_private(path: Path | str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
 
 
-def atomic_write(path: Path | str, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: Path | str, data: bytes, durable: bool = True,
+                 reuse: str | None = None) -> None:
     """Write data to a temporary file, fsync it, rename it over `path`, fsync the directory.
     Readers see the old content or the new, never a mix; after return it is durable.
     durable=False skips the fsyncs: still atomic, and it survives the writer dying, but
-    not the machine crashing (for state that a machine crash makes moot anyway)."""
+    not the machine crashing (for state that a machine crash makes moot anyway).
+    `reuse`: an existing file in the same directory, no longer needed, to use as the
+    temporary file instead of creating one (see Store.retire_snapshot); if it is gone, a
+    new file is created as usual."""
     # Plain strings: this runs once per snapshot, and Path objects cost more than the
     # syscalls on tmpfs.
     parent, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = -1
+    if reuse is not None:
+        try:
+            fd = os.open(reuse, os.O_WRONLY | os.O_CLOEXEC)
+            tmp = reuse
+        except FileNotFoundError:
+            fd = -1
+    if fd < 0:
+        tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        offset = 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        if reuse is not None:
+            os.ftruncate(fd, len(data))  # a reused file may be longer
         if durable:
             os.fsync(fd)
     except BaseException:

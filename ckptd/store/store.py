@@ -12,7 +12,9 @@ Layout (docs/store-format.md is the full description):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -41,6 +43,14 @@ from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
 # A data file's name as SnapshotWriter chooses it: '<snapshot id>.<8 hex>.zst'. Only the
 # snapshot with that id may refer to it, which is what lets clean_orphans skip parsing.
 _DATA_NAME = re.compile(r"([0-9]+-[0-9]+-[0-9]+)\.[0-9a-f]{8}\.zst")
+
+# Spare metadata files (see retire_snapshot): at most this many per chain, each at most
+# this large (a spare keeps its old content, and so its blocks, until it is reused).
+SPARES_PER_CHAIN = 64
+SPARE_MAX_BYTES = 256 << 10
+_spare_numbers = itertools.count()  # spare names are never reused within a process
+# Leftovers in snapshots/ of a writer that died: a spare, or atomic_write's temporary.
+_LEFTOVER = re.compile(r"\.spare\.([0-9]+)\.[0-9]+|\..+\.([0-9]+)\.tmp")
 
 _Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
 _Walked = TypeVar("_Walked", bound=SnapshotData)
@@ -85,6 +95,8 @@ class Store:
         self._state_dirs: dict[str, Path] = {}
         # The per-round path uses plain strings: Path objects cost more than the syscalls.
         self._chains = str(self.chains_dir)
+        # Per chain: spare metadata files this process may publish through.
+        self._spares: dict[str, list[str]] = {}
 
     # --- opening ------------------------------------------------------------------------
 
@@ -321,8 +333,52 @@ class Store:
 
     def publish(self, meta: SnapshotMeta, vmas_json: bytes | None = None) -> None:
         """The commit point: the metadata becomes visible atomically and durably.
-        `vmas_json`: see format.snapshot_json."""
-        atomic_write(self.snapshot_file(meta.chain, meta.id), snapshot_json(meta, vmas_json))
+        `vmas_json`: see format.snapshot_json. Call with the chain lock held."""
+        spare = None
+        pool = self._spares.get(meta.chain)
+        if pool:
+            with contextlib.suppress(IndexError):  # emptied by another thread meanwhile
+                spare = pool.pop()
+        atomic_write(self.snapshot_file(meta.chain, meta.id), snapshot_json(meta, vmas_json),
+                     reuse=spare)
+
+    def retire_snapshot(self, chain: str, snapshot_id: str) -> None:
+        """Take a snapshot out of the listing (compaction; the caller fsyncs snapshots/).
+        While the chain has few spares, the file is renamed to a spare name instead of
+        being unlinked, and a later publish in this chain writes its metadata into it
+        instead of creating a file. On ext4 (here without a journal) creating and
+        fsyncing a new file cost about 1 ms of CPU against 0.3 ms for a reused one, and
+        compaction retires about one file per round. Call with the chain lock held."""
+        path = self.snapshot_file(chain, snapshot_id)
+        pool = self._spares.setdefault(chain, [])
+        try:
+            if len(pool) < SPARES_PER_CHAIN and os.stat(path).st_size <= SPARE_MAX_BYTES:
+                spare = (f"{self._chains}/{chain}/snapshots/"
+                         f".spare.{os.getpid()}.{next(_spare_numbers)}")
+                os.rename(path, spare)
+                pool.append(spare)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass  # already gone (another ckptd compacted it)
+
+    def clean_leftovers(self, chain: str) -> list[str]:
+        """Delete the spare and temporary metadata files in the chain's snapshots/ of
+        writers that are no longer alive (readers ignore them: their names start with a
+        dot). Returns the names removed."""
+        d = f"{self._chains}/{chain}/snapshots"
+        removed = []
+        for name in os.listdir(d):
+            m = _LEFTOVER.fullmatch(name)
+            if m is None:
+                continue
+            pid = m.group(1) or m.group(2)
+            if os.path.exists(f"/proc/{pid}"):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{d}/{name}")
+                removed.append(name)
+        return removed
 
     def clean_orphans(self, chain: str) -> list[str]:
         """Delete data files no published snapshot of `chain` refers to: left by a writer
