@@ -25,7 +25,7 @@ from .kernel.ptrace import Freezer
 from .kernel.ptrace import TargetGone as PtraceTargetGone
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import Counts, SnapshotHead, Timings, Vma, vmas_json
-from .store.writer import SnapshotWriter
+from .store.writer import FAST_ZSTD_LEVEL, SnapshotWriter
 from .track.base import TrackContext, Tracker
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,8 @@ def take_snapshot(
         gone = normalize(reader.failed)
         present = subtract(present, gone)
         keep = _drop_pages(to_read, keep, gone)
-    writer = SnapshotWriter(store, chain.chain, snapshot_id, executor)
+    writer = SnapshotWriter(store, chain.chain, snapshot_id, executor,
+                            small_level=FAST_ZSTD_LEVEL)
     try:
         writer.write_runs(to_read, buf, keep, progress)
         view.release()
