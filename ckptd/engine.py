@@ -84,6 +84,7 @@ class Engine:
             p.close()
         self._procs.clear()
         self.executor.shutdown(wait=True)
+        self.store.drop_spares()
 
     def __enter__(self) -> Engine:
         return self
@@ -103,6 +104,8 @@ class Engine:
             p = self._procs.pop(pid, None)
         if p is not None:
             p.close()
+            if p.chain is not None:
+                self.store.drop_spares(p.chain.chain)
 
     def uffd_probe(self) -> tuple[bool, str]:
         if self._uffd_probe is None:

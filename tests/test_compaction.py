@@ -190,7 +190,8 @@ def test_compaction_keeps_folded_files_as_spares_that_later_snapshots_reuse(
         store: Store, tmp_path: Path) -> None:
     """Compaction renames the folded snapshots' metadata files to spare (dot) names; the
     listing ignores them; the next snapshots are written into them (same inodes) and
-    restore byte for byte. Leftovers of a ckptd that is gone are cleaned, ours kept."""
+    restore byte for byte; closing the engine deletes the rest. Leftovers of a ckptd
+    that is gone are cleaned, a live one's kept."""
     rec = GroundTruthRecorder()
     truths: dict[str, GroundTruth] = {}
     with Target.churn(threads=2, base_mib=8, seed=11) as t, Engine(store) as eng:
@@ -213,15 +214,18 @@ def test_compaction_keeps_folded_files_as_spares_that_later_snapshots_reuse(
         assert reused <= set(spares.values())
         left = [n for n in os.listdir(snaps) if n.startswith(".spare.")]
         assert len(left) == 2
+    # Closing the engine deletes the spares it will not use.
+    assert not [n for n in os.listdir(snaps) if n.startswith(".")]
     assert _check_all(store, truths, tmp_path) == ids[5:] + later
     assert store_reader.verify(store) == (6, [])
-    # A ckptd that died left a spare and a temporary file; ours are still in use.
+    # A ckptd that died left a spare and a temporary file; a live one's are kept.
     gone = _dead_pid()
     (snaps / f".spare.{gone}.3").write_bytes(b"{}")
     (snaps / f".{later[-1]}.json.{gone}.tmp").write_bytes(b"{")
+    (snaps / f".spare.{os.getpid()}.99").write_bytes(b"{}")
     removed = store.clean_leftovers(meta.chain)
     assert sorted(removed) == sorted([f".spare.{gone}.3", f".{later[-1]}.json.{gone}.tmp"])
-    assert sorted(n for n in os.listdir(snaps) if n.startswith(".")) == sorted(left)
+    assert [n for n in os.listdir(snaps) if n.startswith(".")] == [f".spare.{os.getpid()}.99"]
 
 
 def _dead_pid() -> int:
@@ -270,3 +274,16 @@ def test_a_crash_while_publishing_through_a_spare_loses_nothing(store: Store,
         assert n > 2
         assert t.alive()
     assert first.id not in listed  # compacted away by the runs
+
+
+def test_forgetting_a_process_deletes_its_chains_spares(store: Store) -> None:
+    """The service forgets a process it unregisters: the spares of its chain, which no
+    later snapshot will use, are deleted then, not when the service stops."""
+    with Target.churn(threads=1, base_mib=4, seed=17) as t, Engine(store) as eng:
+        metas = [eng.snapshot(t.pid) for _ in range(4)]
+        snaps = store.chain_dir(metas[-1].chain) / "snapshots"
+        compact_chain(store, metas[-1].chain, metas[-1].id)
+        assert len([n for n in os.listdir(snaps) if n.startswith(".spare.")]) == 3
+        eng.forget(t.pid)
+        assert not [n for n in os.listdir(snaps) if n.startswith(".")]
+        assert [m.id for m in store.list_snapshots()] == [metas[-1].id]

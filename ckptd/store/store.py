@@ -362,6 +362,21 @@ class Store:
         except FileNotFoundError:
             pass  # already gone (another ckptd compacted it)
 
+    def drop_spares(self, chain: str | None = None) -> None:
+        """Delete this process's spares of `chain` (of every chain if None): when it will
+        publish nothing more there (the process was unregistered, or the engine closes).
+        Spares hold old snapshot metadata; they should not outlive their use."""
+        chains = [chain] if chain is not None else list(self._spares)
+        for c in chains:
+            pool = self._spares.get(c)
+            while pool:
+                try:
+                    spare = pool.pop()
+                except IndexError:  # emptied by another thread meanwhile
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(spare)
+
     def clean_leftovers(self, chain: str) -> list[str]:
         """Delete the spare and temporary metadata files in the chain's snapshots/ of
         writers that are no longer alive (readers ignore them: their names start with a
