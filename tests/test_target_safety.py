@@ -219,7 +219,7 @@ def test_freeze_holds_every_thread_of_a_process_that_keeps_starting_threads() ->
     """Threads started while the freezer works are held too: while frozen, every task
     of the process is in a tracing stop, and the process goes on afterwards."""
     with Target.python(THREAD_SPAWNER) as t:
-        for _ in range(30):
+        for _ in range(300):
             with ptrace.Freezer(t.pid) as fz:
                 tids = procfs.thread_ids(t.pid)
                 assert set(tids) <= set(fz.threads), "a thread escaped the freeze"

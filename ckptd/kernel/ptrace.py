@@ -51,6 +51,8 @@ class Freezer:
         except OSError as e:
             if e.errno == errno.ESRCH:
                 return False  # thread exited between listing and seizing
+            if e.errno == errno.EPERM and _exited(tid):
+                return False  # exiting: the kernel refuses to attach to a dead task
             raise
         self.threads[tid] = _Thread(tid)
         try:
@@ -200,6 +202,14 @@ class Freezer:
             # the instruction ran: step again.
         raise RuntimeError(f"injected syscall in {th.tid} stopped at {regs.rip:#x} "
                            f"(status {status:#x}) before completing")
+
+
+def _exited(tid: int) -> bool:
+    """Has this thread exited (gone, or a zombie or dead task not yet reaped)?"""
+    try:
+        return procfs.process_state(tid) in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:
