@@ -259,7 +259,7 @@ def take_snapshot(
         raise TargetGone(f"process {pid} exited during the snapshot; nothing was stored") from e
     except OSError as e:
         tracker.abandon(ctx)
-        if e.errno in (errno.ESRCH, errno.ENOENT) or _exited(pid):
+        if e.errno in (errno.ESRCH, errno.ENOENT) or procfs.has_exited(pid):
             raise TargetGone(
                 f"process {pid} exited during the snapshot; nothing was stored") from e
         raise
@@ -337,13 +337,6 @@ def take_snapshot(
     for note in harvest.notes:
         log.info("snapshot %s: %s", snapshot_id, note)
     return meta
-
-
-def _exited(pid: int) -> bool:
-    try:
-        return procfs.process_state(pid) in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
 
 
 def _drop_pages(runs: list[Span], keep: list[bool] | None, gone: list[Span]) -> list[bool]:

@@ -144,6 +144,15 @@ def process_state(pid: int) -> str:
     return read_stat_fields(pid)[2]
 
 
+def has_exited(pid: int) -> bool:
+    """Has this process (or thread id) exited: gone, or a zombie or dead task not yet
+    reaped?"""
+    try:
+        return process_state(pid) in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def start_time(pid: int) -> int:
     """Start time in clock ticks since boot; with the pid, identifies a process."""
     return int(read_stat_fields(pid)[21])

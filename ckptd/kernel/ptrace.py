@@ -51,7 +51,7 @@ class Freezer:
         except OSError as e:
             if e.errno == errno.ESRCH:
                 return False  # thread exited between listing and seizing
-            if e.errno == errno.EPERM and _exited(tid):
+            if e.errno == errno.EPERM and procfs.has_exited(tid):
                 return False  # exiting: the kernel refuses to attach to a dead task
             raise
         self.threads[tid] = _Thread(tid)
@@ -202,14 +202,6 @@ class Freezer:
             # the instruction ran: step again.
         raise RuntimeError(f"injected syscall in {th.tid} stopped at {regs.rip:#x} "
                            f"(status {status:#x}) before completing")
-
-
-def _exited(tid: int) -> bool:
-    """Has this thread exited (gone, or a zombie or dead task not yet reaped)?"""
-    try:
-        return procfs.process_state(tid) in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
 
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:

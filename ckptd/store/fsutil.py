@@ -43,11 +43,9 @@ def atomic_write(path: Path | str, data: bytes, durable: bool = True,
     parent, name = os.path.split(os.fspath(path))
     fd = -1
     if reuse is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             fd = os.open(reuse, os.O_WRONLY | os.O_CLOEXEC)
             tmp = reuse
-        except FileNotFoundError:
-            fd = -1
     if fd < 0:
         tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
         fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -387,8 +387,7 @@ class Store:
             m = _LEFTOVER.fullmatch(name)
             if m is None:
                 continue
-            pid = m.group(1) or m.group(2)
-            if os.path.exists(f"/proc/{pid}"):
+            if _alive(m.group(1) or m.group(2)):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{d}/{name}")
@@ -432,9 +431,14 @@ class Store:
         """Remove leftovers of writers that died (only files no live writer holds)."""
         for p in self.tmp_dir.glob("*"):
             pid = p.name.split(".")[0]
-            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            if pid.isdigit() and _alive(pid):
                 continue
             p.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    """Is the writer with this (decimal) pid still running? Its files stay."""
+    return os.path.exists(f"/proc/{pid}")
 
 
 def _parse_meta(path: Path | str, raw: bytes) -> SnapshotMeta:
