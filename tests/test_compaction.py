@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from helpers import GroundTruth, GroundTruthRecorder, Target, assert_materialize
 
 from ckptd.engine import Engine
 from ckptd.errors import CkptdError, UserError
-from ckptd.store import Store
+from ckptd.intervals import contains, normalize
+from ckptd.kernel.abi import PAGE_SIZE
+from ckptd.store import SnapshotMeta, Store
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
 
@@ -70,6 +73,159 @@ def test_compacting_the_newest_keeps_tracking_incremental(store: Store, tmp_path
     assert nxt.kind == "delta" and nxt.parent == metas[-1].id
     assert [m.id for m in store.list_snapshots()] == [metas[-1].id, nxt.id]
     assert_materializes_to(store, nxt.id, rec.last, tmp_path / "m")
+
+
+# A target with one region of REGION_PAGES pages in which only the first 3 of every 8
+# pages hold content: its full snapshot packs many 3-page extents into each frame. It
+# answers "fill P ..." by writing new content into those pages (holes included).
+REGION_PAGES = 768
+HOLES = """
+import ctypes, mmap, random, sys
+P, N = 4096, int(sys.argv[1])
+m = mmap.mmap(-1, N * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)  # the holes stay unpopulated
+rng = random.Random(7)
+def fill(p):
+    m[p * P : (p + 1) * P] = rng.randbytes(64) * (P // 64)
+for p in range(N):
+    if p % 8 < 3:
+        fill(p)
+print("ready", flush=True)
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+for line in sys.stdin:
+    for p in line.split()[1:]:
+        fill(int(p))
+    print("ok", flush=True)
+"""
+
+
+FrameKey = tuple[str, int]  # (snapshot id, frame index)
+
+
+def _frame_extents(meta: SnapshotMeta, frame: int) -> list[tuple[int, int, int]]:
+    return [(e.addr, e.pages, e.skip) for e in meta.extents if e.frame == frame]
+
+
+def _whole_frames(lineage: list[SnapshotMeta]) -> set[FrameKey]:
+    """The frames whose every page the page map of lineage[-1] takes from that frame,
+    by the definition, page by page: a page comes from the newest snapshot that stored
+    it (or zeroed it), as long as it held content at every snapshot since."""
+    src: dict[int, FrameKey | None] = {}
+    for m in lineage:
+        for e in m.extents:
+            for k in range(e.pages):
+                src[e.addr + k * PAGE_SIZE] = (m.id, e.frame)
+        for z in m.zeros:
+            for k in range(z.pages):
+                src[z.addr + k * PAGE_SIZE] = None
+        present = normalize(tuple(r) for r in m.present)  # type: ignore[misc]
+        src = {a: v for a, v in src.items() if contains(present, a)}
+    whole: set[FrameKey] = set()
+    for m in lineage:
+        for f in range(len(m.frames)):
+            if all(src.get(addr + k * PAGE_SIZE) == (m.id, f)
+                   for addr, pages, _ in _frame_extents(m, f) for k in range(pages)):
+                whole.add((m.id, f))
+    return whole
+
+
+def _raw_frames(store: Store, metas: list[SnapshotMeta]) -> dict[FrameKey, bytes]:
+    reader = store_reader.FrameReader(store, {m.id: m for m in metas})
+    try:
+        return {(m.id, f): reader.raw_frame(m.id, f)
+                for m in metas for f in range(len(m.frames))}
+    finally:
+        reader.close()
+
+
+def _compact_checking_raw_copies(store: Store, upto: str, rewritten: FrameKey
+                                 ) -> tuple[SnapshotMeta, set[FrameKey]]:
+    """Compact up to `upto`; check that exactly the source frames that stay whole were
+    copied unchanged (same compressed bytes, crc32 and extents), and that `rewritten`,
+    a frame of several extents one of whose pages got new content, is not among them
+    and was compressed again. Returns the new base and the whole source frames."""
+    lineage = store.lineage(upto)
+    whole = _whole_frames(lineage)
+    before = _raw_frames(store, lineage)
+    metas = {m.id: m for m in lineage}
+    summary = compact_chain(store, lineage[-1].chain, upto)
+    base = store.get(upto)
+    after = _raw_frames(store, [base])
+    copied = re.search(r"\((\d+) of (\d+) frames copied unchanged\)", summary)
+    assert copied, summary
+    assert (int(copied[1]), int(copied[2])) == (len(whole), len(base.frames))
+    new_by_bytes = {raw: f for (_, f), raw in after.items()}
+    for key in whole:
+        f = new_by_bytes.get(before[key])
+        assert f is not None, f"whole frame {key} was not copied unchanged"
+        src = metas[key[0]]
+        assert base.frames[f].crc32 == src.frames[key[1]].crc32
+        assert _frame_extents(base, f) == _frame_extents(src, key[1])
+    assert len(_frame_extents(metas[rewritten[0]], rewritten[1])) > 1
+    assert rewritten not in whole and before[rewritten] not in new_by_bytes
+    return base, whole
+
+
+def test_compaction_copies_multi_extent_frames_that_stay_whole(store: Store,
+                                                               tmp_path: Path) -> None:
+    """Frames of several extents are copied raw when nothing newer replaced any of
+    their pages, and recompressed when something did; pages that land between the
+    extents of a copied frame put the new base's extents out of address order. Every
+    snapshot restores byte for byte, through two compactions."""
+    rec = GroundTruthRecorder()
+    truths: dict[str, GroundTruth] = {}
+    with Target([sys.executable, "-c", HOLES, str(REGION_PAGES)]) as t, \
+            Engine(store) as eng:
+        region = int(t.readline())
+        end = region + REGION_PAGES * PAGE_SIZE
+
+        def snap() -> SnapshotMeta:
+            meta = eng.snapshot(t.pid, on_frozen=rec)
+            truths[meta.id] = rec.last
+            return meta
+
+        def page(addr: int) -> str:
+            return str((addr - region) // PAGE_SIZE)
+
+        first = snap()
+        assert first.kind == "full"
+        in_region = [f for f in range(len(first.frames))
+                     if all(region <= a < end for a, _, _ in _frame_extents(first, f))
+                     and len(_frame_extents(first, f)) > 1]
+        assert len(in_region) >= 3, in_region
+        x, y, z = in_region[:3]
+        x_ext, y_ext = _frame_extents(first, x), _frame_extents(first, y)
+        # Overwrite a page of frame x; write the hole right after y's first extent
+        # (y itself stays whole), and a few other holes.
+        hole = y_ext[0][0] + y_ext[0][1] * PAGE_SIZE
+        assert hole < y_ext[1][0]
+        assert t.send(f"fill {page(x_ext[1][0] + PAGE_SIZE)} {page(hole)} 4 13 500") == "ok"
+        second = snap()
+
+        base, whole = _compact_checking_raw_copies(store, second.id, (first.id, x))
+        assert (first.id, y) in whole and (first.id, z) in whole
+        # The hole's page comes from another frame than y's extents around it, and
+        # lies between them.
+        addrs = [e.addr for e in base.extents]
+        assert addrs != sorted(addrs)
+        hole_frame = next(e.frame for e in base.extents if e.addr <= hole < e.addr
+                          + e.pages * PAGE_SIZE)
+        y_new = next(e.frame for e in base.extents if e.addr == y_ext[0][0])
+        z_new = next(e.frame for e in base.extents
+                     if e.addr == _frame_extents(first, z)[0][0])
+        assert hole_frame != y_new
+        assert _check_all(store, truths, tmp_path / "1") == [second.id]
+
+        # Now the compacted base's frames are the sources: y loses a page, z and
+        # the other untouched frames are copied raw again.
+        assert t.send(f"fill {page(y_ext[-1][0])}") == "ok"
+        snap()
+        fourth = snap()
+        _, whole = _compact_checking_raw_copies(store, fourth.id, (second.id, y_new))
+        assert (second.id, z_new) in whole
+        fifth = snap()
+        assert fifth.kind == "delta" and fifth.parent == fourth.id
+    assert _check_all(store, truths, tmp_path / "2") == [fourth.id, fifth.id]
 
 
 # The start of the crash scripts below: kill_at_nth_fsync(n) makes the process SIGKILL

@@ -17,10 +17,11 @@ pages of the newest full base (its stored + zero pages, at least COMPACT_FLOOR_P
 D the pages the deltas after it store (stored + zero, summed over the deltas). Compact when
   D >= compact_ratio * P                      (restore work: base plus deltas, pages), or
   base + deltas > compact_after snapshots     (restore reads: metadata files).
-A compaction rewrites the new base, about P pages (every page decompressed and compressed
-again). The fold point makes the next compaction wait for fresh work: fold the older
-half of the chain by count, and further if needed so that the deltas left after the new
-base store at most half the page budget (compact_ratio * P / 2). After any compaction
+A compaction writes the new base, about P pages (frames it still uses whole are copied
+unchanged, the rest is decompressed and compressed again). The fold point makes the
+next compaction wait for fresh work: fold the older half of the chain by count, and
+further if needed so that the deltas left after the new base store at most half the
+page budget (compact_ratio * P / 2). After any compaction
 the chain is therefore at most half-way to both triggers, so the next one needs at least
 compact_ratio * P / 2 newly stored delta pages or compact_after / 2 new rounds. Per page
 the rounds store, compaction rewrites at most about 2 / compact_ratio pages (write

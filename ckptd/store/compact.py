@@ -64,6 +64,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
     # Ids only: parsing every snapshot of the chain would cost more than the folding.
     older = [i for i in store.snapshot_ids(chain) if parse_snapshot_id(i)[1] < meta.seq]
     new_meta = meta
+    copied = ""
     if meta.kind != "full":
         metas = {m.id: m for m in lineage}
         reader = FrameReader(store, metas)
@@ -98,6 +99,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
                 "bytes_stored": stored.data_bytes,
             }),
         })
+        copied = f" ({writer.raw_frames} of {len(writer.frames)} frames copied unchanged)"
     with store.lock_chain(chain):
         if new_meta is not meta:
             writer.publish_data()
@@ -107,14 +109,65 @@ def _compact(store: Store, chain: str, upto: str) -> str:
             store.retire_snapshot(chain, old_id)  # unlinked, or kept as a spare
             fsync_dir(snaps_dir)
         removed = store.clean_orphans(chain)
-    return (f"{upto} is now a full base; removed {len(older)} older snapshot(s) and "
+    return (f"{upto} is now a full base{copied}; removed {len(older)} older snapshot(s) and "
             f"{len(removed)} data file(s)")
+
+
+def _whole_frames(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData]
+                  ) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """The source frames (snapshot, frame index) whose every page the page map still
+    takes from them, each with its extents (addr, pages) in content order: these frames
+    can be copied unchanged.
+
+    An extent is whole when the pieces sourced from it cover all of its pages (the
+    page map's pieces do not overlap, and each lies inside the extent its DataRef
+    names). A frame is whole when all of its extents are, and they tile its content
+    (skips 0, p0, p0+p1, ... up to its `pages`) as the format requires; a frame that
+    breaks that rule is recompressed instead."""
+    live: dict[tuple[str, int], int] = {}  # (snapshot, extent index): bytes sourced
+    for start, end, src in pm:
+        if isinstance(src, DataRef):
+            key = (src.snapshot, src.extent)
+            live[key] = live.get(key, 0) + (end - start)
+    frames: dict[tuple[str, int], list[tuple[int, int, int]] | None] = {}
+    for sid in {sid for sid, _ in live}:
+        for i, e in enumerate(metas[sid].extents):
+            key = (sid, e.frame)
+            exts = frames.get(key, [])
+            if exts is None:
+                continue  # a part of this frame is not sourced from it
+            if live.get((sid, i)) == e.pages * PAGE_SIZE:
+                exts.append((e.skip, e.addr, e.pages))
+                frames[key] = exts
+            else:
+                frames[key] = None
+    out: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for key, exts in frames.items():
+        if exts is None:
+            continue
+        exts.sort()
+        skip = 0
+        for s, _, pages in exts:
+            if s != skip:
+                break
+            skip += pages
+        else:
+            if skip == metas[key[0]].frames[key[1]].pages:
+                out[key] = [(addr, pages) for _, addr, pages in exts]
+    return out
 
 
 def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
              reader: FrameReader, writer: SnapshotWriter) -> None:
-    """Copy every sourced page into the writer: whole extents as raw frames, pieces of
-    extents (and zero runs) re-compressed through a bounded window buffer."""
+    """Copy every sourced page into the writer: frames the page map uses whole, raw
+    (their compressed bytes unchanged, with all of their extents); pages of the other
+    frames, and zero runs, re-compressed through a bounded window buffer.
+
+    A raw frame goes out when the walk (in address order) meets its first page. Its
+    other extents may lie further on, past pages of other frames, so the new base's
+    extents are in frame order but not always in address order."""
+    whole = _whole_frames(pm, metas)
+    copied: set[tuple[str, int]] = set()
     window = mmap.mmap(-1, WINDOW_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     runs: list[tuple[int, int]] = []
     used = 0
@@ -128,13 +181,16 @@ def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
     try:
         for start, end, src in pm:
             if isinstance(src, DataRef):
-                ext = metas[src.snapshot].extents[src.extent]
-                fr = metas[src.snapshot].frames[src.frame]
-                if (fr.pages == ext.pages and start == ext.addr
-                        and end == ext.addr + ext.pages * PAGE_SIZE):
-                    flush()  # a frame that is exactly this piece: copy it unchanged
-                    writer.append_frame([(ext.addr, ext.pages)],
-                                        reader.raw_frame(src.snapshot, src.frame), fr.crc32)
+                key = (src.snapshot, src.frame)
+                extents = whole.get(key)
+                if extents is not None:
+                    # The window keeps filling across raw frames (no flush): frames'
+                    # order in the data does not matter, and the window's pages pack
+                    # into fuller frames.
+                    if key not in copied:
+                        copied.add(key)
+                        writer.append_frame(extents, reader.raw_frame(*key),
+                                            metas[src.snapshot].frames[src.frame].crc32)
                     continue
             pos = start
             while pos < end:

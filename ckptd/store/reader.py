@@ -151,9 +151,11 @@ def unsourced(meta: SnapshotMeta, pm: IntervalMap[Source]) -> list[Span]:
 
 class FrameReader:
     """Decompresses frames, keeping recent ones. Walking a page map in address order
-    visits each snapshot's frames in order (a snapshot's frames follow its addresses), so
-    keeping about one frame per snapshot decompresses every frame once; the default
-    cache is sized so."""
+    visits each snapshot's frames mostly in order (a capture's frames follow its
+    addresses), so keeping about one frame per snapshot, and a few more, decompresses
+    nearly every frame once; the default cache is sized so. A compacted base can break
+    the order (a frame it copied whole may hold extents on both sides of pages of other
+    frames): that costs at most a frame decompressed again, never a wrong page."""
 
     def __init__(self, store: Store, metas: Mapping[str, SnapshotData], cache: int = 0
                  ) -> None:

@@ -120,6 +120,7 @@ class SnapshotWriter:
         self._extent_rows: list[dict[str, int]] = []
         self._models: tuple[list[Frame], list[Extent]] | None = None
         self.zeros: list[ZeroRun] = []
+        self.raw_frames = 0  # frames added already compressed (append_frame)
         self.compress_s = 0.0
         self.write_s = 0.0
 
@@ -283,12 +284,15 @@ class SnapshotWriter:
         return sum(r["pages"] for r in self._extent_rows)
 
     def append_frame(self, extents: list[tuple[int, int]], frame: bytes, crc: int) -> None:
-        """Add an already compressed frame holding `extents` (compaction copies frames
-        unchanged)."""
+        """Add an already compressed frame whose content is the pages of `extents`
+        (addr, pages), back to back in this order; `crc` is its content's crc32
+        (compaction copies frames unchanged). The extents need not be in address order,
+        neither among themselves nor with the frames written before."""
         t = time.perf_counter()
         self._emit(frame)
         self.write_s += time.perf_counter() - t
         self._add_frame(extents, frame, crc)
+        self.raw_frames += 1
 
     def _emit(self, blob: bytes, writeback: bool = False) -> None:
         """Append `blob` (the next bytes of the data): kept in memory while all of the data
