@@ -165,9 +165,9 @@ def test_compaction_rejects_a_damaged_folded_snapshot_as_get_does(store: Store) 
     obj = json.loads(good)
     damaged = {  # what the error must name: the parse stops at it
         "not JSON": good[: len(good) // 2],
-        "format version 3": json.dumps({**obj, "format_version": 3}).encode(),
-        "format version 3 ": json.dumps(  # the version is checked before anything else
-            {**obj, "format_version": 3, "frames": "nope"}).encode(),
+        "format version 4": json.dumps({**obj, "format_version": 4}).encode(),
+        "format version 4 ": json.dumps(  # the version is checked before anything else
+            {**obj, "format_version": 4, "frames": "nope"}).encode(),
         "'frames'": json.dumps({**obj, "frames": "nope"}).encode(),
         "'extents', 0, 'pages'": json.dumps({**obj, "extents": [{"addr": 0}]}).encode(),
         "'parent'": json.dumps({k: v for k, v in obj.items() if k != "parent"}).encode(),

@@ -4,6 +4,7 @@ Layout (docs/store-format.md is the full description):
   STORE.json                        store identity and format version
   tmp/                              files being written; anything here is garbage
   chains/<chain>/CHAIN.json         the process this chain belongs to
+  chains/<chain>/FLOOR.json         snapshots below this seq are retired (after compaction)
   chains/<chain>/snapshots/<id>.json  published snapshot metadata (the commit point)
   chains/<chain>/data/<file>.zst    page data: independent zstd frames
   chains/<chain>/state/             tracker state for the next snapshot (not needed to restore)
@@ -28,8 +29,10 @@ from pydantic import ValidationError
 
 from ..errors import CorruptStore, StoreError, UnknownSnapshot
 from .format import (
+    FLOOR_VERSION,
     FORMAT_NAME,
     READABLE_VERSIONS,
+    ChainFloor,
     ChainInfo,
     SnapshotData,
     SnapshotHead,
@@ -51,6 +54,8 @@ SPARE_MAX_BYTES = 256 << 10
 _spare_numbers = itertools.count()  # spare names are never reused within a process
 # Leftovers in snapshots/ of a writer that died: a spare, or atomic_write's temporary.
 _LEFTOVER = re.compile(r"\.spare\.([0-9]+)\.[0-9]+|\..+\.([0-9]+)\.tmp")
+# atomic_write's temporary of FLOOR.json, in the chain's directory.
+_FLOOR_LEFTOVER = re.compile(r"\.FLOOR\.json\.([0-9]+)\.tmp")
 
 _Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
 _Walked = TypeVar("_Walked", bound=SnapshotData)
@@ -97,6 +102,9 @@ class Store:
         self._chains = str(self.chains_dir)
         # Per chain: spare metadata files this process may publish through.
         self._spares: dict[str, list[str]] = {}
+        # STORE.json's `version` as last read or written (raise_floor upgrades it); 0
+        # until then.
+        self.version = 0
 
     # --- opening ------------------------------------------------------------------------
 
@@ -132,6 +140,7 @@ class Store:
             raise StoreError(f"{root} is not a ckptd store (STORE.json has no ckptd format)")
         _check_version("a store of", info_path, raw.get("version"))
         store = cls(root)
+        store.version = raw["version"]
         if create or os.access(root, os.W_OK):
             make_private_dir(store.chains_dir)
             make_private_dir(store.tmp_dir)
@@ -228,34 +237,42 @@ class Store:
         chain, _ = parse_snapshot_id(snapshot_id)
         return Path(self.snapshot_file(chain, snapshot_id))
 
-    def _read_snapshot(self, snapshot_id: str) -> tuple[str, bytes]:
+    def _read_snapshot(self, snapshot_id: str, floor: int | None) -> tuple[str, bytes]:
+        """The file of a snapshot of the chain; `floor`: the chain's floor if the caller
+        has read it already (None: read it here). A file below the floor is a leftover
+        of a compaction (see raise_floor), not a snapshot."""
+        chain, seq = parse_snapshot_id(snapshot_id)
         # A plain string path: compaction reads ~85 files at a time, and building Path
         # objects for them was about a tenth of its profile.
-        path = self.snapshot_file(parse_snapshot_id(snapshot_id)[0], snapshot_id)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                return path, f.read()
-        except FileNotFoundError:
-            raise UnknownSnapshot(
-                f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`"
-            ) from None
+        path = self.snapshot_file(chain, snapshot_id)
+        if seq >= (self.floor(chain) if floor is None else floor):
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    return path, f.read()
+            except FileNotFoundError:
+                pass
+        raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`")
 
-    def get(self, snapshot_id: str) -> SnapshotMeta:
-        return _parse_meta(*self._read_snapshot(snapshot_id))
+    # `floor`, in the readers below: the chain's floor (from `listing`), when the caller
+    # has read it already; else it is read for the call.
 
-    def head(self, snapshot_id: str) -> SnapshotHead:
+    def get(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
+        return _parse_meta(*self._read_snapshot(snapshot_id, floor))
+
+    def head(self, snapshot_id: str, floor: int | None = None) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
-        return self._parse_subset(SnapshotHead, snapshot_id)
+        return self._parse_subset(SnapshotHead, snapshot_id, floor)
 
-    def pages(self, snapshot_id: str) -> SnapshotPages:
+    def pages(self, snapshot_id: str, floor: int | None = None) -> SnapshotPages:
         """What folding a snapshot into a new base needs (fast: vmas, counts and timings
         are not validated)."""
-        return self._parse_subset(SnapshotPages, snapshot_id)
+        return self._parse_subset(SnapshotPages, snapshot_id, floor)
 
-    def _parse_subset(self, model: type[_Subset], snapshot_id: str) -> _Subset:
+    def _parse_subset(self, model: type[_Subset], snapshot_id: str,
+                      floor: int | None) -> _Subset:
         """Parse some fields of a snapshot, failing the way `get` does: the same
         version check, and the full parse's precise error when the subset is invalid."""
-        path, raw = self._read_snapshot(snapshot_id)
+        path, raw = self._read_snapshot(snapshot_id, floor)
         try:
             sub = model.model_validate_json(raw)
         except ValidationError:
@@ -265,7 +282,8 @@ class Store:
         return sub
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
-        return [self.get(i) for i in self.snapshot_ids(chain)]
+        floor, ids = self.listing(chain)
+        return [self.get(i, floor) for i in ids]
 
     def list_snapshots(self) -> list[SnapshotMeta]:
         out: list[SnapshotMeta] = []
@@ -275,7 +293,19 @@ class Store:
 
     def snapshot_ids(self, chain: str) -> list[str]:
         """Published snapshot ids of a chain, by sequence, without parsing any file."""
-        d = self.chain_dir(chain) / "snapshots"
+        return self.listing(chain)[1]
+
+    def listing(self, chain: str) -> tuple[int, list[str]]:
+        """The chain's floor, and its published snapshot ids (those at or above the
+        floor) by sequence. The floor is read first: a compaction that raises it in
+        between only retires files this listing may still name, as if it came later."""
+        floor = self.floor(chain)
+        return floor, [i for i in self.snapshot_files(chain) if parse_snapshot_id(i)[1] >= floor]
+
+    def snapshot_files(self, chain: str) -> list[str]:
+        """The ids of every `<id>.json` in the chain's snapshots/, by sequence, those
+        below the floor included (which are not snapshots: see raise_floor)."""
+        d = f"{self._chains}/{chain}/snapshots"
         try:
             names = os.listdir(d)
         except FileNotFoundError:
@@ -283,22 +313,87 @@ class Store:
         ids = [n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")]
         return sorted(ids, key=lambda i: parse_snapshot_id(i)[1])
 
+    def floor(self, chain: str) -> int:
+        """The chain's floor: the lowest seq that is part of the chain (1 if compaction
+        never raised it). Files of lower snapshots are leftovers, whatever they hold."""
+        path = f"{self._chains}/{chain}/FLOOR.json"
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return 1
+        try:
+            info: ChainFloor | None = ChainFloor.model_validate_json(raw)
+        except ValidationError:
+            info = None  # parsed again below, for the precise error
+        if info is None:
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                raise CorruptStore(f"{path}: not JSON: {e}") from e
+            _check_version("a chain floor of", path,
+                           obj.get("format_version") if isinstance(obj, dict) else None)
+            try:
+                info = ChainFloor.model_validate(obj)
+            except ValidationError as e:
+                raise CorruptStore(
+                    f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+        _check_version("a chain floor of", path, info.format_version)
+        if info.chain != chain:
+            raise CorruptStore(f"{path}: names chain {info.chain!r}, not {chain!r}")
+        return info.floor
+
+    def raise_floor(self, chain: str, floor: int) -> None:
+        """Record, atomically and durably, that the chain's snapshots below `floor` are
+        retired. Compaction calls it once the full base at `floor` is published, and
+        then removes the older files with no directory fsync: from here on, readers
+        skip every file below the floor, and what a crash (or a power loss, which may
+        undo any of those removals) leaves of them is never listed, restored or counted;
+        clean_leftovers and the next compaction delete it. Before the first floor of
+        the store, STORE.json is upgraded to version 3, which an older ckptd refuses
+        (it would list those files). Floors only rise. Call with the chain lock held."""
+        if self.version < FLOOR_VERSION:
+            self._upgrade_store()
+        info = ChainFloor(chain=chain, floor=floor, created=time.time())
+        atomic_write(f"{self._chains}/{chain}/FLOOR.json", info.model_dump_json().encode())
+
+    def _upgrade_store(self) -> None:
+        """STORE.json to FLOOR_VERSION, durably; `created` and `format` stay."""
+        path = self.root / "STORE.json"
+        raw = json.loads(path.read_bytes())
+        _check_version("a store of", path, raw.get("version"))
+        if raw["version"] < FLOOR_VERSION:  # another ckptd may have done it meanwhile
+            info = StoreInfo.model_validate({**raw, "version": FLOOR_VERSION})
+            atomic_write(path, info.model_dump_json().encode())
+        self.version = max(raw["version"], FLOOR_VERSION)
+
     def latest(self, chain: str) -> SnapshotMeta | None:
-        ids = self.snapshot_ids(chain)
-        return self.get(ids[-1]) if ids else None
+        floor, ids = self.listing(chain)
+        return self.get(ids[-1], floor) if ids else None
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
         """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
-        return self._walk(snapshot_id, self.get(snapshot_id), self.get)
+        floor = self.floor(parse_snapshot_id(snapshot_id)[0])
+        return self._walk(snapshot_id, self.get(snapshot_id, floor),
+                          self._loader(snapshot_id, floor, self.get))
 
     def fold_lineage(self, snapshot_id: str) -> tuple[SnapshotMeta, list[SnapshotData]]:
         """What compacting up to `snapshot_id` reads: that snapshot in full (it is
         rewritten), and its lineage like `lineage` (it last), the others parsed only
         as far as folding them needs (`pages`)."""
-        meta = self.get(snapshot_id)
+        floor = self.floor(parse_snapshot_id(snapshot_id)[0])
+        meta = self.get(snapshot_id, floor)
         first: SnapshotData = meta
-        load: Callable[[str], SnapshotData] = self.pages
+        load: Callable[[str], SnapshotData] = self._loader(snapshot_id, floor, self.pages)
         return meta, self._walk(snapshot_id, first, load)
+
+    @staticmethod
+    def _loader(snapshot_id: str, floor: int,
+                read: Callable[[str, int | None], _Walked]) -> Callable[[str], _Walked]:
+        """`read` with the floor of `snapshot_id`'s chain, read once for a whole walk
+        (a parent in another chain, which only a damaged store has, reads its own)."""
+        chain = parse_snapshot_id(snapshot_id)[0]
+        return lambda i: read(i, floor if parse_snapshot_id(i)[0] == chain else None)
 
     def _walk(self, snapshot_id: str, meta: _Walked,
               load: Callable[[str], _Walked]) -> list[_Walked]:
@@ -343,8 +438,10 @@ class Store:
                      reuse=spare)
 
     def retire_snapshot(self, chain: str, snapshot_id: str) -> None:
-        """Take a snapshot out of the listing (compaction; the caller fsyncs snapshots/).
-        While the chain has few spares, the file is renamed to a spare name instead of
+        """Remove the file of a snapshot below the chain's floor (compaction), with no
+        directory fsync: the floor already keeps it out of the listing, and a publish
+        through a spare fsyncs snapshots/ before it renames the spare to a name that
+        counts. While the chain has few spares, the file is renamed to a spare name instead of
         being unlinked, and a later publish in this chain writes its metadata into it
         instead of creating a file. On ext4 (here without a journal) creating and
         fsyncing a new file cost about 1 ms of CPU against 0.3 ms for a reused one, and
@@ -378,10 +475,14 @@ class Store:
                     os.unlink(spare)
 
     def clean_leftovers(self, chain: str) -> list[str]:
-        """Delete the spare and temporary metadata files in the chain's snapshots/ of
-        writers that are no longer alive (readers ignore them: their names start with a
-        dot). Returns the names removed."""
-        d = f"{self._chains}/{chain}/snapshots"
+        """Delete what writers that are no longer alive left in the chain: spare and
+        temporary metadata files in snapshots/, and FLOOR.json's temporary file
+        (readers ignore them: their names start with a dot); and the files below the
+        floor that a compaction did not get to remove (readers skip them), oldest
+        first, as compaction removes them. Call with the chain lock held. Returns the
+        names removed."""
+        cdir = f"{self._chains}/{chain}"
+        d = f"{cdir}/snapshots"
         removed = []
         for name in os.listdir(d):
             m = _LEFTOVER.fullmatch(name)
@@ -392,6 +493,19 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{d}/{name}")
                 removed.append(name)
+        for name in os.listdir(cdir):
+            m = _FLOOR_LEFTOVER.fullmatch(name)
+            if m is not None and not _alive(m.group(1)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{cdir}/{name}")
+                    removed.append(name)
+        floor = self.floor(chain)
+        for sid in self.snapshot_files(chain):
+            if parse_snapshot_id(sid)[1] >= floor:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.snapshot_file(chain, sid))
+                removed.append(f"{sid}.json")
         return removed
 
     def clean_orphans(self, chain: str) -> list[str]:
@@ -401,11 +515,13 @@ class Store:
         the chain lock held. Returns the names removed.
 
         A data file is named '<snapshot id>.<8 hex>.zst', and only that snapshot may
-        refer to it. So a file whose id is not published is an orphan without parsing
+        refer to it. So a file whose id is not published (below the floor included) is
+        an orphan without parsing
         anything, and only the published snapshots that have files are read, to learn
         which one (if any) each refers to: for a chain of inline deltas, one head instead
         of one per snapshot. A name of any other form is left alone."""
-        published = set(self.snapshot_ids(chain))
+        floor, ids = self.listing(chain)
+        published = set(ids)
         data_dir = f"{self._chains}/{chain}/data"
         by_id: dict[str, list[str]] = {}
         try:
@@ -418,7 +534,7 @@ class Store:
                 by_id.setdefault(m.group(1), []).append(name)
         removed = []
         for sid, files in by_id.items():
-            used = self.head(sid).data_file if sid in published else None
+            used = self.head(sid, floor).data_file if sid in published else None
             for name in files:
                 if name != used:
                     os.unlink(f"{data_dir}/{name}")
