@@ -144,9 +144,9 @@ class Engine:
             # Still published, and nothing after it (ids only grow): two stats instead of
             # listing the chain. The chain's floor (FLOOR.json) need not be read: `last`
             # was at or above it when cached, so if another ckptd's compaction has put
-            # it below it since, it published `last + 1` too, and compaction removes the
-            # files below a floor oldest first: while `last`'s file exists, so does the
-            # next one, and the chain is listed.
+            # it below it since, it published `last + 1` too, and compaction (and
+            # clean_leftovers) removes the files below a floor oldest first: while
+            # `last`'s file exists, so does the next one, and the chain is listed.
             return last
         floor, ids = self.store.listing(chain.chain)
         if not ids:

@@ -439,13 +439,15 @@ class Store:
 
     def retire_snapshot(self, chain: str, snapshot_id: str) -> None:
         """Remove the file of a snapshot below the chain's floor (compaction), with no
-        directory fsync: the floor already keeps it out of the listing, and a publish
-        through a spare fsyncs snapshots/ before it renames the spare to a name that
-        counts. While the chain has few spares, the file is renamed to a spare name instead of
-        being unlinked, and a later publish in this chain writes its metadata into it
-        instead of creating a file. On ext4 (here without a journal) creating and
-        fsyncing a new file cost about 1 ms of CPU against 0.3 ms for a reused one, and
-        compaction retires about one file per round. Call with the chain lock held."""
+        directory fsync: the floor already keeps it out of the listing. If a power loss
+        undoes the removal, the name comes back below the floor, holding the old
+        metadata or, for a spare that a later publish wrote into, newer metadata; it is
+        ignored either way. While the chain has few spares, the file is renamed to a
+        spare name instead of being unlinked, and a later publish in this chain writes
+        its metadata into it instead of creating a file. On ext4 (here without a
+        journal) creating and fsyncing a new file cost about 1 ms of CPU against 0.3 ms
+        for a reused one, and compaction retires about one file per round. Call with the
+        chain lock held."""
         path = self.snapshot_file(chain, snapshot_id)
         pool = self._spares.setdefault(chain, [])
         try:
@@ -516,10 +518,10 @@ class Store:
 
         A data file is named '<snapshot id>.<8 hex>.zst', and only that snapshot may
         refer to it. So a file whose id is not published (below the floor included) is
-        an orphan without parsing
-        anything, and only the published snapshots that have files are read, to learn
-        which one (if any) each refers to: for a chain of inline deltas, one head instead
-        of one per snapshot. A name of any other form is left alone."""
+        an orphan without parsing anything, and only the published snapshots that have
+        files are read, to learn which one (if any) each refers to: for a chain of inline
+        deltas, one head instead of one per snapshot. A name of any other form is left
+        alone."""
         floor, ids = self.listing(chain)
         published = set(ids)
         data_dir = f"{self._chains}/{chain}/data"
