@@ -62,6 +62,8 @@ def _compact(store: Store, chain: str, upto: str) -> str:
     # folds are parsed only as far as their pages: their vmas cost most of a full parse.
     meta, lineage = store.fold_lineage(upto)
     pm = IntervalMap(resolve_sources(lineage))
+    # Ids only: parsing every snapshot of the chain would cost more than the folding.
+    older = [i for i in store.snapshot_ids(chain) if parse_snapshot_id(i)[1] < meta.seq]
     new_meta = meta
     if meta.kind != "full":
         metas = {m.id: m for m in lineage}
@@ -102,18 +104,16 @@ def _compact(store: Store, chain: str, upto: str) -> str:
             writer.publish_data()
             store.publish(new_meta)
         # Every file below `upto`: the listed older snapshots, and what a crash left
-        # below the floor before. Ids only: parsing them would cost more than folding.
-        floor = store.floor(chain)
+        # below the floor before.
         below = [i for i in store.snapshot_files(chain) if parse_snapshot_id(i)[1] < meta.seq]
-        if below and meta.seq > floor:
+        if below and meta.seq > store.floor(chain):
             store.raise_floor(chain, meta.seq)
         # Oldest first, so that the files left below the floor are always the newest
         # ones: while a cached parent's file exists, so does the next (Engine._parent).
         for old_id in below:
             store.retire_snapshot(chain, old_id)  # unlinked, or kept as a spare
         removed = store.clean_orphans(chain)
-    dropped = sum(1 for i in below if parse_snapshot_id(i)[1] >= floor)
-    return (f"{upto} is now a full base; removed {dropped} older snapshot(s) and "
+    return (f"{upto} is now a full base; removed {len(older)} older snapshot(s) and "
             f"{len(removed)} data file(s)")
 
 
