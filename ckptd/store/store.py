@@ -237,42 +237,46 @@ class Store:
         chain, _ = parse_snapshot_id(snapshot_id)
         return Path(self.snapshot_file(chain, snapshot_id))
 
-    def _read_snapshot(self, snapshot_id: str, floor: int | None) -> tuple[str, bytes]:
-        """The file of a snapshot of the chain; `floor`: the chain's floor if the caller
-        has read it already (None: read it here). A file below the floor is a leftover
-        of a compaction (see raise_floor), not a snapshot."""
-        chain, seq = parse_snapshot_id(snapshot_id)
+    def _read_snapshot(self, snapshot_id: str) -> tuple[str, bytes]:
         # A plain string path: compaction reads ~85 files at a time, and building Path
         # objects for them was about a tenth of its profile.
-        path = self.snapshot_file(chain, snapshot_id)
-        if seq >= (self.floor(chain) if floor is None else floor):
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    return path, f.read()
-            except FileNotFoundError:
-                pass
-        raise UnknownSnapshot(f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`")
+        path = self.snapshot_file(parse_snapshot_id(snapshot_id)[0], snapshot_id)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return path, f.read()
+        except FileNotFoundError:
+            raise self._no_snapshot(snapshot_id) from None
 
-    # `floor`, in the readers below: the chain's floor (from `listing`), when the caller
-    # has read it already; else it is read for the call.
+    def _no_snapshot(self, snapshot_id: str) -> UnknownSnapshot:
+        return UnknownSnapshot(f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`")
+
+    def _check_floor(self, snapshot_id: str, floor: int | None) -> None:
+        """Reading a snapshot by id: a file below its chain's floor is a leftover of a
+        compaction (see raise_floor), not a snapshot. `floor`: the chain's floor if the
+        caller has read it already (from `listing`); None: read it here."""
+        chain, seq = parse_snapshot_id(snapshot_id)
+        if seq < (self.floor(chain) if floor is None else floor):
+            raise self._no_snapshot(snapshot_id)
 
     def get(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
-        return _parse_meta(*self._read_snapshot(snapshot_id, floor))
+        self._check_floor(snapshot_id, floor)
+        return _parse_meta(*self._read_snapshot(snapshot_id))
 
     def head(self, snapshot_id: str, floor: int | None = None) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
-        return self._parse_subset(SnapshotHead, snapshot_id, floor)
+        self._check_floor(snapshot_id, floor)
+        return self._parse_subset(SnapshotHead, snapshot_id)
 
     def pages(self, snapshot_id: str, floor: int | None = None) -> SnapshotPages:
         """What folding a snapshot into a new base needs (fast: vmas, counts and timings
         are not validated)."""
-        return self._parse_subset(SnapshotPages, snapshot_id, floor)
+        self._check_floor(snapshot_id, floor)
+        return self._parse_subset(SnapshotPages, snapshot_id)
 
-    def _parse_subset(self, model: type[_Subset], snapshot_id: str,
-                      floor: int | None) -> _Subset:
+    def _parse_subset(self, model: type[_Subset], snapshot_id: str) -> _Subset:
         """Parse some fields of a snapshot, failing the way `get` does: the same
         version check, and the full parse's precise error when the subset is invalid."""
-        path, raw = self._read_snapshot(snapshot_id, floor)
+        path, raw = self._read_snapshot(snapshot_id)
         try:
             sub = model.model_validate_json(raw)
         except ValidationError:
@@ -373,31 +377,25 @@ class Store:
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
         """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
-        floor = self.floor(parse_snapshot_id(snapshot_id)[0])
-        return self._walk(snapshot_id, self.get(snapshot_id, floor),
-                          self._loader(snapshot_id, floor, self.get))
+        return self._walk(snapshot_id, self.get(snapshot_id),
+                          lambda i: _parse_meta(*self._read_snapshot(i)))
 
     def fold_lineage(self, snapshot_id: str) -> tuple[SnapshotMeta, list[SnapshotData]]:
         """What compacting up to `snapshot_id` reads: that snapshot in full (it is
         rewritten), and its lineage like `lineage` (it last), the others parsed only
         as far as folding them needs (`pages`)."""
-        floor = self.floor(parse_snapshot_id(snapshot_id)[0])
-        meta = self.get(snapshot_id, floor)
+        meta = self.get(snapshot_id)
         first: SnapshotData = meta
-        load: Callable[[str], SnapshotData] = self._loader(snapshot_id, floor, self.pages)
+        load: Callable[[str], SnapshotData] = self.pages
         return meta, self._walk(snapshot_id, first, load)
-
-    @staticmethod
-    def _loader(snapshot_id: str, floor: int,
-                read: Callable[[str, int | None], _Walked]) -> Callable[[str], _Walked]:
-        """`read` with the floor of `snapshot_id`'s chain, read once for a whole walk
-        (a parent in another chain, which only a damaged store has, reads its own)."""
-        chain = parse_snapshot_id(snapshot_id)[0]
-        return lambda i: read(i, floor if parse_snapshot_id(i)[0] == chain else None)
 
     def _walk(self, snapshot_id: str, meta: _Walked,
               load: Callable[[str], _Walked]) -> list[_Walked]:
-        """From `meta` (of `snapshot_id`) back to its full base, loading each parent."""
+        """From `meta` (of `snapshot_id`) back to its full base, loading each parent.
+        The floor is read once for the walk (`load` need not check it): a parent below
+        it is missing, whatever file is there. Only a damaged store has one, since the
+        snapshot at the floor is a full base."""
+        floors = {meta.chain: self.floor(meta.chain)}
         out: list[_Walked] = []
         seen: set[str] = set()
         while True:
@@ -410,6 +408,11 @@ class Store:
             if meta.parent is None:
                 raise CorruptStore(f"delta snapshot {meta.id} has no parent")
             try:
+                chain, seq = parse_snapshot_id(meta.parent)
+                if chain not in floors:  # another chain: a damaged store
+                    floors[chain] = self.floor(chain)
+                if seq < floors[chain]:
+                    raise self._no_snapshot(meta.parent)
                 meta = load(meta.parent)
             except UnknownSnapshot:
                 raise CorruptStore(
