@@ -115,6 +115,14 @@ def test_files_below_the_floor_are_not_snapshots(store: Store, tmp_path: Path) -
     assert not (store.chain_dir(chain) / floor_tmp).exists()
     assert store_reader.verify(store) == (3, [])
 
+    # A delta at the floor, which only damage makes, does not reach below it either.
+    (snaps / f"{ids[5]}.json").write_bytes(old[ids[5]])
+    (snaps / f"{ids[4]}.json").write_bytes(old[ids[4]])
+    assert store.get(ids[5]).parent == ids[4]
+    with pytest.raises(CorruptStore, match=f"needs its parent {ids[4]}, which is missing"):
+        store.lineage(ids[-1])
+    assert f"{ids[5]}: parent {ids[4]} is missing" in store_reader.verify(store)[1]
+
 
 @needs_root
 def test_compaction_removes_what_an_earlier_one_left_below_the_floor(store: Store) -> None:
