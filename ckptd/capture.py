@@ -209,7 +209,9 @@ def take_snapshot(
 ) -> SnapshotMeta:
     pid = ident.pid
     t_start = time.perf_counter()
-    seq = parent.seq + 1 if parent else 1
+    # Without a parent: 1, or the chain's floor if compaction raised it (a chain whose
+    # snapshots were all deleted by hand); a lower seq would not be listed.
+    seq = parent.seq + 1 if parent else store.floor(chain.chain)
     snapshot_id = f"{chain.chain}-{seq}"
     ctx = TrackContext(
         pid=pid,

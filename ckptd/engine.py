@@ -142,14 +142,18 @@ class Engine:
                 and not os.path.exists(
                     self.store.snapshot_file(chain.chain, f"{chain.chain}-{last.seq + 1}"))):
             # Still published, and nothing after it (ids only grow): two stats instead of
-            # listing the chain.
+            # listing the chain. The chain's floor (FLOOR.json) need not be read: `last`
+            # was at or above it when cached, so if another ckptd's compaction has put
+            # it below it since, it published `last + 1` too, and compaction (and
+            # clean_leftovers) removes the files below a floor oldest first: while
+            # `last`'s file exists, so does the next one, and the chain is listed.
             return last
-        ids = self.store.snapshot_ids(chain.chain)
+        floor, ids = self.store.listing(chain.chain)
         if not ids:
             return None
         if proc.last is not None and proc.last.id == ids[-1]:
             return proc.last
-        return self.store.head(ids[-1])
+        return self.store.head(ids[-1], floor)
 
     def snapshot(
         self,

@@ -178,9 +178,9 @@ def test_snapshot_metadata_with_unknown_version_is_refused(engine: Engine,
         meta = engine.snapshot(t.pid)
     p = store.snapshot_path(meta.id)
     obj = json.loads(p.read_text())
-    obj["format_version"] = 3
+    obj["format_version"] = 4
     p.write_text(json.dumps(obj))
-    with pytest.raises(UserError, match="format version 3; this ckptd reads versions 1, 2"):
+    with pytest.raises(UserError, match="format version 4; this ckptd reads versions 1, 2, 3"):
         store.get(meta.id)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +28,11 @@ from ckptd.store.compact import compact_chain
 pytestmark = needs_root
 
 
-def _chain_of_snapshots(store: Store, n: int) -> tuple[str, dict[str, GroundTruth]]:
+def _chain_of_snapshots(store: Store, n: int, base_mib: int = 8
+                        ) -> tuple[str, dict[str, GroundTruth]]:
     rec = GroundTruthRecorder()
     truths: dict[str, GroundTruth] = {}
-    with Target.churn(threads=2, base_mib=8, seed=3) as t, Engine(store) as eng:
+    with Target.churn(threads=2, base_mib=base_mib, seed=3) as t, Engine(store) as eng:
         for _ in range(n):
             time.sleep(0.03)
             meta = eng.snapshot(t.pid, on_frozen=rec)
@@ -245,38 +248,116 @@ def kill_at_nth_fsync(n):
     os.fsync = counting_fsync
 """
 
-KILL_AT_NTH_FSYNC = FSYNC_KILLER + """
-import ckptd.store.compact as compact
-kill_at_nth_fsync(int(sys.argv[3]))
+# kill_at_nth_step(n): SIGKILL right before the n-th fsync, rename or unlink from then on,
+# which are the steps that change what a crash leaves on disk.
+STEP_KILLER = """
+import os, signal, sys
+from pathlib import Path
+def kill_at_nth_step(n):
+    calls = 0
+    def wrap(real):
+        def step(*args, **kw):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kw)
+        return step
+    for name in ("fsync", "rename", "unlink"):
+        setattr(os, name, wrap(getattr(os, name)))
+"""
+
+KILL_COMPACTION_AT_NTH_STEP = STEP_KILLER + """
 from ckptd.store import Store
-compact.compact_chain(Store.open(Path(sys.argv[1])), sys.argv[2].rsplit('-', 1)[0], sys.argv[2])
+from ckptd.store.compact import compact_chain
+store = Store.open(Path(sys.argv[1]))
+kill_at_nth_step(int(sys.argv[3]))
+compact_chain(store, sys.argv[2].rsplit('-', 1)[0], sys.argv[2])
 print("completed")
 """
 
 
-def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store,
-                                                           tmp_path: Path) -> None:
-    _chain, truths = _chain_of_snapshots(store, 6)
+@pytest.mark.parametrize("store_version", [3, 2])
+def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store, tmp_path: Path,
+                                                           store_version: int) -> None:
+    """Kill a compaction right before each of its fsyncs, renames and unlinks in turn,
+    each time from the same chain: writing and publishing the new base, upgrading a
+    version 2 store, writing the floor, removing the older files (with no fsync between
+    them) and their data. Whatever is left lists the whole chain or the part from the
+    new base on, every listed snapshot restores byte for byte, and the files a kill
+    leaves below the floor cannot be read; compacting again and clean_leftovers remove
+    them."""
+    chain, truths = _chain_of_snapshots(store, 6, base_mib=1)
     ids = list(truths)
     upto = ids[3]
+    new_floor = int(upto.rsplit("-", 1)[1])  # its seq
+    if store_version != 3:  # as version 2 wrote it: the same files, but for the versions
+        for path, key in [(store.root / "STORE.json", "version"),
+                          (store.chain_dir(chain) / "CHAIN.json", "format_version"),
+                          *((store.snapshot_path(i), "format_version") for i in ids)]:
+            path.write_text(json.dumps({**json.loads(path.read_text()), key: store_version}))
+    pristine = tmp_path / "pristine"
+    shutil.copytree(store.root, pristine)
+    states = set()
+    restored = set()
     for n in range(1, 200):
-        r = subprocess.run([sys.executable, "-c", KILL_AT_NTH_FSYNC, str(store.root), upto,
+        root = tmp_path / f"s{n}"
+        shutil.copytree(pristine, root)
+        r = subprocess.run([sys.executable, "-c", KILL_COMPACTION_AT_NTH_STEP, str(root), upto,
                             str(n)], capture_output=True, text=True, timeout=120)
-        listed = _check_all(store, truths, tmp_path / str(n))
-        assert upto in listed and listed[-1] == ids[-1]
-        # What is listed is always a prefix-closed chain ending in the newest snapshot.
-        assert listed == ids[ids.index(listed[0]):]
+        s = Store.open(root)
+        # Materializing every listed snapshot is most of the time here: once for each
+        # set of files the listed snapshots are read from (many kills leave the same).
+        listed_files = _files_read_to_restore(s)
+        if listed_files in restored:
+            listed = [m.id for m in s.list_snapshots()]
+            assert store_reader.verify(s)[1] == []
+        else:
+            listed = _check_all(s, truths, tmp_path / f"m{n}")
+            restored.add(listed_files)
+        floor = s.floor(chain)
+        assert listed == (ids[3:] if floor > 1 else ids)
+        version = json.loads((root / "STORE.json").read_text())["version"]
+        assert version == 3 or floor == 1  # no floor in a store an older ckptd reads
+        left_below = [i for i in s.snapshot_files(chain) if i not in listed]
+        for sid in left_below:
+            with pytest.raises(UserError, match="no snapshot"):
+                s.get(sid)
+        states.add((floor, s.get(upto).kind, len(left_below), version))
+        # Compacting again finishes the job, and the leftovers of the killed one go.
+        compact_chain(s, chain, upto)
+        with s.lock_chain(chain):
+            s.clean_leftovers(chain)
+        s.drop_spares()
+        assert sorted(os.listdir(s.chain_dir(chain) / "snapshots")) == \
+            sorted(f"{i}.json" for i in ids[3:])
+        assert store_reader.verify(s) == (3, [])
+        assert s.floor(chain) == s.get(upto).seq
+        assert json.loads((root / "STORE.json").read_text())["version"] == 3
+        s.clean_tmp()
+        assert os.listdir(s.tmp_dir) == []
+        shutil.rmtree(root)
         if r.returncode == 0:
             assert "completed" in r.stdout
             break
         assert r.returncode == -signal.SIGKILL, r.stderr
     else:
         raise AssertionError("compaction never completed")
-    assert n > 3  # it really was interrupted at several steps
-    assert [m.id for m in store.list_snapshots()] == ids[3:]
-    assert store.get(upto).kind == "full"
-    store.clean_tmp()
-    assert os.listdir(store.tmp_dir) == []
+    # It was interrupted before the base was published, after it, after the floor with
+    # every older file still there, and with some of them removed.
+    assert {(1, "delta"), (1, "full"), (new_floor, "full")} <= {st[:2] for st in states}
+    assert {st[2] for st in states if st[0] == new_floor} >= {0, 1, 2, 3}
+
+
+def _files_read_to_restore(store: Store) -> str:
+    """A digest of what restoring the listed snapshots reads: their metadata and data
+    (data files by content: each compaction run names its new one at random)."""
+    h = hashlib.sha256()
+    for m in store.list_snapshots():
+        data = hashlib.sha256(store.data_path(m).read_bytes()).hexdigest() \
+            if m.data_file else None
+        h.update(m.model_copy(update={"data_file": data}).model_dump_json().encode())
+    return h.hexdigest()
 
 
 def test_clean_orphans_goes_by_the_id_in_the_name(store: Store, tmp_path: Path) -> None:
@@ -321,9 +402,9 @@ def test_compaction_rejects_a_damaged_folded_snapshot_as_get_does(store: Store) 
     obj = json.loads(good)
     damaged = {  # what the error must name: the parse stops at it
         "not JSON": good[: len(good) // 2],
-        "format version 3": json.dumps({**obj, "format_version": 3}).encode(),
-        "format version 3 ": json.dumps(  # the version is checked before anything else
-            {**obj, "format_version": 3, "frames": "nope"}).encode(),
+        "format version 4": json.dumps({**obj, "format_version": 4}).encode(),
+        "format version 4 ": json.dumps(  # the version is checked before anything else
+            {**obj, "format_version": 4, "frames": "nope"}).encode(),
         "'frames'": json.dumps({**obj, "frames": "nope"}).encode(),
         "'extents', 0, 'pages'": json.dumps({**obj, "extents": [{"addr": 0}]}).encode(),
         "'parent'": json.dumps({k: v for k, v in obj.items() if k != "parent"}).encode(),

@@ -203,6 +203,20 @@ def test_retention_and_compaction_in_the_background(daemon: Daemon, tmp_path: Pa
         assert _read_region(out, t.addr, 128 * 4096) == bytes(expect)
         v = daemon.call("verify")
         assert v["ok"], v["problems"]
+        # A file below the chain's floor, as a power loss while compaction removed the
+        # older files could bring one back (here a name holding the newest snapshot's
+        # metadata), is not a snapshot for the service either.
+        store = Store.open(daemon.store)
+        chain = snaps[0]["chain"]
+        assert 1 < store.floor(chain) <= snaps[0]["seq"]
+        stale = f"{chain}-{store.floor(chain) - 1}"
+        (store.chain_dir(chain) / "snapshots" / f"{stale}.json").write_bytes(
+            store.snapshot_path(snaps[-1]["id"]).read_bytes())
+        assert daemon.call("snapshots", pid=t.pid)["snapshots"] == snaps
+        for op, args in (("show", {}), ("materialize", {"out_dir": str(tmp_path / "x")})):
+            with pytest.raises(UserError, match="no snapshot"):
+                daemon.call(op, snapshot=stale, **args)
+        assert daemon.call("verify") == v
     finally:
         t.kill()
 

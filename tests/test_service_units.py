@@ -602,10 +602,10 @@ class _Heads:
     def __init__(self, metas: list[SnapshotMeta]) -> None:
         self.metas = {m.id: m for m in metas}
 
-    def snapshot_ids(self, chain: str) -> list[str]:
-        return list(self.metas)
+    def listing(self, chain: str) -> tuple[int, list[str]]:
+        return 1, list(self.metas)  # no floor
 
-    def head(self, snapshot_id: str) -> SnapshotMeta:
+    def head(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
         return self.metas[snapshot_id]
 
 

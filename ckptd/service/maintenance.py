@@ -44,9 +44,9 @@ Planning runs after every round, so its inputs are kept in memory (ChainTally): 
 entry per snapshot of the chain, updated from the snapshot each round publishes, and the
 running sums the triggers compare. After each round the service asks the tally whether
 planning would find work (constant time) and starts a job only when it would;
-the job re-reads the snapshots' heads if the chain's list of ids (one listdir) no longer
-matches memory: at startup, or when another ckptd process changed the chain. After its
-own compaction it re-reads only the new base's head.
+the job re-reads the snapshots' heads if the chain's list of ids (the floor and one
+listdir) no longer matches memory: at startup, or when another ckptd process changed the
+chain. After its own compaction it re-reads only the new base's head.
 """
 
 from __future__ import annotations
@@ -263,12 +263,14 @@ class ChainTally:
 
     def entries(self, store: Store) -> list[Entry]:
         """The chain's snapshots, oldest first: from memory while the ids on disk are the
-        ones remembered, else re-read from the snapshots' heads."""
-        ids = store.snapshot_ids(self.chain)
+        ones remembered, else re-read from the snapshots' heads. (The ids are those at
+        or above the chain's floor: files a crashed compaction left below it do not
+        count.)"""
+        floor, ids = store.listing(self.chain)
         with self._lock:
             if [e.id for e in self._entries] == ids:
                 return list(self._entries)
-        fresh = [Entry.of(store.head(i)) for i in ids]
+        fresh = [Entry.of(store.head(i, floor)) for i in ids]
         with self._lock:
             self._set(fresh)
             self.reloads += 1

@@ -11,8 +11,9 @@ Crash safety, step by step (docs/store-format.md has the full protocol):
   2. Under the chain lock: rename the data into data/ and fsync; publish the new
      metadata of `upto` over the old (atomic rename). Before this point the old chain is
      intact; after it, `upto` restores on its own.
-  3. Unlink the older snapshots' metadata from the newest to the oldest, so whatever
-     remains after a crash is a prefix of the chain: a full base and its deltas.
+  3. Raise the chain's floor to `upto` (FLOOR.json, atomic and durable): from then on
+     readers skip the older snapshots' files. Then remove those files, oldest first,
+     with no directory fsync: whatever a crash leaves of them is below the floor.
   4. Delete data files nothing refers to (a crash leaves them for clean_orphans).
 """
 
@@ -30,7 +31,7 @@ from ..intervals import IntervalMap
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import name_os_thread
 from .format import FORMAT_VERSION, Counts, SnapshotData
-from .fsutil import FILE_MODE, fsync_dir
+from .fsutil import FILE_MODE
 from .reader import DataRef, FrameReader, Source, resolve_sources
 from .store import Store, parse_snapshot_id
 from .writer import SnapshotWriter
@@ -104,10 +105,15 @@ def _compact(store: Store, chain: str, upto: str) -> str:
         if new_meta is not meta:
             writer.publish_data()
             store.publish(new_meta)
-        snaps_dir = os.fspath(store.chain_dir(chain) / "snapshots")
-        for old_id in reversed(older):  # newest first (snapshot_ids is in order)
+        # Every file below `upto`: the listed older snapshots, and what a crash left
+        # below the floor before.
+        below = [i for i in store.snapshot_files(chain) if parse_snapshot_id(i)[1] < meta.seq]
+        if below and meta.seq > store.floor(chain):
+            store.raise_floor(chain, meta.seq)
+        # Oldest first, so that the files left below the floor are always the newest
+        # ones: while a cached parent's file exists, so does the next (Engine._parent).
+        for old_id in below:
             store.retire_snapshot(chain, old_id)  # unlinked, or kept as a spare
-            fsync_dir(snaps_dir)
         removed = store.clean_orphans(chain)
     return (f"{upto} is now a full base{copied}; removed {len(older)} older snapshot(s) and "
             f"{len(removed)} data file(s)")

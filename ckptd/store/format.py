@@ -13,9 +13,15 @@ from typing import Final, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 FORMAT_NAME: Final = "ckptd-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Version 1 had no `data_inline`; its files mean the same under version 2's reader.
-READABLE_VERSIONS: Final = (1, 2)
+# Version 3 added the chain floor (FLOOR.json): snapshot files below it are not part of
+# the chain. Its snapshot files are laid out as version 2's.
+READABLE_VERSIONS: Final = (1, 2, 3)
+# The first version with chain floors. A store of an older version is upgraded to it
+# (STORE.json `version`) before its first floor is written, so that an older ckptd,
+# which would list the files below a floor, refuses the store instead.
+FLOOR_VERSION: Final = 3
 # Compressed data up to this size is kept in the metadata file itself (data_inline)
 # instead of a data file: a small delta then costs one file creation and two fsyncs
 # instead of two and four. An idle Python interpreter dirties 30-70 heap pages between
@@ -50,6 +56,18 @@ class ChainInfo(_Model):
     exe: str | None
     cmdline: list[str]
     uid: int
+    created: float
+
+
+class ChainFloor(_Model):
+    """chains/<chain>/FLOOR.json: the chain's snapshots with a `seq` below `floor` are
+    retired. Compaction writes it once the new base at `floor` is published, so that it
+    can remove the older files without a directory fsync after each one: whatever a
+    crash leaves below the floor is never listed, restored or counted."""
+
+    format_version: int = FORMAT_VERSION
+    chain: str
+    floor: int = Field(ge=1, description="the lowest seq that is part of the chain")
     created: float
 
 

@@ -4,6 +4,7 @@ Layout (docs/store-format.md is the full description):
   STORE.json                        store identity and format version
   tmp/                              files being written; anything here is garbage
   chains/<chain>/CHAIN.json         the process this chain belongs to
+  chains/<chain>/FLOOR.json         snapshots below this seq are retired (after compaction)
   chains/<chain>/snapshots/<id>.json  published snapshot metadata (the commit point)
   chains/<chain>/data/<file>.zst    page data: independent zstd frames
   chains/<chain>/state/             tracker state for the next snapshot (not needed to restore)
@@ -28,8 +29,10 @@ from pydantic import ValidationError
 
 from ..errors import CorruptStore, StoreError, UnknownSnapshot
 from .format import (
+    FLOOR_VERSION,
     FORMAT_NAME,
     READABLE_VERSIONS,
+    ChainFloor,
     ChainInfo,
     SnapshotData,
     SnapshotHead,
@@ -51,6 +54,8 @@ SPARE_MAX_BYTES = 256 << 10
 _spare_numbers = itertools.count()  # spare names are never reused within a process
 # Leftovers in snapshots/ of a writer that died: a spare, or atomic_write's temporary.
 _LEFTOVER = re.compile(r"\.spare\.([0-9]+)\.[0-9]+|\..+\.([0-9]+)\.tmp")
+# atomic_write's temporary of FLOOR.json, in the chain's directory.
+_FLOOR_LEFTOVER = re.compile(r"\.FLOOR\.json\.([0-9]+)\.tmp")
 
 _Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
 _Walked = TypeVar("_Walked", bound=SnapshotData)
@@ -97,6 +102,9 @@ class Store:
         self._chains = str(self.chains_dir)
         # Per chain: spare metadata files this process may publish through.
         self._spares: dict[str, list[str]] = {}
+        # STORE.json's `version` as last read or written (raise_floor upgrades it); 0
+        # until then.
+        self.version = 0
 
     # --- opening ------------------------------------------------------------------------
 
@@ -132,6 +140,7 @@ class Store:
             raise StoreError(f"{root} is not a ckptd store (STORE.json has no ckptd format)")
         _check_version("a store of", info_path, raw.get("version"))
         store = cls(root)
+        store.version = raw["version"]
         if create or os.access(root, os.W_OK):
             make_private_dir(store.chains_dir)
             make_private_dir(store.tmp_dir)
@@ -236,20 +245,32 @@ class Store:
             with open(path, "rb", buffering=0) as f:
                 return path, f.read()
         except FileNotFoundError:
-            raise UnknownSnapshot(
-                f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`"
-            ) from None
+            raise self._no_snapshot(snapshot_id) from None
 
-    def get(self, snapshot_id: str) -> SnapshotMeta:
+    def _no_snapshot(self, snapshot_id: str) -> UnknownSnapshot:
+        return UnknownSnapshot(f"no snapshot {snapshot_id!r} in {self.root}; see `ckptd list`")
+
+    def _check_floor(self, snapshot_id: str, floor: int | None) -> None:
+        """Reading a snapshot by id: a file below its chain's floor is a leftover of a
+        compaction (see raise_floor), not a snapshot. `floor`: the chain's floor if the
+        caller has read it already (from `listing`); None: read it here."""
+        chain, seq = parse_snapshot_id(snapshot_id)
+        if seq < (self.floor(chain) if floor is None else floor):
+            raise self._no_snapshot(snapshot_id)
+
+    def get(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
+        self._check_floor(snapshot_id, floor)
         return _parse_meta(*self._read_snapshot(snapshot_id))
 
-    def head(self, snapshot_id: str) -> SnapshotHead:
+    def head(self, snapshot_id: str, floor: int | None = None) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
+        self._check_floor(snapshot_id, floor)
         return self._parse_subset(SnapshotHead, snapshot_id)
 
-    def pages(self, snapshot_id: str) -> SnapshotPages:
+    def pages(self, snapshot_id: str, floor: int | None = None) -> SnapshotPages:
         """What folding a snapshot into a new base needs (fast: vmas, counts and timings
         are not validated)."""
+        self._check_floor(snapshot_id, floor)
         return self._parse_subset(SnapshotPages, snapshot_id)
 
     def _parse_subset(self, model: type[_Subset], snapshot_id: str) -> _Subset:
@@ -265,7 +286,8 @@ class Store:
         return sub
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
-        return [self.get(i) for i in self.snapshot_ids(chain)]
+        floor, ids = self.listing(chain)
+        return [self.get(i, floor) for i in ids]
 
     def list_snapshots(self) -> list[SnapshotMeta]:
         out: list[SnapshotMeta] = []
@@ -275,7 +297,19 @@ class Store:
 
     def snapshot_ids(self, chain: str) -> list[str]:
         """Published snapshot ids of a chain, by sequence, without parsing any file."""
-        d = self.chain_dir(chain) / "snapshots"
+        return self.listing(chain)[1]
+
+    def listing(self, chain: str) -> tuple[int, list[str]]:
+        """The chain's floor, and its published snapshot ids (those at or above the
+        floor) by sequence. The floor is read first: a compaction that raises it in
+        between only retires files this listing may still name, as if it came later."""
+        floor = self.floor(chain)
+        return floor, [i for i in self.snapshot_files(chain) if parse_snapshot_id(i)[1] >= floor]
+
+    def snapshot_files(self, chain: str) -> list[str]:
+        """The ids of every `<id>.json` in the chain's snapshots/, by sequence, those
+        below the floor included (which are not snapshots: see raise_floor)."""
+        d = f"{self._chains}/{chain}/snapshots"
         try:
             names = os.listdir(d)
         except FileNotFoundError:
@@ -283,13 +317,68 @@ class Store:
         ids = [n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")]
         return sorted(ids, key=lambda i: parse_snapshot_id(i)[1])
 
+    def floor(self, chain: str) -> int:
+        """The chain's floor: the lowest seq that is part of the chain (1 if compaction
+        never raised it). Files of lower snapshots are leftovers, whatever they hold."""
+        path = f"{self._chains}/{chain}/FLOOR.json"
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return 1
+        try:
+            info: ChainFloor | None = ChainFloor.model_validate_json(raw)
+        except ValidationError:
+            info = None  # parsed again below, for the precise error
+        if info is None:
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                raise CorruptStore(f"{path}: not JSON: {e}") from e
+            _check_version("a chain floor of", path,
+                           obj.get("format_version") if isinstance(obj, dict) else None)
+            try:
+                info = ChainFloor.model_validate(obj)
+            except ValidationError as e:
+                raise CorruptStore(
+                    f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+        _check_version("a chain floor of", path, info.format_version)
+        if info.chain != chain:
+            raise CorruptStore(f"{path}: names chain {info.chain!r}, not {chain!r}")
+        return info.floor
+
+    def raise_floor(self, chain: str, floor: int) -> None:
+        """Record, atomically and durably, that the chain's snapshots below `floor` are
+        retired. Compaction calls it once the full base at `floor` is published, and
+        then removes the older files with no directory fsync: from here on, readers
+        skip every file below the floor, and what a crash (or a power loss, which may
+        undo any of those removals) leaves of them is never listed, restored or counted;
+        clean_leftovers and the next compaction delete it. Before the first floor of
+        the store, STORE.json is upgraded to version 3, which an older ckptd refuses
+        (it would list those files). Floors only rise. Call with the chain lock held."""
+        if self.version < FLOOR_VERSION:
+            self._upgrade_store()
+        info = ChainFloor(chain=chain, floor=floor, created=time.time())
+        atomic_write(f"{self._chains}/{chain}/FLOOR.json", info.model_dump_json().encode())
+
+    def _upgrade_store(self) -> None:
+        """STORE.json to FLOOR_VERSION, durably; `created` and `format` stay."""
+        path = self.root / "STORE.json"
+        raw = json.loads(path.read_bytes())
+        _check_version("a store of", path, raw.get("version"))
+        if raw["version"] < FLOOR_VERSION:  # another ckptd may have done it meanwhile
+            info = StoreInfo.model_validate({**raw, "version": FLOOR_VERSION})
+            atomic_write(path, info.model_dump_json().encode())
+        self.version = max(raw["version"], FLOOR_VERSION)
+
     def latest(self, chain: str) -> SnapshotMeta | None:
-        ids = self.snapshot_ids(chain)
-        return self.get(ids[-1]) if ids else None
+        floor, ids = self.listing(chain)
+        return self.get(ids[-1], floor) if ids else None
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
         """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
-        return self._walk(snapshot_id, self.get(snapshot_id), self.get)
+        return self._walk(snapshot_id, self.get(snapshot_id),
+                          lambda i: _parse_meta(*self._read_snapshot(i)))
 
     def fold_lineage(self, snapshot_id: str) -> tuple[SnapshotMeta, list[SnapshotData]]:
         """What compacting up to `snapshot_id` reads: that snapshot in full (it is
@@ -302,7 +391,11 @@ class Store:
 
     def _walk(self, snapshot_id: str, meta: _Walked,
               load: Callable[[str], _Walked]) -> list[_Walked]:
-        """From `meta` (of `snapshot_id`) back to its full base, loading each parent."""
+        """From `meta` (of `snapshot_id`) back to its full base, loading each parent.
+        The floor is read once for the walk (`load` need not check it): a parent below
+        it is missing, whatever file is there. Only a damaged store has one, since the
+        snapshot at the floor is a full base."""
+        floors = {meta.chain: self.floor(meta.chain)}
         out: list[_Walked] = []
         seen: set[str] = set()
         while True:
@@ -315,6 +408,11 @@ class Store:
             if meta.parent is None:
                 raise CorruptStore(f"delta snapshot {meta.id} has no parent")
             try:
+                chain, seq = parse_snapshot_id(meta.parent)
+                if chain not in floors:  # another chain: a damaged store
+                    floors[chain] = self.floor(chain)
+                if seq < floors[chain]:
+                    raise self._no_snapshot(meta.parent)
                 meta = load(meta.parent)
             except UnknownSnapshot:
                 raise CorruptStore(
@@ -343,12 +441,16 @@ class Store:
                      reuse=spare)
 
     def retire_snapshot(self, chain: str, snapshot_id: str) -> None:
-        """Take a snapshot out of the listing (compaction; the caller fsyncs snapshots/).
-        While the chain has few spares, the file is renamed to a spare name instead of
-        being unlinked, and a later publish in this chain writes its metadata into it
-        instead of creating a file. On ext4 (here without a journal) creating and
-        fsyncing a new file cost about 1 ms of CPU against 0.3 ms for a reused one, and
-        compaction retires about one file per round. Call with the chain lock held."""
+        """Remove the file of a snapshot below the chain's floor (compaction), with no
+        directory fsync: the floor already keeps it out of the listing. If a power loss
+        undoes the removal, the name comes back below the floor, holding the old
+        metadata or, for a spare that a later publish wrote into, newer metadata; it is
+        ignored either way. While the chain has few spares, the file is renamed to a
+        spare name instead of being unlinked, and a later publish in this chain writes
+        its metadata into it instead of creating a file. On ext4 (here without a
+        journal) creating and fsyncing a new file cost about 1 ms of CPU against 0.3 ms
+        for a reused one, and compaction retires about one file per round. Call with the
+        chain lock held."""
         path = self.snapshot_file(chain, snapshot_id)
         pool = self._spares.setdefault(chain, [])
         try:
@@ -378,10 +480,14 @@ class Store:
                     os.unlink(spare)
 
     def clean_leftovers(self, chain: str) -> list[str]:
-        """Delete the spare and temporary metadata files in the chain's snapshots/ of
-        writers that are no longer alive (readers ignore them: their names start with a
-        dot). Returns the names removed."""
-        d = f"{self._chains}/{chain}/snapshots"
+        """Delete what writers that are no longer alive left in the chain: spare and
+        temporary metadata files in snapshots/, and FLOOR.json's temporary file
+        (readers ignore them: their names start with a dot); and the files below the
+        floor that a compaction did not get to remove (readers skip them), oldest
+        first, as compaction removes them. Call with the chain lock held. Returns the
+        names removed."""
+        cdir = f"{self._chains}/{chain}"
+        d = f"{cdir}/snapshots"
         removed = []
         for name in os.listdir(d):
             m = _LEFTOVER.fullmatch(name)
@@ -392,6 +498,19 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{d}/{name}")
                 removed.append(name)
+        for name in os.listdir(cdir):
+            m = _FLOOR_LEFTOVER.fullmatch(name)
+            if m is not None and not _alive(m.group(1)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{cdir}/{name}")
+                    removed.append(name)
+        floor = self.floor(chain)
+        for sid in self.snapshot_files(chain):
+            if parse_snapshot_id(sid)[1] >= floor:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.snapshot_file(chain, sid))
+                removed.append(f"{sid}.json")
         return removed
 
     def clean_orphans(self, chain: str) -> list[str]:
@@ -401,11 +520,13 @@ class Store:
         the chain lock held. Returns the names removed.
 
         A data file is named '<snapshot id>.<8 hex>.zst', and only that snapshot may
-        refer to it. So a file whose id is not published is an orphan without parsing
-        anything, and only the published snapshots that have files are read, to learn
-        which one (if any) each refers to: for a chain of inline deltas, one head instead
-        of one per snapshot. A name of any other form is left alone."""
-        published = set(self.snapshot_ids(chain))
+        refer to it. So a file whose id is not published (below the floor included) is
+        an orphan without parsing anything, and only the published snapshots that have
+        files are read, to learn which one (if any) each refers to: for a chain of inline
+        deltas, one head instead of one per snapshot. A name of any other form is left
+        alone."""
+        floor, ids = self.listing(chain)
+        published = set(ids)
         data_dir = f"{self._chains}/{chain}/data"
         by_id: dict[str, list[str]] = {}
         try:
@@ -418,7 +539,7 @@ class Store:
                 by_id.setdefault(m.group(1), []).append(name)
         removed = []
         for sid, files in by_id.items():
-            used = self.head(sid).data_file if sid in published else None
+            used = self.head(sid, floor).data_file if sid in published else None
             for name in files:
                 if name != used:
                     os.unlink(f"{data_dir}/{name}")
