@@ -275,3 +275,38 @@ def test_workers_hand_off() -> None:
         assert not [t for t in threading.enumerate() if t.name.startswith("t-workers_")]
 
     asyncio.run(main())
+
+
+def test_workers_post(caplog: pytest.LogCaptureFixture) -> None:
+    """post(): no future, no call back into the loop; the job still counts for
+    wait_idle(), and an exception escaping it is logged, not lost."""
+    import threading
+
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        w = Workers(1, "t-post")
+        gate = threading.Event()
+        ran: list[str] = []
+        w.post(lambda: (gate.wait(30), ran.append(threading.current_thread().name)))
+        assert w.jobs == 1
+        idle = asyncio.create_task(w.wait_idle())
+        await asyncio.sleep(0.01)
+        assert not idle.done()
+        gate.set()
+        await asyncio.wait_for(idle, 30)
+        assert w.jobs == 0 and ran and ran[0].startswith("t-post_")
+
+        def boom() -> None:
+            raise ValueError("lost?")
+
+        w.post(boom)
+        await asyncio.wait_for(w.wait_idle(), 30)
+        assert await w.submit(lambda: 6) == 6  # the thread lives on
+        w.shutdown(wait=True)
+
+    caplog.set_level("ERROR", logger="ckptd.service.workers")
+    asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "ckptd.service.workers"]
+    assert len(records) == 1 and records[0].levelname == "ERROR"
+    assert records[0].exc_info is not None and "lost?" in str(records[0].exc_info[1])
