@@ -233,34 +233,40 @@ class Scheduler:
         count an overrun, record the end, and wake the loop if anything waits for it."""
         reg = slot.reg
         end = time.monotonic()
-        if error is not None:
-            # The service's round reports its own failures; anything reaching here is a
-            # bug in it. Log with context; the schedule goes on.
-            log.error("pid %d: round failed unexpectedly", reg.pid, exc_info=error)
-        if ran:
-            interval = self._policy_of(reg).interval
-            took = end - slot.called
-            # Logged when a streak starts and when it ends, not on every round.
-            if took > interval:
-                reg.overruns += 1
-                slot.streak += 1
-                if self._on_overrun is not None:
-                    self._on_overrun(reg)
-                if slot.streak == 1:
-                    log.warning("pid %d: round took %.3gs, over its %.3gs interval; starts "
-                                "move later until rounds fit again", reg.pid, took, interval)
-            elif slot.streak:
-                log.info("pid %d: back on schedule after %d overrun round(s)", reg.pid,
-                         slot.streak)
-                slot.streak = 0
-        with self._mutex:
-            slot.ended = end
-            slot.in_round = False
-            self._count_out(reg)
-            waiters, slot.waiters = slot.waiters, None
-        if waiters and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
-                self._loop.call_soon_threadsafe(_wake_all, waiters)
+        try:
+            if error is not None:
+                # The service's round reports its own failures; anything reaching here
+                # is a bug in it. Log with context; the schedule goes on.
+                log.error("pid %d: round failed unexpectedly", reg.pid, exc_info=error)
+            if ran:
+                self._account(slot, end - slot.called)
+        finally:  # whatever happened above, the round is over: never leave it in flight
+            with self._mutex:
+                slot.ended = end
+                slot.in_round = False
+                self._count_out(reg)
+                waiters, slot.waiters = slot.waiters, None
+            if waiters and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                    self._loop.call_soon_threadsafe(_wake_all, waiters)
+
+    def _account(self, slot: Slot, took: float) -> None:
+        """Overrun: waiting for a free slot plus the round took longer than the
+        interval. Logged when a streak starts and when it ends, not on every round."""
+        reg = slot.reg
+        interval = self._policy_of(reg).interval
+        if took > interval:
+            reg.overruns += 1
+            slot.streak += 1
+            if self._on_overrun is not None:
+                self._on_overrun(reg)
+            if slot.streak == 1:
+                log.warning("pid %d: round took %.3gs, over its %.3gs interval; starts "
+                            "move later until rounds fit again", reg.pid, took, interval)
+        elif slot.streak:
+            log.info("pid %d: back on schedule after %d overrun round(s)", reg.pid,
+                     slot.streak)
+            slot.streak = 0
 
     # --- rounds -------------------------------------------------------------------------
 
@@ -301,18 +307,19 @@ class Scheduler:
                 if slot.stopped:
                     await self._round_over(slot)  # the round in flight ends first
                     return
-                running = slot.in_round  # only goes from True to False behind our back
+                with self._mutex:  # in_round only goes from True to False behind our back
+                    running, ended = slot.in_round, slot.ended
                 pol = self._policy_of(reg)
                 # One interval after the previous slot; if that has passed when the
                 # previous round ended, the schedule slides to its end (no burst of
                 # catch-ups). While it runs, that end is not known yet: plan as if it
                 # ended in time, and look again when the round is due.
                 if prev_base is None:
-                    base = slot.ended  # the timer's start
+                    base = ended  # the timer's start
                 elif running:
                     base = prev_base + pol.interval
                 else:
-                    base = max(prev_base + pol.interval, slot.ended)
+                    base = max(prev_base + pol.interval, ended)
                 offset = (pending_first if pending_first is not None
                           else frac * pol.jitter * pol.interval)
                 due = base + offset
