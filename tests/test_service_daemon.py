@@ -528,6 +528,69 @@ def test_byte_cap_truncates_and_nothing_is_lost(daemon: Daemon, tmp_path: Path) 
         t.kill()
 
 
+# Holds a process under ptrace (PTRACE_SEIZE, which does not stop it) until killed: a
+# second tracer is refused, so every snapshot of the process fails meanwhile.
+TRACER = """
+import sys
+from ckptd.kernel.syscalls import ptrace
+ptrace(0x4206, int(sys.argv[1]), 0, 0)
+print("traced", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_failed_timer_round_is_counted_and_logged(daemon: Daemon) -> None:
+    """Nobody awaits a timer round: its failure must still reach the process's
+    counters, the metrics and the log, and the schedule must go on."""
+    t = Target(pages=16)
+    tracer = subprocess.Popen([PYTHON, "-c", TRACER, str(t.pid)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout is not None and tracer.stdout.readline().strip() == "traced"
+        daemon.call("register", pid=t.pid, policy={"interval": 0.2, "jitter": 0})
+
+        def proc() -> dict[str, Any]:
+            return next(p for p in daemon.call("list")["processes"] if p["pid"] == t.pid)
+
+        wait_for(lambda: proc()["failures"] >= 2, "failed rounds")
+        p = proc()
+        assert p["rounds"] == 0 and "Operation not permitted" in p["last_error"]
+        assert daemon.call("status")["failures"] >= 2
+        assert 'ckptd_snapshot_failures_total{reason="os_error"}' in \
+            daemon.call("metrics")["text"]
+        assert f"pid {t.pid}: snapshot failed" in daemon.log()
+        # The tracer goes away: the next rounds succeed; the process stayed registered.
+        tracer.kill()
+        tracer.wait()
+        wait_for(lambda: proc()["rounds"] >= 1, "a round once the tracer is gone")
+        assert proc()["last_error"] is None
+    finally:
+        tracer.kill()
+        tracer.wait()
+        t.kill()
+    assert daemon.stop() == 0
+
+
+def test_unregister_waits_for_a_timer_round_in_flight(daemon: Daemon) -> None:
+    """A timer round runs in a capture thread and nobody awaits it; unregistering the
+    process meanwhile returns only once that round has ended and been recorded."""
+    t = Target(pages=96 * 1024)  # 384 MiB, incompressible: a first round of seconds
+    try:
+        t.cmd(f"rand 0 {t.pages}")
+        daemon.call("register", pid=t.pid)
+        wait_for(lambda: daemon.call("status")["in_flight"] >= 1, "first round running",
+                 step=0.005)
+        res = daemon.call("unregister", pid=t.pid)
+        assert res["rounds"] == 1 and res["last_snapshot"] is not None
+        snaps = daemon.call("snapshots", pid=t.pid)["snapshots"]
+        assert [s["id"] for s in snaps] == [res["last_snapshot"]]
+        assert daemon.call("status")["in_flight"] == 0
+        assert daemon.call("verify")["ok"]
+    finally:
+        t.kill()
+    assert daemon.stop() == 0
+
+
 @pytest.mark.slow
 def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
     d = Daemon(tmp_path, log_level="info").start()

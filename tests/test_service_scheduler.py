@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,315 @@ def test_workers_hand_off() -> None:
         assert not [t for t in threading.enumerate() if t.name.startswith("t-workers_")]
 
     asyncio.run(main())
+
+
+# --- timer rounds posted to threads (the service's way) ---------------------------------
+#
+# With `post`, a timer round runs in a worker thread and the event loop does not wake
+# when it ends: the worker records the end. These tests run real threads (Workers) and
+# check that the rules still hold, including where the loop must be woken: a timer due
+# while its previous round still runs, an on-demand round of the same process, a stop.
+
+
+class _Probe:
+    """A blocking round for worker threads that records what ran, and when, under a
+    lock; rounds of chosen pids block until released."""
+
+    def __init__(self) -> None:
+        import threading
+        self.mutex = threading.Lock()
+        self.running: dict[int, int] = {}
+        self.peak = 0
+        self.overlaps = 0
+        self.spans: dict[int, list[tuple[float, float]]] = {}
+        self.gates: dict[int, threading.Event] = {}
+        self.entered: dict[int, threading.Event] = {}
+
+    def hold(self, pid: int) -> None:
+        import threading
+        self.gates[pid] = threading.Event()
+        self.entered[pid] = threading.Event()
+
+    def enter(self, pid: int) -> float:
+        with self.mutex:
+            n = self.running[pid] = self.running.get(pid, 0) + 1
+            if n > 1:
+                self.overlaps += 1
+            self.peak = max(self.peak, sum(self.running.values()))
+        return time.monotonic()
+
+    def leave(self, pid: int, start: float) -> None:
+        with self.mutex:
+            self.running[pid] -= 1
+            self.spans.setdefault(pid, []).append((start, time.monotonic()))
+
+    def round(self, reg: Registration) -> None:
+        start = self.enter(reg.pid)
+        try:
+            if reg.pid in self.entered:
+                self.entered[reg.pid].set()
+                assert self.gates[reg.pid].wait(30), "test gate never opened"
+            else:
+                time.sleep(random.uniform(0, 0.004))
+        finally:
+            self.leave(reg.pid, start)
+
+    def rounds(self, pid: int) -> int:
+        with self.mutex:
+            return len(self.spans.get(pid, []))
+
+
+async def _until(pred: Callable[[], object], what: str, bound: float = 30.0) -> None:
+    """Poll on the loop until pred() holds; the bound only prevents a hang."""
+    deadline = time.monotonic() + bound
+    while not pred():
+        assert time.monotonic() < deadline, f"gave up waiting for: {what}"
+        await asyncio.sleep(0.002)
+
+
+def test_posted_rounds_keep_the_rules() -> None:
+    """Timer rounds in 2 worker threads, on-demand rounds racing them on the loop: no
+    two rounds of one process at once, at most 2 at once overall, nothing left in
+    flight."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        probe = _Probe()
+        workers = Workers(2, "t-sched")
+        policy = Policy(interval=0.01, jitter=0.5)
+        s = Scheduler(probe.round, lambda r: policy, concurrency=2, rng=random.Random(2),
+                      post=workers.post)
+        regs = [_reg(p) for p in range(1, 9)]
+        for r in regs:
+            s.start(r, first_delay=0.0)
+
+        async def on_demand(reg: Registration) -> None:
+            # Runs in a worker too, as the service's on-demand rounds do.
+            await workers.submit(probe.round, reg)
+
+        for _ in range(5):
+            await asyncio.gather(*(s.run_exclusive(s.slots[r.pid],
+                                                   lambda r=r: on_demand(r))
+                                   for r in regs))
+        await _until(lambda: min(probe.rounds(r.pid) for r in regs) >= 15, "rounds")
+        for r in regs:
+            await s.stop(r.pid)
+        await workers.wait_idle()
+        workers.shutdown()
+        assert probe.overlaps == 0 and probe.peak <= 2
+        assert all(r.max_in_flight == 1 and r.in_flight == 0 for r in regs)
+        assert s.in_flight == 0
+        # Each process's rounds, timer and on-demand, ran one after the other.
+        for r in regs:
+            spans = sorted(probe.spans[r.pid])
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+    asyncio.run(main())
+
+
+def test_posted_round_still_running_when_the_next_is_due() -> None:
+    """The timer hands a round off and sleeps; at the next due time the round still
+    runs: the timer waits for its end (no second round of the process), the overrun is
+    counted once it ends, and the next round starts after it, not in a burst."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        probe = _Probe()
+        probe.hold(7)
+        workers = Workers(1, "t-sched")
+        overruns: list[int] = []
+        s = Scheduler(probe.round, lambda r: Policy(interval=0.01, jitter=0),
+                      concurrency=1, on_overrun=lambda r: overruns.append(r.pid),
+                      post=workers.post)
+        reg = _reg(7)
+        slot = s.start(reg, first_delay=0.0)
+        await asyncio.to_thread(probe.entered[7].wait, 30)
+        await asyncio.sleep(0.1)  # ten intervals: the next round is long due
+        assert probe.rounds(7) == 0 and slot.in_round
+        assert slot.waiters, "the timer waits for the round in flight"
+        assert reg.overruns == 0  # not over until it ends
+        del probe.entered[7]  # later rounds do not block
+        probe.gates[7].set()
+        await _until(lambda: probe.rounds(7) >= 3, "rounds after the long one")
+        await s.stop(7)
+        await workers.wait_idle()
+        workers.shutdown()
+        assert reg.overruns >= 1 and overruns == [7] * reg.overruns
+        assert probe.overlaps == 0 and reg.max_in_flight == 1 and s.in_flight == 0
+        spans = probe.spans[7]
+        long_end = spans[0][1]
+        assert long_end - spans[0][0] >= 0.1
+        # The schedule slid to the end of the long round: the j-th round after it is
+        # planned j - 1 intervals after that end (it may start later, never earlier),
+        # instead of the missed rounds running at once. (1 ms: a loop timer may fire
+        # that early.)
+        for j, (start, _) in enumerate(spans[1:]):
+            assert start >= long_end + j * 0.01 - 0.001, (j, start - long_end)
+
+    asyncio.run(main())
+
+
+def test_stop_waits_for_a_posted_round_nobody_awaits() -> None:
+    """The timer sleeps until its next round while this one runs in a worker: stop()
+    wakes it, and returns only once the round has ended; the timer is not cancelled."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        probe = _Probe()
+        probe.hold(3)
+        workers = Workers(1, "t-sched")
+        s = Scheduler(probe.round, lambda r: Policy(interval=60), concurrency=1,
+                      post=workers.post)
+        reg = _reg(3)
+        slot = s.start(reg, first_delay=0.0)
+        await asyncio.to_thread(probe.entered[3].wait, 30)
+        await asyncio.sleep(0.01)
+        assert slot.sleeping is not None and slot.in_round  # asleep until the next one
+        assert reg.next_due is not None and reg.next_due > time.time() + 30
+        stopper = asyncio.create_task(s.stop(3))
+        await asyncio.sleep(0.05)
+        assert not stopper.done() and probe.rounds(3) == 0
+        probe.gates[3].set()
+        assert await asyncio.wait_for(stopper, 30) is slot
+        assert probe.rounds(3) == 1 and not slot.in_round
+        assert slot.timer is not None and slot.timer.done() and not slot.timer.cancelled()
+        assert s.in_flight == 0 and reg.in_flight == 0
+        await workers.wait_idle()
+        workers.shutdown()
+
+    asyncio.run(main())
+
+
+def test_shutdown_skips_posted_rounds_not_begun() -> None:
+    """One worker thread, two processes due at once: one round runs, the other waits
+    for the thread. shutdown() lets the first finish and drops the second, which had
+    not begun; both timers exit."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        probe = _Probe()
+        probe.hold(1)
+        probe.hold(2)
+        workers = Workers(1, "t-sched")
+        s = Scheduler(probe.round, lambda r: Policy(interval=60), concurrency=1,
+                      post=workers.post)
+        s.start(_reg(1), first_delay=0.0)
+        await asyncio.to_thread(probe.entered[1].wait, 30)
+        s.start(_reg(2), first_delay=0.0)
+        await _until(lambda: s.slots[2].in_round, "second round handed off")
+        assert workers.jobs == 2 and s.in_flight == 2
+        await s.shutdown()
+        probe.gates[1].set()
+        await asyncio.wait_for(workers.wait_idle(), 30)
+        timers = [s.slots[p].timer for p in (1, 2)]
+        await asyncio.wait_for(asyncio.gather(*(t for t in timers if t is not None)), 30)
+        assert probe.rounds(1) == 1 and probe.rounds(2) == 0
+        assert not probe.entered[2].is_set()
+        assert s.in_flight == 0 and all(not s.slots[p].in_round for p in (1, 2))
+        assert s.slots[2].reg.overruns == 0  # a round that did not run did not overrun
+        workers.shutdown()
+
+    asyncio.run(main())
+
+
+def test_on_demand_round_waits_for_a_posted_timer_round() -> None:
+    """An on-demand round of a process whose timer round runs in a worker starts only
+    once that round has ended (the worker wakes the loop for it)."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        probe = _Probe()
+        probe.hold(4)
+        workers = Workers(2, "t-sched")  # a free thread: only the rule makes it wait
+        s = Scheduler(probe.round, lambda r: Policy(interval=60), concurrency=2,
+                      post=workers.post)
+        reg = _reg(4)
+        slot = s.start(reg, first_delay=0.0)
+        await asyncio.to_thread(probe.entered[4].wait, 30)
+        order: list[str] = []
+
+        async def on_demand() -> str:
+            order.append("on-demand")
+            return "done"
+
+        demand = asyncio.create_task(s.run_exclusive(slot, on_demand))
+        await asyncio.sleep(0.05)
+        assert order == [] and not demand.done()
+        order.append("timer released")
+        probe.gates[4].set()
+        assert await asyncio.wait_for(demand, 30) == "done"
+        assert order == ["timer released", "on-demand"]
+        assert reg.max_in_flight == 1
+        await s.stop(4)
+        assert s.in_flight == 0
+        await workers.wait_idle()
+        workers.shutdown()
+
+    asyncio.run(main())
+
+
+def test_failure_in_a_posted_round_is_logged_and_the_schedule_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Nobody awaits a posted round: an exception in it must not vanish. It is logged
+    with its traceback, the round counts as ended, and later rounds run."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        calls = 0
+        workers = Workers(1, "t-sched")
+
+        def bad(reg: Registration) -> None:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError(f"bug in round {calls}")
+
+        s = Scheduler(bad, lambda r: Policy(interval=0.005, jitter=0), concurrency=1,
+                      post=workers.post)
+        reg = _reg(5)
+        s.start(reg, first_delay=0.0)
+        await _until(lambda: calls >= 3, "rounds after a failure")
+        await s.stop(5)
+        await workers.wait_idle()
+        workers.shutdown()
+        assert s.in_flight == 0 and reg.in_flight == 0
+
+    caplog.set_level("ERROR", logger="ckptd.service.scheduler")
+    asyncio.run(main())
+    failed = [r for r in caplog.records if "pid 5: round failed unexpectedly" in r.message]
+    assert len(failed) >= 3
+    assert failed[0].exc_info is not None and "bug in round 1" in str(failed[0].exc_info[1])
+
+
+def test_workers_post(caplog: pytest.LogCaptureFixture) -> None:
+    """post(): no future, no call back into the loop; the job still counts for
+    wait_idle(), and an exception escaping it is logged, not lost."""
+    import threading
+
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        w = Workers(1, "t-post")
+        gate = threading.Event()
+        ran: list[str] = []
+        w.post(lambda: (gate.wait(30), ran.append(threading.current_thread().name)))
+        assert w.jobs == 1
+        idle = asyncio.create_task(w.wait_idle())
+        await asyncio.sleep(0.01)
+        assert not idle.done()
+        gate.set()
+        await asyncio.wait_for(idle, 30)
+        assert w.jobs == 0 and ran and ran[0].startswith("t-post_")
+
+        def boom() -> None:
+            raise ValueError("lost?")
+
+        w.post(boom)
+        await asyncio.wait_for(w.wait_idle(), 30)
+        assert await w.submit(lambda: 6) == 6  # the thread lives on
+        w.shutdown(wait=True)
+
+    caplog.set_level("ERROR", logger="ckptd.service.workers")
+    asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "ckptd.service.workers"]
+    assert len(records) == 1 and records[0].levelname == "ERROR"
+    assert records[0].exc_info is not None and "lost?" in str(records[0].exc_info[1])

@@ -3,8 +3,8 @@ sd_notify and metrics together on an asyncio (uvloop) event loop.
 
 Blocking work never runs on the loop:
   capture workers (service.concurrency threads) engine.snapshot: ptrace, reads,
-                                               compression (workers.py: one hand-off
-                                               each way per round)
+                                               compression (workers.py: a timer round
+                                               is posted, and does not call back)
   work pool     (2 threads)                    store reads for requests: list, show,
                                                materialize, verify
   maint pool    (1 thread)                     retention and compaction, in the background
@@ -163,8 +163,8 @@ class Service:
         await self._in(self.work_pool, _private_dir, state_dir)
         self.engine = Engine(self.store, compress_threads=2, retain_buffer_bytes=16 << 20)
         self.registry = Registry(state_dir / REGISTRY_FILE)
-        self.scheduler = Scheduler(self._scheduled_round, self.policy_of, svc.concurrency,
-                                   on_overrun=lambda _r: self.metrics.overruns.inc())
+        self.scheduler = Scheduler(self._scheduled_job, self.policy_of, svc.concurrency,
+                                   on_overrun=self._count_overrun, post=self.capture.post)
 
         restored, gone = await self._in(self.work_pool, self.registry.restore)
         for rec, why in gone:
@@ -418,26 +418,30 @@ class Service:
     # A round is one hand-off to a capture worker (workers.py), which runs the engine and
     # then the round's bookkeeping (metrics, the registration's counters, the chain's
     # tally) at once, in the same thread, while that code and data are still in the CPU's
-    # caches; the event loop only wakes to end the round. Sharing that state with the
-    # loop is safe: metrics change under their lock (there are several workers when
-    # concurrency > 1) and the loop renders them under it; a registration's counters have
-    # one writer at a time (one round of a process at once) and the loop only reads
-    # them; what needs the loop (unregistering a gone process, starting a maintenance
-    # job) is handed to it with call_soon_threadsafe.
+    # caches. A timer round is posted: the worker also records its end for the scheduler
+    # (scheduler.py), and the event loop does not wake for it unless something waits
+    # for that round. An on-demand round wakes the loop once more, to answer the client.
+    # Sharing that state with the loop is safe: metrics change under their lock (there
+    # are several workers when concurrency > 1) and the loop renders them under it; a
+    # registration's counters have one writer at a time (one round of a process at
+    # once) and the loop only reads them; what needs the loop (unregistering a gone
+    # process, starting a maintenance job) is handed to it with call_soon_threadsafe.
 
-    async def _scheduled_round(self, reg: Registration) -> None:
+    def _scheduled_job(self, reg: Registration) -> None:
+        """In a capture worker: a timer round, which nobody awaits. A failed snapshot is
+        logged and counted by _attempt; anything else raised is a bug and goes to the
+        scheduler, which logs it."""
         if self.stopping or reg.closed:
             return
-        try:
-            await self.capture.submit(self._scheduled_job, reg)
-        except Exception:
-            return  # the job has logged it with context and counted it in the metrics
-
-    def _scheduled_job(self, reg: Registration) -> SnapshotMeta:
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
-        return self._capture_job(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy",
-                                 max_pages)
+        self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages)
+
+    def _count_overrun(self, reg: Registration) -> None:
+        # In the capture worker that ended the round.
+        m = self.metrics
+        with m.lock:
+            m.overruns.inc()
 
     async def _capture(self, pid: int, reg: Registration | None, *, tracker: str,
                        fuzzy: bool, max_pages: int) -> SnapshotMeta:
@@ -447,7 +451,17 @@ class Service:
 
     def _capture_job(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
                      max_pages: int) -> SnapshotMeta:
-        """In a capture worker: one snapshot and its bookkeeping."""
+        """In a capture worker: an on-demand round. A failure is raised to the client
+        once it has been logged and counted."""
+        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages)
+        if isinstance(meta, Exception):
+            raise meta
+        return meta
+
+    def _attempt(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
+                 max_pages: int) -> SnapshotMeta | Exception:
+        """In a capture worker: one snapshot and its bookkeeping. The engine's failure
+        is logged and counted here, and returned."""
         m = self.metrics
         with m.lock:
             m.in_flight.add(1)
@@ -472,7 +486,7 @@ class Service:
                 log.error("pid %d: snapshot failed: %s", pid, exc)
             else:
                 log.exception("pid %d: snapshot failed with an internal error", pid)
-            raise
+            return exc
         elapsed = time.monotonic() - t0
         now = time.time()
         counts = meta.counts
@@ -736,7 +750,7 @@ class Service:
             "socket": str(self.cfg.service.socket),
             "concurrency": self.cfg.service.concurrency,
             "registered": len(mine),
-            "in_flight": self.scheduler.in_flight,
+            "in_flight": int(m.in_flight.get()),  # snapshots running in capture threads
             "last_snapshot_age": None if self.last_snapshot_at is None
             else now - self.last_snapshot_at,
             "snapshots": int(sum(m.snapshots.values.values())),

@@ -5,17 +5,21 @@ its own Condition and RLock), a work item, an asyncio future chained to it throu
 callbacks, and the caller's shield. At 100 rounds a second that machinery was a large
 part of what the service added to the engine's own work. Here a call is one queue put on
 the way in and one call_soon_threadsafe on the way out, which resolves a plain asyncio
-future; the threads live as long as the service.
+future; the threads live as long as the service. A job nobody awaits (`post`, the
+scheduler's timer rounds) has no way out at all: the event loop does not wake for it.
 
 The pool counts the jobs it has not finished, independently of the futures it returns,
 so a caller that stops waiting (a cancelled task) cannot hide a job still running from
-`wait_idle()`, which the service's shutdown grace relies on.
+`wait_idle()`, which the service's shutdown grace relies on. The count changes under a
+lock: posted jobs leave it from their worker thread, which wakes the loop only when
+`wait_idle()` is waiting for that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -23,16 +27,18 @@ from typing import Any, TypeVar
 
 from ..kernel.syscalls import name_os_thread
 
+log = logging.getLogger("ckptd.service.workers")
 T = TypeVar("T")
 
-_Item = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any],
-              tuple[Any, ...], dict[str, Any]]
+# (loop, future, fn, args, kwargs); the future is None for a posted job.
+_Item = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any] | None",
+              Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class Workers:
-    """`size` threads taking jobs in submission order. `submit`, `resize` and
+    """`size` threads taking jobs in submission order. `submit`, `post`, `resize` and
     `wait_idle` must be called on the thread of one event loop (the loop of the first
-    submit, or a later one once that loop is closed)."""
+    submit or post, or a later one once that loop is closed)."""
 
     def __init__(self, size: int, name: str) -> None:
         self._name = name
@@ -40,8 +46,9 @@ class Workers:
         self._threads: list[threading.Thread] = []
         self._size = 0
         self._started = 0  # for thread names
-        self.jobs = 0  # submitted and not yet finished (counted on the loop's thread)
-        self._idle: list[asyncio.Future[None]] = []
+        self.jobs = 0  # submitted or posted, and not yet finished (under _count_lock)
+        self._count_lock = threading.Lock()
+        self._idle: list[asyncio.Future[None]] = []  # wait_idle() callers (under the lock)
         self._loop: asyncio.AbstractEventLoop | None = None  # of the first submit
         self.resize(size)
 
@@ -68,22 +75,37 @@ class Workers:
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
         """Run fn(*args, **kwargs) in a worker; the future holds its result or exception.
         Cancelling the future does not stop the call."""
+        loop = self._get_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._count_lock:
+            self.jobs += 1
+        self._queue.put((loop, fut, fn, args, kwargs))
+        return fut
+
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run fn(*args) in a worker, and nothing else: no future, no call back into the
+        event loop. fn reports its own outcome; an exception escaping it is logged."""
+        loop = self._get_loop()  # for waking wait_idle()
+        with self._count_lock:
+            self.jobs += 1
+        self._queue.put((loop, None, fn, args, {}))
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None or loop.is_closed():
             # Asked once, not per call: asyncio.get_running_loop() makes a getpid()
             # system call each time (it checks for a fork).
             loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self.jobs += 1
-        self._queue.put((loop, fut, fn, args, kwargs))
-        return fut
+        return loop
 
     async def wait_idle(self) -> None:
         """Return once no job is queued or running."""
-        if self.jobs:
+        with self._count_lock:
+            if not self.jobs:
+                return
             fut = asyncio.get_running_loop().create_future()
             self._idle.append(fut)
-            await fut
+        await fut
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop every thread after the jobs already queued."""
@@ -95,19 +117,27 @@ class Workers:
                 t.join()
         self._threads = []
 
-    def _finished(self, fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-        # On the loop's thread: one callback per job, whatever became of its future.
-        self.jobs -= 1
-        if not fut.done():
+    def _done(self) -> list[asyncio.Future[None]]:
+        """In a worker, after each job: count it out; the wait_idle() callers to wake."""
+        with self._count_lock:
+            self.jobs -= 1
+            if self.jobs or not self._idle:
+                return []
+            idle, self._idle = self._idle, []
+            return idle
+
+    @staticmethod
+    def _finished(fut: asyncio.Future[Any] | None, ok: bool, value: Any,
+                  idle: list[asyncio.Future[None]]) -> None:
+        # On the loop's thread.
+        if fut is not None and not fut.done():
             if ok:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
-        if not self.jobs and self._idle:
-            idle, self._idle = self._idle, []
-            for w in idle:
-                if not w.done():
-                    w.set_result(None)
+        for w in idle:
+            if not w.done():
+                w.set_result(None)
 
     def _work(self) -> None:
         name_os_thread()
@@ -122,7 +152,11 @@ class Workers:
                 value, ok = fn(*args, **kwargs), True
             except BaseException as exc:  # handed to the awaiting task, which re-raises it
                 value, ok = exc, False
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
-                loop.call_soon_threadsafe(self._finished, fut, ok, value)
+                if fut is None:  # posted: nobody awaits it
+                    log.error("posted job %r failed", fn, exc_info=exc)
+            idle = self._done()
+            if fut is not None or idle:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                    loop.call_soon_threadsafe(self._finished, fut, ok, value, idle)
             # Drop references before blocking: the result must not outlive its round.
-            del loop, fut, fn, args, kwargs, value
+            del loop, fut, fn, args, kwargs, value, idle
