@@ -10,12 +10,14 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ckptd.service.config import Policy, PolicyOverride
 from ckptd.service.registry import Registration, RegistrationRecord
-from ckptd.service.scheduler import Scheduler
+from ckptd.service.scheduler import Scheduler, batched
+from ckptd.service.scheduler import _wake as scheduler_wake
 
 
 def _reg(pid: int) -> Registration:
@@ -228,6 +230,68 @@ def test_policy_change_wakes_a_sleeping_timer() -> None:
 
     asyncio.run(main())
 
+
+
+def test_batch_window_aligns_due_times() -> None:
+    """With a batch window, every timer sleeps until a multiple of the window, whatever
+    its process's phase and jitter, so the rounds of many processes come due together;
+    and the rules still hold (no overlap, every process keeps getting rounds)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        window = 0.05
+        targets: list[float] = []
+        real_call_later = loop.call_later
+
+        def recording_call_later(delay: float, *args: Any) -> asyncio.TimerHandle:
+            if args and args[0] is scheduler_wake:  # a timer's sleep, not a test's
+                targets.append(time.monotonic() + delay)  # what it sleeps until
+            return real_call_later(delay, *args)
+
+        loop.call_later = recording_call_later  # type: ignore[method-assign]
+        running: dict[int, int] = {}
+        rounds: dict[int, int] = {}
+        policy = Policy(interval=0.12, jitter=0.5)
+
+        async def round_(reg: Registration) -> None:
+            running[reg.pid] = running.get(reg.pid, 0) + 1
+            assert running[reg.pid] == 1, "two rounds of one process at once"
+            await asyncio.sleep(0.001)
+            rounds[reg.pid] = rounds.get(reg.pid, 0) + 1
+            running[reg.pid] -= 1
+
+        s = Scheduler(round_, lambda r: policy, concurrency=2, rng=random.Random(3),
+                      batch_window=window)
+        regs = [_reg(p) for p in range(1, 7)]
+        for i, r in enumerate(regs):
+            s.start(r, first_delay=0.013 * i)  # six different phases
+        while min(rounds.get(r.pid, 0) for r in regs) < 4:
+            await asyncio.sleep(0.01)
+        for r in regs:
+            await s.stop(r.pid)
+        timer_targets = targets
+        assert len(timer_targets) >= 24
+        # Multiples of the window, up to the moment between the plan and the recording
+        # (microseconds; allowed up to a tenth of the window, 5 ms, for a busy machine:
+        # unaligned targets would each pass that with odds of 1 in 5).
+        off = [t / window - round(t / window) for t in timer_targets]
+        assert all(abs(o) < 0.1 for o in off), off
+        # Fewer distinct instants than rounds: processes share them.
+        assert len({round(t / window) for t in timer_targets}) < len(timer_targets)
+
+    asyncio.run(main())
+
+
+def test_batch_window_rounds_up_by_less_than_the_window() -> None:
+    """Rounding only delays a start, by less than the window, onto a multiple of it; a
+    window of 0 leaves due times alone."""
+    rng = random.Random(5)
+    for _ in range(10000):
+        due = rng.uniform(0, 1e6)
+        window = rng.choice([0.001, 0.05, 0.1, 0.25, 1.0])
+        got = batched(due, window)
+        assert due - 1e-9 <= got < due + window
+        assert abs(got / window - round(got / window)) < 1e-6
+        assert batched(due, 0.0) == due
 
 # --- capture workers --------------------------------------------------------------------
 

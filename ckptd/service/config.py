@@ -157,6 +157,11 @@ class ServiceSection(_Strict):
         default=20.0, description="on SIGTERM, wait this long for in-flight snapshots"
     )
     max_registrations: int = Field(default=1024, ge=1)
+    batch_window: Duration = Field(
+        default=0.1, le=1.0,
+        description="round starts are rounded up to a multiple of this, so that rounds "
+        "of many processes run back to back (0: off)",
+    )
 
 
 class ServiceConfig(_Strict):

@@ -164,7 +164,8 @@ class Service:
         self.engine = Engine(self.store, compress_threads=2, retain_buffer_bytes=16 << 20)
         self.registry = Registry(state_dir / REGISTRY_FILE)
         self.scheduler = Scheduler(self._scheduled_job, self.policy_of, svc.concurrency,
-                                   on_overrun=self._count_overrun, post=self.capture.post)
+                                   on_overrun=self._count_overrun, post=self.capture.post,
+                                   batch_window=svc.batch_window)
 
         restored, gone = await self._in(self.work_pool, self.registry.restore)
         for rec, why in gone:
@@ -260,6 +261,7 @@ class Service:
         })
         self.cfg = new
         set_level(new.service.log_level)
+        self.scheduler.batch_window = new.service.batch_window
         self.scheduler.policies_changed()
         if new.service.concurrency != old.service.concurrency:
             self.scheduler.set_concurrency(new.service.concurrency)

@@ -2,7 +2,13 @@
 
 Rules:
 - Each registered process has one timer task. Round k is due at base_k plus a random
-  jitter in [0, jitter * interval]; base_{k+1} = base_k + interval.
+  jitter in [0, jitter * interval], rounded up to a multiple of the batch window when
+  there is one; base_{k+1} = base_k + interval.
+- The batch window (the service's `batch_window`) makes the rounds of many processes
+  come due at the same instants, so that their timers fire in one wake-up of the loop and
+  the rounds run back to back in a capture thread, which then finds its caches warm
+  from the round before. Rounding moves a start later by less than the window; it never
+  moves the bases, so a process's rounds stay one interval apart on average.
 - One process never has two rounds at once: a timer starts its next round only once its
   previous one has ended, and timer rounds and on-demand rounds take the same
   per-process lock to start (an on-demand round holds it to its end, and first waits
@@ -38,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import threading
 import time
@@ -74,6 +81,14 @@ class Slot:
     streak: int = 0  # overruns in a row (written only by the code ending a round)
 
 
+def batched(due: float, window: float) -> float:
+    """`due` rounded up to a multiple of `window` (0: unchanged). A multiple that floating
+    point puts a hair before `due` is taken as it is: the timer then fires at once."""
+    if window <= 0:
+        return due
+    return math.ceil(due / window) * window
+
+
 def _wake(fut: asyncio.Future[bool], due: bool) -> None:
     if not fut.done():
         fut.set_result(due)
@@ -95,6 +110,7 @@ class Scheduler:
         rng: random.Random | None = None,
         *,
         post: PostFn | None = None,
+        batch_window: float = 0.0,
     ) -> None:
         """With `post`, on_overrun and policy_of are called in the thread that ends a
         timer round (they must be safe there)."""
@@ -103,6 +119,9 @@ class Scheduler:
         self._on_overrun = on_overrun
         self._rng = rng or random.Random()
         self._post = post
+        # Due times are rounded up to a multiple of this (0: not rounded); see the rules.
+        # Set it, then call policies_changed(), to re-plan the sleeping timers.
+        self.batch_window = batch_window
         self.sem = asyncio.Semaphore(concurrency)
         self.concurrency = concurrency
         self.slots: dict[int, Slot] = {}
@@ -323,6 +342,7 @@ class Scheduler:
                 offset = (pending_first if pending_first is not None
                           else frac * pol.jitter * pol.interval)
                 due = base + offset
+                due = batched(due, self.batch_window)
                 now = time.monotonic()
                 reg.next_due = time.time() + max(0.0, due - now)
                 # A loop timer may fire a fraction of a millisecond early: that counts
