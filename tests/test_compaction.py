@@ -24,6 +24,7 @@ from ckptd.kernel.abi import PAGE_SIZE
 from ckptd.store import SnapshotMeta, Store
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
+from ckptd.store.format import vmas_json
 
 pytestmark = needs_root
 
@@ -392,35 +393,74 @@ def _rejection(call: Callable[[], object]) -> tuple[type[BaseException], str]:
     return type(info.value), str(info.value)
 
 
+def _vmas_first(obj: dict[str, object], vmas: bytes) -> bytes:
+    """`obj` as capture writes a snapshot file (compact, `vmas` first), with `vmas` as
+    the JSON of its mappings."""
+    rest = json.dumps({k: v for k, v in obj.items() if k != "vmas"}, separators=(",", ":"))
+    return b'{"vmas":' + vmas + b"," + rest[1:].encode()
+
+
 def test_compaction_rejects_a_damaged_folded_snapshot_as_get_does(store: Store) -> None:
     """The folded snapshots are parsed only in part, but a damaged or unknown-version one
-    fails with the error the full parse gives, and the chain is left as it was."""
+    fails with the error the full parse gives, and the chain is left as it was: also when
+    the file begins with the same mappings as the snapshot compacted into, which the
+    parse skips."""
     chain, truths = _chain_of_snapshots(store, 4)
     ids = list(truths)
     victim = store.snapshot_path(ids[1])
     good = victim.read_bytes()
     obj = json.loads(good)
-    damaged = {  # what the error must name: the parse stops at it
-        "not JSON": good[: len(good) // 2],
-        "format version 4": json.dumps({**obj, "format_version": 4}).encode(),
-        "format version 4 ": json.dumps(  # the version is checked before anything else
-            {**obj, "format_version": 4, "frames": "nope"}).encode(),
-        "'frames'": json.dumps({**obj, "frames": "nope"}).encode(),
-        "'extents', 0, 'pages'": json.dumps({**obj, "extents": [{"addr": 0}]}).encode(),
-        "'parent'": json.dumps({k: v for k, v in obj.items() if k != "parent"}).encode(),
-        "both set": json.dumps({**obj, "data_file": "x", "data_inline": ""}).encode(),
+    upto_vmas = vmas_json(store.get(ids[3]).vmas)
+    damages = {  # what the error must name: the parse stops at it
+        "format version 4": {**obj, "format_version": 4},
+        "format version 4 ": {  # the version is checked before anything else
+            **obj, "format_version": 4, "frames": "nope"},
+        "'frames'": {**obj, "frames": "nope"},
+        "'extents', 0, 'pages'": {**obj, "extents": [{"addr": 0}]},
+        "'parent'": {k: v for k, v in obj.items() if k != "parent"},
+        "both set": {**obj, "data_file": "x", "data_inline": ""},
     }
-    for what, raw in damaged.items():
+    as_captured = _vmas_first(obj, upto_vmas)
+    damaged = [
+        ("not JSON", good[: len(good) // 2]),
+        ("not JSON", as_captured[: len(as_captured) - 100]),
+        ("not JSON", as_captured[:-1] + b",}"),
+        # Only the file's first member: `{` + the rest alone would be valid JSON.
+        ("not JSON", b'{"vmas":' + upto_vmas + b",}"),
+        *((what, json.dumps(o).encode()) for what, o in damages.items()),
+        *((what, _vmas_first(o, upto_vmas)) for what, o in damages.items()),
+    ]
+    for what, raw in damaged:
         victim.write_bytes(raw)
         expected = _rejection(lambda: store.get(ids[1]))
         assert what.strip() in expected[1]
         assert _rejection(lambda: store.pages(ids[1])) == expected, what
         assert _rejection(lambda: store.lineage(ids[3])) == expected, what
+        assert _rejection(lambda: store.fold_lineage(ids[3])) == expected, what
         assert _rejection(lambda: compact_chain(store, chain, ids[3])) == expected, what
         assert store.snapshot_ids(chain) == ids, what
+    # Undamaged, the file with the skipped mappings folds as the plain parse reads it.
+    victim.write_bytes(as_captured)
+    assert store.fold_lineage(ids[3])[1][1] == store.pages(ids[1])
     victim.write_bytes(good)
     compact_chain(store, chain, ids[3])
     assert store.snapshot_ids(chain) == ids[3:]
+
+
+def test_folding_skips_the_mappings_it_does_not_read(store: Store) -> None:
+    """The files of a process whose mappings did not change begin with the same `vmas`
+    as the snapshot compacted into; folding parses them without those bytes, and reads
+    exactly what the plain parse of each file reads."""
+    with Target.python("import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n") \
+            as t, Engine(store) as eng:
+        ids = [eng.snapshot(t.pid).id for _ in range(4)]
+    meta, lineage = store.fold_lineage(ids[-1])
+    assert [m.id for m in lineage] == ids and lineage[-1] is meta
+    skipped = b'{"vmas":' + vmas_json(meta.vmas) + b","
+    for sid, folded in zip(ids[1:-1], lineage[1:-1], strict=True):
+        assert store.snapshot_path(sid).read_bytes().startswith(skipped)
+        assert folded == store.pages(sid)
+    assert lineage[0] == store.pages(ids[0])
 
 
 def test_compaction_keeps_folded_files_as_spares_that_later_snapshots_reuse(
