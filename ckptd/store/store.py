@@ -341,23 +341,7 @@ class Store:
                 raw = f.read()
         except FileNotFoundError:
             return 1
-        try:
-            info: ChainFloor | None = ChainFloor.model_validate_json(raw)
-        except ValidationError:
-            info = None  # parsed again below, for the precise error
-        if info is None:
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:
-                raise CorruptStore(f"{path}: not JSON: {e}") from e
-            _check_version("a chain floor of", path,
-                           obj.get("format_version") if isinstance(obj, dict) else None)
-            try:
-                info = ChainFloor.model_validate(obj)
-            except ValidationError as e:
-                raise CorruptStore(
-                    f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
-        _check_version("a chain floor of", path, info.format_version)
+        info = _parse_versioned(ChainFloor, "a chain floor of", path, raw)
         if info.chain != chain:
             raise CorruptStore(f"{path}: names chain {info.chain!r}, not {chain!r}")
         return info.floor
@@ -584,24 +568,32 @@ def _alive(pid: str) -> bool:
 
 
 def _parse_meta(path: Path | str, raw: bytes) -> SnapshotMeta:
+    return _parse_versioned(SnapshotMeta, "a snapshot of", path, raw)
+
+
+_Versioned = TypeVar("_Versioned", SnapshotMeta, ChainFloor)
+
+
+def _parse_versioned(model: type[_Versioned], kind: str, path: Path | str, raw: bytes
+                     ) -> _Versioned:
+    """A file with a `format_version`, parsed as `model`; `kind` names it in errors."""
     # pydantic's own JSON parser first: half the cost of json.loads plus validation, and
     # restore, verify and compaction parse every snapshot of a lineage. Anything it
     # rejects is parsed again below, which checks the version first and names the problem.
     try:
-        meta: SnapshotMeta | None = SnapshotMeta.model_validate_json(raw)
+        parsed: _Versioned | None = model.model_validate_json(raw)
     except ValidationError:
-        meta = None  # parsed again below, for the precise error
-    if meta is not None:
-        _check_version("a snapshot of", path, meta.format_version)
-        return meta
+        parsed = None  # parsed again below, for the precise error
+    if parsed is not None:
+        _check_version(kind, path, parsed.format_version)
+        return parsed
     try:
         obj = json.loads(raw)
     except ValueError as e:
         raise CorruptStore(f"{path}: not JSON: {e}") from e
-    _check_version("a snapshot of", path, obj.get("format_version") if isinstance(obj, dict)
-                   else None)
+    _check_version(kind, path, obj.get("format_version") if isinstance(obj, dict) else None)
     try:
-        return SnapshotMeta.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as e:
         raise CorruptStore(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
 
