@@ -30,6 +30,7 @@ from test_service_support import (
 )
 
 from ckptd.errors import PermissionDenied, TargetNotFound, UserError
+from ckptd.service import fdlimit
 from ckptd.service.client import Client, try_service
 from ckptd.store import Store
 
@@ -626,6 +627,46 @@ def test_fifty_processes_one_second_for_a_minute(tmp_path: Path) -> None:
             print(f"\n50 x 1 s for 60 s: {status['snapshots']} snapshots, "
                   f"{status['overruns']} overruns")
             assert d.call("verify")["ok"]
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def _soft_nofile(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+def test_open_file_limit_is_raised_and_bounds_registrations(tmp_path: Path) -> None:
+    # Started as systemd starts services: a soft limit far below the hard one. Each
+    # registration holds 4 descriptors, so at the old soft limit of 64 the first round of
+    # the ~10th registration ran out (EMFILE). The service raises the soft limit to the
+    # hard one, and refuses, with a message, a registration beyond what that holds.
+    hard = fdlimit.RESERVED_FDS + 6 * fdlimit.FDS_PER_REGISTRATION
+    d = Daemon(tmp_path, nofile=(64, hard)).start()
+    try:
+        assert d.proc is not None
+        assert _soft_nofile(d.proc.pid) == hard
+        assert "open-file limit raised from 64 to" in d.log()
+        assert "has room for 6 registrations" in d.log()  # the startup warning
+        with targets(7, 16) as ts:
+            for t in ts[:6]:
+                d.call("register", pid=t.pid)
+            with pytest.raises(UserError, match="LimitNOFILE"):
+                d.call("register", pid=ts[6].pid)
+            # The six hold: each round of each takes a write-protect snapshot.
+            for t in ts[:6]:
+                d.call("snapshot", pid=t.pid)
+            procs = {p["pid"]: p for p in d.call("list")["processes"]}
+            assert sorted(procs) == sorted(t.pid for t in ts[:6])
+            for t in ts[:6]:
+                assert procs[t.pid]["failures"] == 0, procs[t.pid]
+                snaps = d.call("snapshots", pid=t.pid)["snapshots"]
+                assert snaps and snaps[-1]["tracker"] == "uffd-wp", snaps[-1]
+        assert "Too many open files" not in d.log()
         assert d.stop() == 0
     finally:
         d.kill()

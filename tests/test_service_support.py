@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -130,8 +131,9 @@ class Daemon:
 
     def __init__(self, tmp: Path, config_extra: str = "", interval: str = "1h",
                  env: dict[str, str] | None = None, config_text: str | None = None,
-                 log_level: str = "debug") -> None:
+                 log_level: str = "debug", nofile: tuple[int, int] | None = None) -> None:
         self.tmp = tmp
+        self.nofile = nofile  # RLIMIT_NOFILE (soft, hard) to start the daemon with
         self.store = tmp / "store"
         self.socket = tmp / "run" / "ckptd.sock"
         self.config = tmp / "ckptd.toml"
@@ -151,10 +153,15 @@ class Daemon:
             [PYTHON, "-m", "ckptd", "serve", "--config", str(self.config)],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
             cwd=str(Path(__file__).resolve().parent.parent),
+            preexec_fn=None if self.nofile is None else self._limit_files,
         )
         if wait:
             self.wait_ready()
         return self
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def wait_ready(self, bound: float = 60.0) -> None:
         deadline = time.monotonic() + bound

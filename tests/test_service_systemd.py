@@ -83,6 +83,15 @@ def test_stop_timeout_above_grace() -> None:
     assert stop > ServiceConfig().service.shutdown_grace
 
 
+def test_open_file_limit_holds_max_registrations() -> None:
+    from ckptd.service import fdlimit
+    from ckptd.service.config import ServiceConfig
+
+    limit = int(_settings()["LimitNOFILE"][0])
+    fit = (limit - fdlimit.RESERVED_FDS) // fdlimit.FDS_PER_REGISTRATION
+    assert fit >= ServiceConfig().service.max_registrations
+
+
 def _unit_caps() -> list[str]:
     return _settings()["CapabilityBoundingSet"][0].split()
 

@@ -690,3 +690,28 @@ def test_registry_bad_file(tmp_path: Path) -> None:
     from ckptd.errors import CkptdError
     with pytest.raises(CkptdError, match="move it aside"):
         Registry(p).load_records()
+
+
+def _budget_in_child(soft: int, hard: int) -> dict[str, int]:
+    """fdlimit.raise_soft_limit() in a fresh process started with these limits."""
+    import resource
+
+    code = ("import json; from ckptd.service import fdlimit; b = fdlimit.raise_soft_limit(); "
+            "print(json.dumps({'before': b.before, 'soft': b.soft, 'hard': b.hard, "
+            "'registrations': b.registrations}))")
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True,
+        cwd=str(Path(__file__).resolve().parent.parent),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+    return dict(json.loads(out.stdout))
+
+
+def test_fd_budget_raises_the_soft_limit_to_the_hard_one() -> None:
+    from ckptd.service import fdlimit
+
+    b = _budget_in_child(64, 1152)
+    assert b == {"before": 64, "soft": 1152, "hard": 1152,
+                 "registrations": (1152 - fdlimit.RESERVED_FDS) // fdlimit.FDS_PER_REGISTRATION}
+    # Already at the hard limit: nothing to raise. Below the reserve: no room at all.
+    assert _budget_in_child(1152, 1152)["soft"] == 1152
+    assert _budget_in_child(100, 100)["registrations"] == 0

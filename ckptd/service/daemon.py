@@ -44,7 +44,7 @@ from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import name_os_thread
 from ..store import SnapshotMeta, Store
 from ..store import reader as store_reader
-from . import aio, auth, maintenance, protocol
+from . import aio, auth, fdlimit, maintenance, protocol
 from .auth import Peer
 from .config import ConfigError, Policy, PolicyOverride, ServiceConfig, load_config
 from .logsetup import set_level, setup_logging
@@ -117,6 +117,7 @@ class Service:
         self.engine: Engine
         self.registry: Registry
         self.scheduler: Scheduler
+        self.fds = fdlimit.raise_soft_limit()
         self.capture = Workers(config.service.concurrency, "ckptd-capture")
         self.work_pool = ThreadPoolExecutor(2, "ckptd-work", initializer=name_os_thread)
         self.maint_pool = ThreadPoolExecutor(1, "ckptd-maint", initializer=name_os_thread)
@@ -187,10 +188,22 @@ class Service:
             loop.add_signal_handler(sig, handler)
         log.info("ckptd %s serving on %s, store %s, %d registration(s) restored, "
                  "%d dropped", __version__, svc.socket, svc.store, len(restored), len(gone))
+        self._log_fd_budget()
         self.notifier.ready(self._status_text())
         self._spawn(self._ticker(), "ticker")
         await self._stop_event.wait()
         return await self._shutdown()
+
+    def _log_fd_budget(self) -> None:
+        fds = self.fds
+        if fds.soft != fds.before:
+            log.info("open-file limit raised from %d to %d: room for %d registrations",
+                     fds.before, fds.soft, fds.registrations)
+        if fds.registrations < self.cfg.service.max_registrations:
+            log.warning("the open-file limit (%d, hard limit %d) has room for %d "
+                        "registrations, fewer than service.max_registrations (%d); raise "
+                        "LimitNOFILE= in ckptd.service to hold more", fds.soft, fds.hard,
+                        fds.registrations, self.cfg.service.max_registrations)
 
     async def _bind(self) -> None:
         path = self.cfg.service.socket
@@ -375,6 +388,11 @@ class Service:
         if len(self.registry) >= self.cfg.service.max_registrations:
             raise UserError(f"already {len(self.registry)} registrations "
                             "(service.max_registrations); unregister some first")
+        if len(self.registry) >= self.fds.registrations:
+            raise UserError(
+                f"already {len(self.registry)} registrations, all that the service's "
+                f"open-file limit ({self.fds.soft}) has room for: raise LimitNOFILE= in "
+                f"ckptd.service (each registration holds {fdlimit.FDS_PER_REGISTRATION})")
         if req.pid == os.getpid():
             raise UserError("ckptd cannot snapshot itself")
         pidfd, start = open_process(req.pid)
