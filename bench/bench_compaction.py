@@ -7,8 +7,15 @@ apart (about 650 written pages each), then measures in this process:
   compact    folding the older half of the chain into a new base (compact_chain)
   verify     ckptd verify of the store
 
+With --steady, it measures instead what the service's compactions cost a small process
+in the steady state: 6 idle Python targets (the `small` targets of bench_service.py) are
+snapshotted 33 times, 0.05 s apart, then each chain is compacted up to its newest but one;
+six such cycles, each printing the CPU of a compaction (this process, zstd threads
+included), the pages it compressed again and the frames it copied raw.
+
 Run as root from the repository root (not part of CI):
   .venv/bin/python bench/bench_compaction.py --snapshots 60
+  .venv/bin/python bench/bench_compaction.py --steady
 """
 
 from __future__ import annotations
@@ -39,15 +46,65 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def steady(store_dir: str, targets: int = 6, rounds: int = 33, cycles: int = 6) -> None:
+    from ckptd.store import writer
+
+    recompressed = 0
+    write_runs = writer.SnapshotWriter.write_runs
+
+    def counting(self: writer.SnapshotWriter, runs: list[tuple[int, int]], *a: object,
+                 **k: object) -> None:
+        nonlocal recompressed
+        recompressed += sum(e - s for s, e in runs) // 4096
+        write_runs(self, runs, *a, **k)  # type: ignore[arg-type]
+
+    writer.SnapshotWriter.write_runs = counting  # type: ignore[method-assign]
+    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", TARGET, "64", "0"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(targets)]
+    try:
+        for t in procs:
+            assert t.stdout is not None and t.stdout.readline().strip() == "ready"
+        store = Store.open(tmp / "store", create=True)
+        print("| cycle | CPU per compaction | pages compressed again | frames copied raw |")
+        print("|---|---|---|---|")
+        with Engine(store) as engine:
+            for cycle in range(cycles):
+                for _ in range(rounds):
+                    for t in procs:
+                        engine.snapshot(t.pid)
+                    time.sleep(0.05)
+                recompressed = 0
+                c0 = cpu()
+                summaries = [compact_chain(store, c, store.snapshot_ids(c)[-2])
+                             for c in store.chain_ids()]
+                c1 = cpu()
+                raw = [tuple(map(int, m.split("(")[1].split(" frames")[0].split(" of ")))
+                       for m in summaries if "frames copied" in m]
+                print(f"| {cycle} | {1e3 * (c1 - c0) / targets:.1f} ms | "
+                      f"{recompressed / targets:.0f} | {sum(r for r, _ in raw) / targets:.0f} "
+                      f"of {sum(n for _, n in raw) / targets:.0f} |", flush=True)
+    finally:
+        for t in procs:
+            t.kill()
+            t.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--snapshots", type=int, default=60)
     ap.add_argument("--store-dir", default="/var/tmp")
+    ap.add_argument("--steady", action="store_true",
+                    help="steady-state compactions of small processes (see above)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (ptrace of the target)", file=sys.stderr)
         return 2
+    if args.steady:
+        steady(args.store_dir)
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=args.store_dir))
     target = subprocess.Popen([sys.executable, "-c", TARGET, "65536", "0.1"],
                               stdout=subprocess.PIPE, text=True)

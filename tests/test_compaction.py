@@ -232,6 +232,67 @@ def test_compaction_copies_multi_extent_frames_that_stay_whole(store: Store,
     assert _check_all(store, truths, tmp_path / "2") == [fourth.id, fifth.id]
 
 
+def test_compaction_keeps_rewritten_pages_apart_from_unchanged_ones(store: Store,
+                                                                   tmp_path: Path) -> None:
+    """Pages written since the old base go into frames of their own in the new base. A
+    process that keeps writing the same few pages then leaves the other frames whole,
+    and the next compaction copies them raw. (Packed with unchanged pages, each written
+    page kept a frame of up to 64 partial, compaction after compaction.)"""
+    rec = GroundTruthRecorder()
+    truths: dict[str, GroundTruth] = {}
+    with Target([sys.executable, "-c", HOLES, str(REGION_PAGES)]) as t, \
+            Engine(store) as eng:
+        region = int(t.readline())
+
+        def snap() -> SnapshotMeta:
+            meta = eng.snapshot(t.pid, on_frozen=rec)
+            truths[meta.id] = rec.last
+            return meta
+
+        def frame_pages(meta: SnapshotMeta, f: int) -> set[int]:
+            return {a + k * PAGE_SIZE for a, n, _ in _frame_extents(meta, f)
+                    for k in range(n)}
+
+        # Content pages far apart, one in each of four frames of the full snapshot, and
+        # a hole: written in one round, then the hole alone in the next, so that the
+        # first delta's frame is partly replaced and its pages must be compressed again.
+        hot_pages = [0, 200, 300, 400, 600]
+        hot = {region + p * PAGE_SIZE for p in hot_pages}
+        cold = {region + p * PAGE_SIZE for p in range(REGION_PAGES)
+                if p % 8 < 3 and p not in hot_pages}
+        fill = "fill " + " ".join(map(str, hot_pages))
+
+        def apart(meta: SnapshotMeta) -> list[int]:
+            """The frames holding written pages; none may hold an unchanged one (they
+            may hold pages the target's interpreter wrote meanwhile)."""
+            frames = [f for f in range(len(meta.frames)) if frame_pages(meta, f) & hot]
+            assert not [f for f in frames if frame_pages(meta, f) & cold], frames
+            return frames
+
+        assert snap().kind == "full"
+        assert t.send(fill) == "ok"
+        snap()
+        assert t.send("fill 300") == "ok"
+        third = snap()
+        compact_chain(store, third.chain, third.id)
+        base = store.get(third.id)
+        assert set().union(*(frame_pages(base, f) for f in apart(base))) >= hot
+
+        # Written again: every frame of unchanged pages is copied raw.
+        assert t.send(fill) == "ok"
+        fourth = snap()
+        before = _raw_frames(store, [base])
+        cold_frames = [f for f in range(len(base.frames)) if frame_pages(base, f) & cold]
+        compact_chain(store, fourth.chain, fourth.id)
+        again = store.get(fourth.id)
+        after = set(_raw_frames(store, [again]).values())
+        assert [f for f in cold_frames if before[(base.id, f)] not in after] == []
+        apart(again)
+        fifth = snap()
+        assert fifth.kind == "delta" and fifth.parent == fourth.id
+    assert _check_all(store, truths, tmp_path / "m") == [fourth.id, fifth.id]
+
+
 # The start of the crash scripts below: kill_at_nth_fsync(n) makes the process SIGKILL
 # itself right before its n-th fsync from then on.
 FSYNC_KILLER = """

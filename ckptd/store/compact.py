@@ -73,7 +73,7 @@ def _compact(store: Store, chain: str, upto: str) -> str:
                                       initializer=name_os_thread)
         writer = SnapshotWriter(store, chain, meta.id, executor)
         try:
-            _rewrite(pm, metas, reader, writer)
+            _rewrite(pm, metas, reader, writer, lineage[0].id)
             stored = writer.finish_data()
         except BaseException:
             writer.abort()
@@ -164,59 +164,85 @@ def _whole_frames(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData]
 
 
 def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
-             reader: FrameReader, writer: SnapshotWriter) -> None:
+             reader: FrameReader, writer: SnapshotWriter, base: str) -> None:
     """Copy every sourced page into the writer: frames the page map uses whole, raw
     (their compressed bytes unchanged, with all of their extents); pages of the other
-    frames, and zero runs, re-compressed through a bounded window buffer.
+    frames, and zero runs, re-compressed through two bounded window buffers.
 
     A raw frame goes out when the walk (in address order) meets its first page. Its
     other extents may lie further on, past pages of other frames, so the new base's
-    extents are in frame order but not always in address order."""
+    extents are in frame order but not always in address order.
+
+    The re-compressed pages are packed by age: pages written since the old `base` (from
+    the deltas) into frames of their own, the base's pages that did not change into
+    others. A page that changed is likely to change again, and the next compaction must
+    re-compress every frame that one such page leaves partly used. Mixed, the few hot
+    pages kept a fifth of the base's frames partial compaction after compaction;
+    separated, the cold frames stay whole and are copied raw next time."""
     whole = _whole_frames(pm, metas)
     copied: set[tuple[str, int]] = set()
-    window = mmap.mmap(-1, WINDOW_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    runs: list[tuple[int, int]] = []
-    used = 0
-
-    def flush() -> None:
-        nonlocal runs, used
-        if runs:
-            writer.write_runs(runs, window)
-        runs, used = [], 0
+    half = WINDOW_BYTES // 2
+    windows = [_Window(half), _Window(half)]  # cold (from `base` or zero), hot
 
     try:
         for start, end, src in pm:
+            hot = False
             if isinstance(src, DataRef):
                 key = (src.snapshot, src.frame)
                 extents = whole.get(key)
                 if extents is not None:
-                    # The window keeps filling across raw frames (no flush): frames'
-                    # order in the data does not matter, and the window's pages pack
+                    # The windows keep filling across raw frames (no flush): frames'
+                    # order in the data does not matter, and the windows' pages pack
                     # into fuller frames.
                     if key not in copied:
                         copied.add(key)
                         writer.append_frame(extents, reader.raw_frame(*key),
                                             metas[src.snapshot].frames[src.frame].crc32)
                     continue
+                hot = src.snapshot != base
+            w = windows[hot]
             pos = start
             while pos < end:
-                if used == WINDOW_BYTES:
-                    flush()
-                n = min(end - pos, WINDOW_BYTES - used)
+                if w.used == half:
+                    w.flush(writer)
+                n = min(end - pos, half - w.used)
                 if isinstance(src, DataRef):
                     # zstd verifies each frame's own content checksum while
                     # decompressing; the extra CRC pass was a sixth of compaction's CPU.
                     frame = reader.frame(src.snapshot, src.frame, check=False)
                     off = pos + src.delta
-                    window[used : used + n] = frame[off : off + n]
+                    w.put(pos, frame[off : off + n])
                 else:
-                    window[used : used + n] = bytes(n)
-                if runs and runs[-1][1] == pos:
-                    runs[-1] = (runs[-1][0], pos + n)
-                else:
-                    runs.append((pos, pos + n))
-                used += n
+                    w.put(pos, bytes(n))
                 pos += n
-        flush()
+        for w in windows:
+            w.flush(writer)
     finally:
-        window.close()
+        for w in windows:
+            w.close()
+
+
+class _Window:
+    """Pages on their way to re-compression, laid back to back, with their addresses."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.runs: list[tuple[int, int]] = []
+        self.used = 0
+
+    def put(self, addr: int, data: bytes) -> None:
+        n = len(data)
+        self.buf[self.used : self.used + n] = data
+        if self.runs and self.runs[-1][1] == addr:
+            self.runs[-1] = (self.runs[-1][0], addr + n)
+        else:
+            self.runs.append((addr, addr + n))
+        self.used += n
+
+    def flush(self, writer: SnapshotWriter) -> None:
+        if self.runs:
+            writer.write_runs(self.runs, self.buf)
+        self.runs, self.used = [], 0
+
+    def close(self) -> None:
+        self.buf.close()
