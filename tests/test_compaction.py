@@ -22,6 +22,7 @@ from ckptd.errors import CkptdError, UserError
 from ckptd.intervals import contains, normalize
 from ckptd.kernel.abi import PAGE_SIZE
 from ckptd.store import SnapshotMeta, Store
+from ckptd.store import compact as compact_module
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
 from ckptd.store.format import vmas_json
@@ -254,8 +255,8 @@ def test_compaction_keeps_rewritten_pages_apart_from_unchanged_ones(store: Store
                     for k in range(n)}
 
         # Content pages far apart, one in each of four frames of the full snapshot, and
-        # a hole: written in one round, then the hole alone in the next, so that the
-        # first delta's frame is partly replaced and its pages must be compressed again.
+        # a hole: written in two rounds, then the hole alone in the next, so that the
+        # last delta's frame is partly replaced and its pages must be compressed again.
         hot_pages = [0, 200, 300, 400, 600]
         hot = {region + p * PAGE_SIZE for p in hot_pages}
         cold = {region + p * PAGE_SIZE for p in range(REGION_PAGES)
@@ -270,8 +271,9 @@ def test_compaction_keeps_rewritten_pages_apart_from_unchanged_ones(store: Store
             return frames
 
         assert snap().kind == "full"
-        assert t.send(fill) == "ok"
-        snap()
+        for _ in range(2):  # written over and over, as a process does
+            assert t.send(fill) == "ok"
+            snap()
         assert t.send("fill 300") == "ok"
         third = snap()
         compact_chain(store, third.chain, third.id)
@@ -291,6 +293,45 @@ def test_compaction_keeps_rewritten_pages_apart_from_unchanged_ones(store: Store
         fifth = snap()
         assert fifth.kind == "delta" and fifth.parent == fourth.id
     assert _check_all(store, truths, tmp_path / "m") == [fourth.id, fifth.id]
+
+
+def test_compaction_packs_pages_written_all_over_with_the_rest(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the deltas wrote mostly new pages each time, keeping their pages apart
+    would cut a run of unchanged pages at each of them, for nothing (new writes will
+    land elsewhere): they are packed in address order with the rest. The same chain,
+    compacted in three copies of the store: never apart, by the rule, always apart."""
+    rec = GroundTruthRecorder()
+    truths: dict[str, GroundTruth] = {}
+    with Target([sys.executable, "-c", HOLES, str(REGION_PAGES)]) as t, \
+            Engine(store) as eng:
+        t.readline()
+
+        def snap() -> SnapshotMeta:
+            meta = eng.snapshot(t.pid, on_frozen=rec)
+            truths[meta.id] = rec.last
+            return meta
+
+        snap()
+        written = [p for p in range(REGION_PAGES) if p % 8 == 1]  # a third of the content
+        assert t.send("fill " + " ".join(map(str, written))) == "ok"
+        snap()
+        # Half of them again: the first delta's frames go partial, so its pages left
+        # are compressed again, with the base's pages around them.
+        assert t.send("fill " + " ".join(map(str, written[::2]))) == "ok"
+        third = snap()
+    rule = compact_module._keep_apart
+    extents = {}
+    for name, choice in (("never", lambda *a: False), ("rule", rule),
+                         ("always", lambda *a: True)):
+        copy = tmp_path / name
+        shutil.copytree(store.root, copy)
+        monkeypatch.setattr(compact_module, "_keep_apart", choice)
+        other = Store.open(copy)
+        compact_chain(other, third.chain, third.id)
+        extents[name] = len(other.get(third.id).extents)
+        assert_materializes_to(other, third.id, truths[third.id], tmp_path / f"m-{name}")
+    assert extents["rule"] == extents["never"] < extents["always"], extents
 
 
 # The start of the crash scripts below: kill_at_nth_fsync(n) makes the process SIGKILL

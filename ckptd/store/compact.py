@@ -167,22 +167,21 @@ def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
              reader: FrameReader, writer: SnapshotWriter, base: str) -> None:
     """Copy every sourced page into the writer: frames the page map uses whole, raw
     (their compressed bytes unchanged, with all of their extents); pages of the other
-    frames, and zero runs, re-compressed through two bounded window buffers.
+    frames, and zero runs, re-compressed through bounded window buffers.
 
     A raw frame goes out when the walk (in address order) meets its first page. Its
     other extents may lie further on, past pages of other frames, so the new base's
     extents are in frame order but not always in address order.
 
-    The re-compressed pages are packed by age: pages written since the old `base` (from
-    the deltas) into frames of their own, the base's pages that did not change into
-    others. A page that changed is likely to change again, and the next compaction must
-    re-compress every frame that one such page leaves partly used. Mixed, the few hot
-    pages kept a fifth of the base's frames partial compaction after compaction;
-    separated, the cold frames stay whole and are copied raw next time."""
+    When the deltas mostly rewrote the same pages, the pages they hold go into frames
+    of their own, and the old `base`'s pages that did not change into others (see
+    _keep_apart)."""
     whole = _whole_frames(pm, metas)
     copied: set[tuple[str, int]] = set()
-    half = WINDOW_BYTES // 2
-    windows = [_Window(half), _Window(half)]  # cold (from `base` or zero), hot
+    apart = _keep_apart(pm, metas, base)
+    size = WINDOW_BYTES // 2 if apart else WINDOW_BYTES
+    # [cold (from `base`, or zero), hot]; one window for both when not kept apart.
+    windows = [_Window(size), _Window(size)] if apart else [_Window(size)]
 
     try:
         for start, end, src in pm:
@@ -199,13 +198,13 @@ def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
                         writer.append_frame(extents, reader.raw_frame(*key),
                                             metas[src.snapshot].frames[src.frame].crc32)
                     continue
-                hot = src.snapshot != base
+                hot = apart and src.snapshot != base
             w = windows[hot]
             pos = start
             while pos < end:
-                if w.used == half:
+                if w.used == size:
                     w.flush(writer)
-                n = min(end - pos, half - w.used)
+                n = min(end - pos, size - w.used)
                 if isinstance(src, DataRef):
                     # zstd verifies each frame's own content checksum while
                     # decompressing; the extra CRC pass was a sixth of compaction's CPU.
@@ -220,6 +219,28 @@ def _rewrite(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
     finally:
         for w in windows:
             w.close()
+
+
+def _keep_apart(pm: IntervalMap[Source], metas: Mapping[str, SnapshotData],
+                base: str) -> bool:
+    """Should the pages written since the old `base` go into frames of their own?
+
+    A page that changed is likely to change again, and the next compaction must compress
+    again every frame that such a page leaves partly used. When a process keeps writing
+    the same few pages, packing them among unchanged ones keeps those frames partial
+    compaction after compaction (for an idle Python process: 182 pages compressed again
+    each time, against 15 kept apart). But each page kept apart cuts a run of unchanged
+    pages, so its frame gets one more extent, and when writes land on new pages each
+    time (random writes to a large heap) the frames go partial anyway: keeping apart
+    would only multiply the extents, and with them the base's metadata and page map.
+
+    The deltas tell which case this is: apart when the pages they stored add up to at
+    least twice the pages that are still theirs in the page map, that is when most
+    writes were rewrites of pages written before."""
+    stored = sum(e.pages for sid, m in metas.items() if sid != base for e in m.extents)
+    live = sum(end - start for start, end, src in pm
+               if isinstance(src, DataRef) and src.snapshot != base) // PAGE_SIZE
+    return live > 0 and stored >= 2 * live
 
 
 class _Window:
