@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -124,7 +125,13 @@ def test_cli_commands_against_service(daemon: Daemon) -> None:
         assert [p["pid"] for p in json.loads(r.stdout)] == [t.pid]
         r = ckptd("status")
         assert r.returncode == 0 and "1 process" in r.stdout
-        assert json.loads(ckptd("status", "--json").stdout)["registered"] == 1
+        status = json.loads(ckptd("status", "--json").stdout)
+        assert status["registered"] == 1
+        # The daemon inherited our limits, and raised its soft one to the hard one.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        fit = (hard - fdlimit.RESERVED_FDS) // fdlimit.FDS_PER_REGISTRATION
+        assert status["registrations_max"] == min(1024, fit)
+        assert f"1 registered, at most {min(1024, fit)}" in r.stdout
         r = ckptd("unregister", str(t.pid))
         assert r.returncode == 0 and "kept" in r.stdout
         # Mistakes: one line, non-zero exit, no traceback.
@@ -652,6 +659,7 @@ def test_open_file_limit_is_raised_and_bounds_registrations(tmp_path: Path) -> N
         assert _soft_nofile(d.proc.pid) == hard
         assert "open-file limit raised from 64 to" in d.log()
         assert "has room for 6 registrations" in d.log()  # the startup warning
+        assert d.call("status")["registrations_max"] == 6
         with targets(7, 16) as ts:
             for t in ts[:6]:
                 d.call("register", pid=t.pid)

@@ -220,6 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  store      {res['store']}")
     print(f"  socket     {res['socket']}")
     print(f"  config     {res['config'] or 'built-in defaults'}")
+    print(f"  processes  {res['registered']} registered, at most "
+          f"{res['registrations_max']}")
     print(f"  snapshots  {res['snapshots']} taken, {res['failures']} failed, "
           f"{res['overruns']} overruns, {res['in_flight']} in flight")
     return 0

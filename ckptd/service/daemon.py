@@ -770,6 +770,10 @@ class Service:
             "socket": str(self.cfg.service.socket),
             "concurrency": self.cfg.service.concurrency,
             "registered": len(mine),
+            # How many registrations the service accepts: its setting, or fewer if its
+            # open-file limit holds fewer (fdlimit).
+            "registrations_max": min(self.cfg.service.max_registrations,
+                                     self.fds.registrations),
             "in_flight": int(m.in_flight.get()),  # snapshots running in capture threads
             "last_snapshot_age": None if self.last_snapshot_at is None
             else now - self.last_snapshot_at,
