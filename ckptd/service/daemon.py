@@ -199,6 +199,11 @@ class Service:
         if fds.soft != fds.before:
             log.info("open-file limit raised from %d to %d: room for %d registrations",
                      fds.before, fds.soft, fds.registrations)
+        if len(self.registry) > fds.registrations:
+            log.warning("%d registrations restored, but the open-file limit (%d) holds "
+                        "%d: rounds beyond that will fail with 'Too many open files'; "
+                        "raise LimitNOFILE= in ckptd.service", len(self.registry), fds.soft,
+                        fds.registrations)
         if fds.registrations < self.cfg.service.max_registrations:
             log.warning("the open-file limit (%d, hard limit %d) has room for %d "
                         "registrations, fewer than service.max_registrations (%d); raise "
