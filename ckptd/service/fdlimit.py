@@ -19,7 +19,8 @@ from dataclasses import dataclass
 # which holds the most).
 FDS_PER_REGISTRATION = 4
 # Kept free for everything else: control clients, the store's files during a round or a
-# compaction, thread pools, logging, the metrics listener.
+# compaction, the tracking of processes snapshotted without a registration, logging,
+# the metrics listener.
 RESERVED_FDS = 128
 _NR_OPEN = "/proc/sys/fs/nr_open"
 
