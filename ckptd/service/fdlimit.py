@@ -50,8 +50,7 @@ def raise_soft_limit() -> FdBudget:
     """Raise RLIMIT_NOFILE's soft limit to its hard limit; return the budget."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = _ceiling(hard)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return FdBudget(before=soft, soft=soft if soft != resource.RLIM_INFINITY else target,
-                        hard=hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    # A soft limit can only be unlimited along with the hard one: it is then at target.
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return FdBudget(before=soft, soft=target, hard=hard)
