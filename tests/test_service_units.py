@@ -36,7 +36,7 @@ from ckptd.service.registry import (
     read_start_time,
 )
 from ckptd.store import Store
-from ckptd.store.format import Counts, SnapshotMeta, Timings
+from ckptd.store.format import Counts, Kind, SnapshotMeta, Timings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -475,8 +475,10 @@ def test_compaction_is_amortized(ratio: float) -> None:
     base_pages = 10_000
     budget = ratio * base_pages
     ret = Retention(compact_ratio=ratio)
-    chain: list[maintenance.Entry] = [
-        maintenance.Entry("9-1-1", "full", 0.0, Counts(pages_stored=base_pages))]
+    def entry(snapshot_id: str, kind: Kind, pages: int) -> maintenance.Entry:
+        return maintenance.Entry(snapshot_id, kind, 0.0, maintenance.EntryCounts(pages, 0, 0))
+
+    chain = [entry("9-1-1", "full", base_pages)]
     stored = rewritten = by_length = 0
     new_pages = new_rounds = 0  # since the last compaction
     rounds = 5000
@@ -485,7 +487,7 @@ def test_compaction_is_amortized(ratio: float) -> None:
         stored += pages
         new_pages += pages
         new_rounds += 1
-        chain.append(maintenance.Entry(f"9-1-{rnd}", "delta", 0.0, Counts(pages_stored=pages)))
+        chain.append(entry(f"9-1-{rnd}", "delta", pages))
         p = maintenance.plan(chain, ret, now=0)
         if p is None:
             assert sum(e.counts.pages_stored for e in chain[1:]) < budget
@@ -497,7 +499,7 @@ def test_compaction_is_amortized(ratio: float) -> None:
         new_pages = new_rounds = 0
         rewritten += base_pages
         i = p.drops
-        new_base = maintenance.Entry(chain[i].id, "full", 0.0, Counts(pages_stored=base_pages))
+        new_base = entry(chain[i].id, "full", base_pages)
         chain = [new_base, *chain[i + 1:]]
         assert sum(e.counts.pages_stored for e in chain[1:]) <= budget / 2
         assert len(chain) <= ret.compact_after // 2 + 1

@@ -60,7 +60,7 @@ from typing import NamedTuple, Protocol
 from ..errors import CkptdError
 from ..store import SnapshotMeta, Store, parse_snapshot_id
 from ..store.compact import compact_chain
-from ..store.format import Counts, Kind, SnapshotHead
+from ..store.format import Kind, SnapshotHead
 from .config import Retention
 
 log = logging.getLogger("ckptd.service.maintenance")
@@ -68,6 +68,17 @@ log = logging.getLogger("ckptd.service.maintenance")
 # A full base is taken to hold at least this many pages (1 MiB) when the page budget is
 # computed, so that the deltas of a tiny process do not trigger compaction every round.
 COMPACT_FLOOR_PAGES = 256
+
+
+class CountsInfo(Protocol):
+    """The counts planning needs (format.Counts and EntryCounts have them)."""
+
+    @property
+    def pages_stored(self) -> int: ...
+    @property
+    def pages_zero(self) -> int: ...
+    @property
+    def bytes_stored(self) -> int: ...
 
 
 class SnapInfo(Protocol):
@@ -80,7 +91,17 @@ class SnapInfo(Protocol):
     @property
     def created(self) -> float: ...
     @property
-    def counts(self) -> Counts: ...
+    def counts(self) -> CountsInfo: ...
+
+
+class EntryCounts(NamedTuple):
+    """The part of a snapshot's Counts that an Entry keeps. A chain can hold hundreds of
+    snapshots, and the whole pydantic model cost about 0.5 KiB each: 20 MiB for 100
+    processes with chains of 256."""
+
+    pages_stored: int
+    pages_zero: int
+    bytes_stored: int
 
 
 class Entry(NamedTuple):
@@ -90,14 +111,16 @@ class Entry(NamedTuple):
     id: str
     kind: Kind
     created: float
-    counts: Counts
+    counts: EntryCounts
 
     @classmethod
     def of(cls, m: SnapshotHead | SnapshotMeta) -> Entry:
-        return cls(m.id, m.kind, m.created, m.counts)
+        c = m.counts
+        return cls(m.id, m.kind, m.created,
+                   EntryCounts(c.pages_stored, c.pages_zero, c.bytes_stored))
 
 
-def restore_pages(c: Counts) -> int:
+def restore_pages(c: CountsInfo) -> int:
     """Pages a restore applies from one snapshot: stored pages are decompressed and
     copied, zero runs are written. For a full base this is what compaction rewrites and
     a restore starts from; `pages_present` would also count pages a truncated snapshot
