@@ -154,8 +154,9 @@ for line in sys.stdin:
 def test_private_file_pages_that_revert_to_the_file_are_restored_as_the_file(
         engine: Engine, store: Store, tmp_path: Path) -> None:
     """Copy-on-write pages of a private file mapping can be dropped (MADV_DONTNEED): the
-    page then shows the file again, and the write tracker does not report it. Each round
-    must still restore exactly what the process sees."""
+    page then shows the file again, and the write tracker does not report it, whether the
+    page stays empty or a read maps the file's page again. Each round must still restore
+    exactly what the process sees."""
     data = tmp_path / "backing.bin"
     data.write_bytes(bytes(range(256)) * 16 * 64)  # 64 pages of a known pattern
     code = f"""
@@ -174,11 +175,16 @@ for line in sys.stdin:
     elif cmd == 'write':
         for p in map(int, args):
             m[p * 4096 + 100:p * 4096 + 108] = b'again!!!'
+    elif cmd == 'dropread':  # dropped, then the file's page mapped again by a read
+        for p in map(int, args):
+            m.madvise(mmap.MADV_DONTNEED, p * 4096, 4096)
+            m[p * 4096]
     print('ok', flush=True)
 """
     rec = GroundTruthRecorder()
     with Target.python(code) as t:
-        steps = [None, "drop 0 2 4", "write 1 3", "drop 1 6", "write 0", None]
+        steps = [None, "drop 0 2 4", "write 1 3", "drop 1 6", "write 0", "dropread 8 10",
+                 None]
         for i, step in enumerate(steps):
             if step is not None:
                 assert t.send(step) == "ok"

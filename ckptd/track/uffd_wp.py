@@ -451,7 +451,11 @@ class UffdWpTracker(Tracker):
             # content at the parent can have been dropped: scan just those. Pages copied
             # since were written, so the get-and-clear reported them.
             fp = self._from_parent(plan, ctx.parent_present or [], vmas)
-            kept, unsure = self._present(ctx, fp.had, fp.parent, scan=fp.had_scan)
+            unsure: list[Span] = []
+            if fp.had_check is not None and fp.had_check.holds(pm.fd):
+                kept = fp.had  # all still private copies: the usual case
+            else:
+                kept, unsure = self._present(ctx, fp.had, fp.parent, scan=fp.had_scan)
             # present = (parent | written) & anon_reg, plus kept | (written & file_reg),
             # plus the new and untracked pages; anon_reg | file_reg is plan.believed.
             # Merged into the long lists from the parent, which repeat round after round.
@@ -505,8 +509,9 @@ class UffdWpTracker(Tracker):
         parent = normalize(parent)  # a private copy; normally normalized already
         anon = intersect(parent, plan.anon_reg)
         had = intersect(parent, plan.file_reg)
-        fp = _FromParent(plan=plan, parent=parent, anon=anon, had=had,
-                         had_scan=_coalesce(had, vmas, _COALESCE_FILE_GAP),
+        had_scan = _coalesce(had, vmas, _COALESCE_FILE_GAP)
+        fp = _FromParent(plan=plan, parent=parent, anon=anon, had=had, had_scan=had_scan,
+                         had_check=pagemap.PrivatePresentCheck(had, had_scan) if had else None,
                          anon_and_had=normalize([*anon, *had]))
         self._parent_cache = fp
         return fp
@@ -611,6 +616,7 @@ class _FromParent:
     anon: list[Span]          # parent & anon_reg
     had: list[Span]           # parent & file_reg: file pages that may have reverted
     had_scan: list[Span]      # `had`, coalesced into fewer scan ranges
+    had_check: pagemap.PrivatePresentCheck | None  # are all of `had` still private copies?
     anon_and_had: list[Span]  # anon | had: present now if no file page reverted
 
 
