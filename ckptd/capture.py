@@ -271,7 +271,8 @@ def take_snapshot(
     view = memoryview(buf)[:nbytes]
     keep = tracker.select(ctx, to_read, view)
     # A tracker that decides after reading (hash) knows the changed pages only now.
-    pages_dirty = sum(keep) if keep is not None else harvest.pages_dirty
+    pages_dirty = sum(keep) if keep is not None and tracker.dirty_from_select \
+        else harvest.pages_dirty
     present = harvest.present
     if reader.failed:
         # Unmapped while we read (fuzzy only): those pages are gone, not captured.

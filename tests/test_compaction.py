@@ -255,7 +255,7 @@ def test_compaction_keeps_rewritten_pages_apart_from_unchanged_ones(store: Store
                     for k in range(n)}
 
         # Content pages far apart, one in each of four frames of the full snapshot, and
-        # a hole: written in two rounds, then the hole alone in the next, so that the
+        # a hole: written in four rounds, then the hole alone in the next, so that the
         # last delta's frame is partly replaced and its pages must be compressed again.
         hot_pages = [0, 200, 300, 400, 600]
         hot = {region + p * PAGE_SIZE for p in hot_pages}
@@ -271,7 +271,7 @@ def test_compaction_keeps_rewritten_pages_apart_from_unchanged_ones(store: Store
             return frames
 
         assert snap().kind == "full"
-        for _ in range(2):  # written over and over, as a process does
+        for _ in range(4):  # written over and over, as a process does
             assert t.send(fill) == "ok"
             snap()
         assert t.send("fill 300") == "ok"

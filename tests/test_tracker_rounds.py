@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,71 @@ def test_rounds_across_holes_and_unregistered_mappings_restore_exactly(
             assert not any(s < lay.u[1] and lay.u[0] < e for s, e in g_and_c), g_and_c
     assert lay.t.alive()
     assert not any("no longer registered" in r.getMessage() for r in caplog.records)
+
+
+# A region of 8 pages at a fixed address, each page filled with one byte value. It
+# answers "same" (write every page back with the content it holds), "unmap", and "remap"
+# (map the region again at the same address, with the same content as at the start).
+SAME_CONTENT = """
+import ctypes, sys
+P, N = 4096, 8
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+base = libc.mmap(None, N * P, 3, 0x22, -1, 0)
+def fill():
+    for p in range(N):
+        ctypes.memset(base + p * P, p + 1, P)
+fill()
+print("ready", flush=True)
+print(base, flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "same":
+        for p in range(N):
+            page = ctypes.string_at(base + p * P, P)
+            ctypes.memmove(base + p * P, page, P)
+    elif cmd == "unmap":
+        assert libc.munmap(base, N * P) == 0
+    elif cmd == "remap":
+        assert libc.mmap(base, N * P, 3, 0x22 | 0x10, -1, 0) == base
+        fill()
+    print("ok", flush=True)
+"""
+
+
+def test_pages_written_back_unchanged_are_not_stored_again(store: Store,
+                                                           tmp_path: Path) -> None:
+    """uffd-wp reports every page written, but a page written back with the content the
+    parent holds is not stored again: the parent's copy stands for it. Only while the
+    page stayed present: unmapped, then mapped again with the same content, it is stored
+    again, since no snapshot in between holds it. Every snapshot restores byte for
+    byte."""
+    rec = GroundTruthRecorder()
+    truths: dict[str, object] = {}
+    with Target([sys.executable, "-c", SAME_CONTENT]) as t, Engine(store) as eng:
+        base = int(t.readline())
+        region = {base + p * abi.PAGE_SIZE for p in range(8)}
+
+        def snap(cmd: str | None = None) -> set[int]:
+            """Snapshot after `cmd`; the region's pages the snapshot stored."""
+            if cmd is not None:
+                assert t.send(cmd) == "ok"
+            meta = eng.snapshot(t.pid, tracker="uffd-wp", on_frozen=rec)
+            truths[meta.id] = rec.last
+            stored = {e.addr + k * abi.PAGE_SIZE for e in meta.extents
+                      for k in range(e.pages)}
+            assert meta.counts.pages_dirty >= (8 if cmd in ("same", "remap") else 0)
+            return stored & region
+
+        assert snap() == region  # full
+        assert snap("same") == region  # no copies yet after a full round
+        assert snap("same") == set()  # written, unchanged: the parent's copies stand
+        assert snap("same") == set()
+        assert snap("unmap") == set()
+        assert snap("remap") == region  # same content, but gone in between: stored
+        assert snap("same") == set()
+    for sid, truth in truths.items():
+        assert_materializes_to(store, sid, truth, tmp_path / sid)

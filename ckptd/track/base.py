@@ -58,6 +58,10 @@ class ArmResult:
 
 class Tracker(ABC):
     name: str
+    # Whether the pages select() keeps are the snapshot's changed pages (pages_dirty):
+    # true for a tracker that finds changes only by content. A write tracker reports
+    # its written pages in Harvest.pages_dirty, and select() may drop some of them.
+    dirty_from_select = False
 
     @abstractmethod
     def arm(self, ctx: TrackContext) -> ArmResult: ...

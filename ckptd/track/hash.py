@@ -39,6 +39,7 @@ def _digest(page: memoryview) -> bytes:
 
 class HashTracker(Tracker):
     name = "hash"
+    dirty_from_select = True
 
     def __init__(self) -> None:
         self.old: dict[int, bytes] = {}

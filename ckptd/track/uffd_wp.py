@@ -46,6 +46,7 @@ from .base import (
     Tracker,
     capturable,
 )
+from .unchanged import UnchangedPages
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class UffdWpTracker(Tracker):
         self._parent_cache: _FromParent | None = None
         self._asked_about: list[Mapping] | None = None  # mappings the last plan knew
         self._fuzzy_present: tuple[str, list[Span]] | None = None  # see _lost_in_parent
+        self._unchanged = UnchangedPages()  # see select
+        self._round_present: list[Span] = []
 
     # --- state ------------------------------------------------------------------------
 
@@ -473,6 +476,7 @@ class UffdWpTracker(Tracker):
         self._last_read_pages = None if read_all else (
             total(to_read) >> abi.PAGE_SHIFT)
         self._fuzzy_present = (ctx.snapshot_id, present) if ctx.fuzzy else None
+        self._round_present = present
         return Harvest(
             to_read=to_read,
             present=present,
@@ -569,7 +573,20 @@ class UffdWpTracker(Tracker):
         self.state.synced_with = ctx.snapshot_id
         self._save_state(ctx)
 
+    def select(self, ctx: TrackContext, runs: list[Span], data: memoryview) -> list[bool] | None:
+        """Drop the written pages whose content is what the parent holds (see
+        track/unchanged.py). Fuzzy rounds are not filtered, and forget the copies: their
+        reads may fail part way."""
+        if ctx.fuzzy:
+            self._unchanged.clear()
+            return None
+        return self._unchanged.filter(ctx.parent_id, runs, data)
+
+    def commit(self, ctx: TrackContext, snapshot_id: str) -> None:
+        self._unchanged.commit(snapshot_id, self._round_present)
+
     def abandon(self, ctx: TrackContext) -> None:
+        self._unchanged.abandon()
         if self.state is not None and self.state.synced_with is not None:
             self.state.synced_with = None
             self._save_state(ctx)
@@ -589,6 +606,8 @@ class UffdWpTracker(Tracker):
         self._parent_cache = None
         self._asked_about = None
         self._fuzzy_present = None
+        self._unchanged.clear()
+        self._round_present = []
         self._close_state()
 
 
