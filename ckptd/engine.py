@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
-from .errors import TrackerUnavailable, UserError
+from .errors import AddressSpaceReplaced, TrackerUnavailable, UserError
 from .kernel.syscalls import name_os_thread
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import SnapshotHead
@@ -186,8 +186,16 @@ class Engine:
                 parent = self._parent(proc, chain)
                 chosen, reason = self._choose(proc, tracker, ident)
                 try:
-                    proc.last = self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
-                                           max_pages, chain_reason, on_frozen, progress)
+                    try:
+                        proc.last = self._take(proc, ident, chain, parent, chosen, reason,
+                                               fuzzy, max_pages, chain_reason, on_frozen,
+                                               progress)
+                    except AddressSpaceReplaced as e:
+                        # The tracker has started over; the round is taken again, full.
+                        log.info("pid %d: %s; taking it again", pid, e)
+                        proc.last = self._take(proc, ident, chain, parent, chosen, reason,
+                                               fuzzy, max_pages, chain_reason, on_frozen,
+                                               progress)
                     return proc.last
                 except TrackerUnavailable as e:
                     if tracker != "auto" or chosen.name == "hash":

@@ -35,6 +35,12 @@ class TargetGone(CkptdError):
     """The target exited while a snapshot was being taken; nothing was published."""
 
 
+class AddressSpaceReplaced(CkptdError):
+    """The target exec'd during a round, keeping its address layout (ASLR off): what the
+    tracker held belongs to the old address space. Nothing was published, the tracker
+    has started over, and the engine takes the round again, as a full snapshot."""
+
+
 class TrackerUnavailable(CkptdError):
     """A tracker cannot work on this target/kernel; the reason says why."""
 

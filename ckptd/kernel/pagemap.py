@@ -117,6 +117,16 @@ class Pagemap:
             os.close(self.fd)
             self.fd = -1
 
+    def same_address_space(self) -> bool:
+        """Whether the address space this file was opened on is still alive, which for a
+        process we hold means it is still the process's own: an open pagemap keeps its
+        address space's structure but not its memory, so after an exec (or exit) a read
+        returns nothing where a live one returns an entry even for unmapped address 0.
+        PAGEMAP_SCAN on such a file walks no mapping and reports nothing, without an
+        error: a tracker that kept using it would take an exec'd process's pages for
+        unwritten ones."""
+        return len(os.pread(self.fd, 8, 0)) == 8
+
     def __enter__(self) -> Pagemap:
         return self
 

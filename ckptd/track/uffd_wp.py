@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TrackerUnavailable
+from ..errors import AddressSpaceReplaced, TrackerUnavailable
 from ..intervals import (
     Span,
     contains,
@@ -111,6 +111,7 @@ class UffdWpTracker(Tracker):
         self._fuzzy_present: tuple[str, list[Span]] | None = None  # see _lost_in_parent
         self._unchanged = UnchangedPages()  # see select
         self._round_present: list[Span] = []
+        self._exec_seen = False  # the last round found the address space replaced
 
     # --- state ------------------------------------------------------------------------
 
@@ -171,12 +172,17 @@ class UffdWpTracker(Tracker):
 
     def arm(self, ctx: TrackContext) -> ArmResult:
         start_time = ctx.start_time or procfs.start_time(ctx.pid)
+        exec_seen, self._exec_seen = self._exec_seen, False
         if (self.fd >= 0 and self.state is not None and self._pid == ctx.pid
                 and self._start_time == start_time and self._state_dir == ctx.state_dir):
             # Our copy of the fd keeps the registration alive whatever the target does
-            # with its own copy, so the same process in the same chain (an exec starts a
-            # new chain) needs no re-check.
-            return ArmResult(self._sync_reason(ctx))
+            # with its own copy, as long as the address space is the one it was made
+            # for. An exec usually starts a new chain (its layout differs), but with
+            # ASLR off the layout can repeat: the held pagemap tells.
+            assert self.pm is not None
+            if self.pm.same_address_space():
+                return ArmResult(self._sync_reason(ctx))
+            exec_seen = True
         self.close()
         self._pid, self._start_time, self._state_dir = ctx.pid, start_time, ctx.state_dir
         state = self._load_state(ctx)
@@ -194,6 +200,9 @@ class UffdWpTracker(Tracker):
         self._inject(ctx, start_time)
         self.pm = pagemap.Pagemap(ctx.pid)
         self._registered = []  # a new userfaultfd: nothing is registered yet
+        if exec_seen:
+            return ArmResult("the process exec'd since the last snapshot, keeping its "
+                             "address layout: write-protect tracking started again")
         return ArmResult("write-protect tracking started with this snapshot")
 
     def _sync_reason(self, ctx: TrackContext) -> str | None:
@@ -397,6 +406,9 @@ class UffdWpTracker(Tracker):
         assert self.pm is not None and self.fd >= 0
         pm = self.pm
         t0 = time.perf_counter()
+        # Frozen, the process cannot exec from here on; fuzzy, it is checked again at
+        # the end, once every question to the kernel has been asked.
+        self._check_address_space(ctx)
         notes: list[str] = []
         plan = self._plan(vmas)
         registered, never_reg, new_vmas = plan.believed, plan.never_reg, plan.new_vmas
@@ -477,6 +489,8 @@ class UffdWpTracker(Tracker):
             total(to_read) >> abi.PAGE_SHIFT)
         self._fuzzy_present = (ctx.snapshot_id, present) if ctx.fuzzy else None
         self._round_present = present
+        if ctx.fuzzy:
+            self._check_address_space(ctx)
         return Harvest(
             to_read=to_read,
             present=present,
@@ -485,6 +499,17 @@ class UffdWpTracker(Tracker):
             scan_ms=(time.perf_counter() - t0) * 1e3,
             notes=notes,
         )
+
+    def _check_address_space(self, ctx: TrackContext) -> None:
+        """Raise AddressSpaceReplaced if the process exec'd since arm(): our pagemap and
+        userfaultfd then describe its old address space, and every answer they give is
+        empty (no page written, none present) instead of an error."""
+        assert self.pm is not None
+        if not self.pm.same_address_space():
+            self.close()
+            self._exec_seen = True
+            raise AddressSpaceReplaced(
+                f"process {ctx.pid} exec'd during the snapshot; nothing was stored")
 
     def _lost_in_parent(self, ctx: TrackContext, believed: list[Span]) -> list[Span]:
         """Tracked pages that the last round, a fuzzy one, reported present but that its
