@@ -186,16 +186,8 @@ class Engine:
                 parent = self._parent(proc, chain)
                 chosen, reason = self._choose(proc, tracker, ident)
                 try:
-                    try:
-                        proc.last = self._take(proc, ident, chain, parent, chosen, reason,
-                                               fuzzy, max_pages, chain_reason, on_frozen,
-                                               progress)
-                    except AddressSpaceReplaced as e:
-                        # The tracker has started over; the round is taken again, full.
-                        log.info("pid %d: %s; taking it again", pid, e)
-                        proc.last = self._take(proc, ident, chain, parent, chosen, reason,
-                                               fuzzy, max_pages, chain_reason, on_frozen,
-                                               progress)
+                    proc.last = self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
+                                           max_pages, chain_reason, on_frozen, progress)
                     return proc.last
                 except TrackerUnavailable as e:
                     if tracker != "auto" or chosen.name == "hash":
@@ -226,9 +218,17 @@ class Engine:
         full_reason = chain_reason
         if parent is not None and parent.tracker != tracker.name:
             full_reason = full_reason or f"tracker changed from {parent.tracker} to {tracker.name}"
-        return take_snapshot(
-            self.store, ident, chain, parent, tracker, reason,
-            fuzzy=fuzzy, max_pages=max_pages, privileged=self.privileged,
-            buffers=self.buffers, executor=self.executor, full_reason=full_reason,
-            on_frozen=on_frozen, progress=progress,
-        )
+        def take() -> SnapshotMeta:
+            return take_snapshot(
+                self.store, ident, chain, parent, tracker, reason,
+                fuzzy=fuzzy, max_pages=max_pages, privileged=self.privileged,
+                buffers=self.buffers, executor=self.executor, full_reason=full_reason,
+                on_frozen=on_frozen, progress=progress,
+            )
+
+        try:
+            return take()
+        except AddressSpaceReplaced as e:
+            # The tracker has started over: taken again, the round is full.
+            log.info("pid %d: %s; taking the snapshot again", ident.pid, e)
+            return take()

@@ -3,7 +3,6 @@ tracker's quick test that a private file mapping's copied pages are all still co
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -79,8 +78,8 @@ def test_copies_hold_until_one_reverts_to_the_file(target: Target) -> None:
         base, _ = _addresses(t)
         copies = [(base + p * PAGE, base + (p + 1) * PAGE) for p in range(0, 16, 2)]
         whole = [(base, base + 16 * PAGE)]
-        fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
-        try:
+        with pagemap.Pagemap(t.pid) as pm:
+            fd = pm.fd
             check = pagemap.PrivatePresentCheck(copies, whole)
             assert check.holds(fd)  # the odd pages in between (file pages) are not checked
             assert not pagemap.PrivatePresentCheck(whole, whole).holds(fd)
@@ -93,15 +92,13 @@ def test_copies_hold_until_one_reverts_to_the_file(target: Target) -> None:
             # Written again: a copy once more.
             assert t.send("write 4") == "ok"
             assert check.holds(fd)
-        finally:
-            os.close(fd)
 
 
 def test_the_zero_page_and_shared_pages_do_not_count_as_copies(target: Target) -> None:
     with target as t:
         base, zbase = _addresses(t)
-        fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
-        try:
+        with pagemap.Pagemap(t.pid) as pm:
+            fd = pm.fd
             zpage = [(zbase, zbase + PAGE)]
             assert t.send("zwrite 0") == "ok"
             assert pagemap.PrivatePresentCheck(zpage, zpage).holds(fd)
@@ -118,20 +115,16 @@ def test_the_zero_page_and_shared_pages_do_not_count_as_copies(target: Target) -
             assert not check.holds(fd)
             assert t.send("reap") == "ok"
             assert check.holds(fd)
-        finally:
-            os.close(fd)
 
 
 def test_a_short_read_does_not_hold() -> None:
     """Once the process is gone, its pagemap reads nothing: ask in detail instead."""
     t = Target.python("print('ready', flush=True); input()")
-    fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
-    try:
+    with pagemap.Pagemap(t.pid) as pm:
+        fd = pm.fd
         t.kill()
         assert not pagemap.PrivatePresentCheck([(0x10000, 0x11000)],
                                                [(0x10000, 0x11000)]).holds(fd)
-    finally:
-        os.close(fd)
 
 
 def test_spans_outside_the_ranges_are_refused() -> None:

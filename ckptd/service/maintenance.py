@@ -60,7 +60,7 @@ from typing import NamedTuple, Protocol
 from ..errors import CkptdError
 from ..store import SnapshotMeta, Store, parse_snapshot_id
 from ..store.compact import compact_chain
-from ..store.format import Kind, SnapshotHead
+from ..store.format import Counts, Kind, SnapshotHead
 from .config import Retention
 
 log = logging.getLogger("ckptd.service.maintenance")
@@ -70,15 +70,14 @@ log = logging.getLogger("ckptd.service.maintenance")
 COMPACT_FLOOR_PAGES = 256
 
 
-class CountsInfo(Protocol):
-    """The counts planning needs (format.Counts and EntryCounts have them)."""
+class EntryCounts(NamedTuple):
+    """The part of a snapshot's Counts that an Entry keeps. A chain can hold hundreds of
+    snapshots, and the whole pydantic model cost about 0.5 KiB each: 20 MiB for 100
+    processes with chains of 256."""
 
-    @property
-    def pages_stored(self) -> int: ...
-    @property
-    def pages_zero(self) -> int: ...
-    @property
-    def bytes_stored(self) -> int: ...
+    pages_stored: int
+    pages_zero: int
+    bytes_stored: int
 
 
 class SnapInfo(Protocol):
@@ -91,17 +90,7 @@ class SnapInfo(Protocol):
     @property
     def created(self) -> float: ...
     @property
-    def counts(self) -> CountsInfo: ...
-
-
-class EntryCounts(NamedTuple):
-    """The part of a snapshot's Counts that an Entry keeps. A chain can hold hundreds of
-    snapshots, and the whole pydantic model cost about 0.5 KiB each: 20 MiB for 100
-    processes with chains of 256."""
-
-    pages_stored: int
-    pages_zero: int
-    bytes_stored: int
+    def counts(self) -> Counts | EntryCounts: ...
 
 
 class Entry(NamedTuple):
@@ -120,7 +109,7 @@ class Entry(NamedTuple):
                    EntryCounts(c.pages_stored, c.pages_zero, c.bytes_stored))
 
 
-def restore_pages(c: CountsInfo) -> int:
+def restore_pages(c: Counts | EntryCounts) -> int:
     """Pages a restore applies from one snapshot: stored pages are decompressed and
     copied, zero runs are written. For a full base this is what compaction rewrites and
     a restore starts from; `pages_present` would also count pages a truncated snapshot

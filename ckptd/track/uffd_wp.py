@@ -177,12 +177,9 @@ class UffdWpTracker(Tracker):
                 and self._start_time == start_time and self._state_dir == ctx.state_dir):
             # Our copy of the fd keeps the registration alive whatever the target does
             # with its own copy, as long as the address space is the one it was made
-            # for. An exec usually starts a new chain (its layout differs), but with
-            # ASLR off the layout can repeat: the held pagemap tells.
-            assert self.pm is not None
-            if self.pm.same_address_space():
-                return ArmResult(self._sync_reason(ctx))
-            exec_seen = True
+            # for: an exec usually starts a new chain (its layout differs), and one
+            # that keeps the layout (ASLR off) is caught by the harvest.
+            return ArmResult(self._sync_reason(ctx))
         self.close()
         self._pid, self._start_time, self._state_dir = ctx.pid, start_time, ctx.state_dir
         state = self._load_state(ctx)
@@ -406,8 +403,8 @@ class UffdWpTracker(Tracker):
         assert self.pm is not None and self.fd >= 0
         pm = self.pm
         t0 = time.perf_counter()
-        # Frozen, the process cannot exec from here on; fuzzy, it is checked again at
-        # the end, once every question to the kernel has been asked.
+        # Before any question to the kernel. Frozen, the process cannot exec from here
+        # on; fuzzy, it is checked again at the end, after the last question.
         self._check_address_space(ctx)
         notes: list[str] = []
         plan = self._plan(vmas)
@@ -501,15 +498,15 @@ class UffdWpTracker(Tracker):
         )
 
     def _check_address_space(self, ctx: TrackContext) -> None:
-        """Raise AddressSpaceReplaced if the process exec'd since arm(): our pagemap and
-        userfaultfd then describe its old address space, and every answer they give is
-        empty (no page written, none present) instead of an error."""
+        """Raise AddressSpaceReplaced if the process exec'd since our pagemap and
+        userfaultfd were set up: they then describe its old address space, and every
+        answer they give is empty (no page written, none present) instead of an error."""
         assert self.pm is not None
         if not self.pm.same_address_space():
             self.close()
             self._exec_seen = True
             raise AddressSpaceReplaced(
-                f"process {ctx.pid} exec'd during the snapshot; nothing was stored")
+                f"process {ctx.pid} exec'd since its tracking was set up; nothing was stored")
 
     def _lost_in_parent(self, ctx: TrackContext, believed: list[Span]) -> list[Span]:
         """Tracked pages that the last round, a fuzzy one, reported present but that its

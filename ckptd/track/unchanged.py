@@ -60,8 +60,8 @@ class UnchangedPages:
         self._budget = budget
         self._pages: dict[int, bytes] = {}  # address -> content as snapshot `_of` holds it
         self._of: str | None = None
-        # This round's copies until it commits: (parent id, runs read, copies).
-        self._pending: tuple[str | None, list[Span], dict[int, bytes]] | None = None
+        # This round's copies until it commits: (runs read, copies).
+        self._pending: tuple[list[Span], dict[int, bytes]] | None = None
 
     def filter(self, parent_id: str | None, runs: list[Span], data: memoryview
                ) -> list[bool] | None:
@@ -89,7 +89,7 @@ class UnchangedPages:
                     copies[addr] = page
                     keep.append(True)
                 pos += ps
-        self._pending = (parent_id, runs, copies)
+        self._pending = (runs, copies)
         return None if all(keep) else keep
 
     def commit(self, snapshot_id: str, present: list[Span]) -> None:
@@ -100,7 +100,7 @@ class UnchangedPages:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        _parent_id, runs, copies = pending
+        runs, copies = pending
         if not all(covers(present, r) for r in runs):  # a page read, not present (dropped)
             copies = {a: p for a, p in copies.items() if contains(present, a)}
         if not self._budget.resize(len(self._pages), len(copies)):
