@@ -15,6 +15,7 @@ Run as root from the repository root:
   .venv/bin/python bench/bench_service.py big --duration 60
   .venv/bin/python bench/bench_service.py small --duration 60
   .venv/bin/python bench/bench_service.py aio
+  .venv/bin/python bench/bench_service.py small --also /tmp/other-checkout  (side by side)
 Targets: big < 25% of one core on average, no overruns; small < 15%; RSS < 150 MiB plus
 the snapshot in flight.
 """
@@ -93,68 +94,101 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
-                 concurrency: int = 1, extra_defaults: str = "",
-                 store_parent: str | None = None) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_parent))
-    sock = tmp / "ckptd.sock"
-    cfg = tmp / "ckptd.toml"
-    cfg.write_text(f'[service]\nstore = "{tmp / "store"}"\nsocket = "{sock}"\n'
-                   f'log_level = "warning"\nconcurrency = {concurrency}\n'
-                   '[defaults]\ninterval = 1\n' + extra_defaults)
-    targets = []
-    daemon = None
-    try:
+class _Daemon:
+    """One ckptd service from the checkout `repo`, with its own store, socket and
+    targets."""
+
+    def __init__(self, repo: Path, tmp: Path, concurrency: int, extra_defaults: str) -> None:
+        self.repo, self.tmp = repo, tmp
+        self.sock = tmp / "ckptd.sock"
+        cfg = tmp / "ckptd.toml"
+        cfg.write_text(f'[service]\nstore = "{tmp / "store"}"\nsocket = "{self.sock}"\n'
+                       f'log_level = "warning"\nconcurrency = {concurrency}\n'
+                       '[defaults]\ninterval = 1\n' + extra_defaults)
+        self.targets: list[subprocess.Popen[str]] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "ckptd", "serve", "--config",
+                                      str(cfg)], cwd=str(repo))
+
+    def start_targets(self, n: int, pages: int, rate: float) -> None:
         for _ in range(n):
             t = subprocess.Popen([sys.executable, "-c", TARGET, str(pages), str(rate)],
                                  stdout=subprocess.PIPE, text=True)
+            self.targets.append(t)
             assert t.stdout is not None and t.stdout.readline().strip() == "ready"
-            targets.append(t)
-        daemon = subprocess.Popen([sys.executable, "-m", "ckptd", "serve", "--config",
-                                   str(cfg)], cwd=str(REPO))
+
+    def register(self) -> None:
         for _ in range(600):
             try:
-                Client(sock).close()
+                Client(self.sock).close()
                 break
             except Exception:
                 time.sleep(0.05)
-        with Client(sock) as c:
-            for t in targets:
+        with Client(self.sock) as c:
+            for t in self.targets:
                 c.call("register", pid=t.pid)
-        time.sleep(warmup)  # first (full) snapshots
-        with Client(sock) as c:
-            s0 = c.call("status")
-        c0, w0 = cpu_seconds(daemon.pid), time.monotonic()
-        t0 = thread_cpu(daemon.pid)
-        peak = 0
-        while time.monotonic() - w0 < duration:
-            time.sleep(1)
-            peak = max(peak, rss_kib(daemon.pid)[0])
-        c1, w1 = cpu_seconds(daemon.pid), time.monotonic()
-        t1 = thread_cpu(daemon.pid)
-        with Client(sock) as c:
-            s1 = c.call("status")
-            procs = c.call("list")["processes"]
-        _, hwm = rss_kib(daemon.pid)
-        snaps = s1["snapshots"] - s0["snapshots"]
-        overruns = s1["overruns"] - s0["overruns"]
-        wall = w1 - w0
-        size = f"{pages * 4 // 1024} MiB" if pages >= 256 else f"{pages * 4} KiB"
-        print(f"| {n} x {size} mapped, {rate:.0%}/s written | {wall:.0f} s | "
-              f"{100 * (c1 - c0) / wall:.1f}% | {snaps / wall:.1f} | {overruns} | "
-              f"{peak / 1024:.0f} MiB | {hwm / 1024:.0f} MiB | "
-              f"{sum(p['failures'] for p in procs)} |")
-        threads = sorted(((t1[k] - t0.get(k, 0.0)) / (w1 - w0), k) for k in t1)
-        print("  by thread: " + ", ".join(f"{k} {100 * v:.1f}%" for v, k in reversed(threads)
-                                          if v >= 0.001), file=sys.stderr)
-    finally:
-        if daemon is not None:
-            daemon.terminate()
-            daemon.wait(60)
-        for t in targets:
+
+    def status(self) -> dict:
+        with Client(self.sock) as c:
+            return c.call("status")  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        for t in self.targets:
             t.kill()
             t.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
+                 concurrency: int = 1, extra_defaults: str = "",
+                 store_parent: str | None = None, repos: list[Path] | None = None) -> None:
+    """With several `repos`, one service per checkout runs at the same time, each with
+    its own `n` targets, and all are measured over the same window: on a VM whose speed
+    drifts by more than a change's effect within the hour, that compares them fairly
+    (the absolute figures are then those of two services sharing the machine)."""
+    daemons: list[_Daemon] = []
+    try:
+        for repo in repos or [REPO]:
+            tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_parent))
+            daemons.append(_Daemon(repo, tmp, concurrency, extra_defaults))
+        for d in daemons:
+            d.start_targets(n, pages, rate)
+        for d in daemons:
+            d.register()
+        time.sleep(warmup)  # first (full) snapshots
+        s0 = [d.status() for d in daemons]
+        c0 = [cpu_seconds(d.proc.pid) for d in daemons]
+        t0 = [thread_cpu(d.proc.pid) for d in daemons]
+        w0 = time.monotonic()
+        peak = [0] * len(daemons)
+        while time.monotonic() - w0 < duration:
+            time.sleep(1)
+            peak = [max(p, rss_kib(d.proc.pid)[0]) for p, d in zip(peak, daemons, strict=True)]
+        c1 = [cpu_seconds(d.proc.pid) for d in daemons]
+        t1 = [thread_cpu(d.proc.pid) for d in daemons]
+        w1 = time.monotonic()
+        wall = w1 - w0
+        for i, d in enumerate(daemons):
+            s1 = d.status()
+            with Client(d.sock) as c:
+                procs = c.call("list")["processes"]
+            _, hwm = rss_kib(d.proc.pid)
+            snaps = s1["snapshots"] - s0[i]["snapshots"]
+            overruns = s1["overruns"] - s0[i]["overruns"]
+            size = f"{pages * 4 // 1024} MiB" if pages >= 256 else f"{pages * 4} KiB"
+            label = f" ({d.repo})" if repos else ""
+            print(f"| {n} x {size} mapped, {rate:.0%}/s written{label} | {wall:.0f} s | "
+                  f"{100 * (c1[i] - c0[i]) / wall:.1f}% | {snaps / wall:.1f} | {overruns} | "
+                  f"{peak[i] / 1024:.0f} MiB | {hwm / 1024:.0f} MiB | "
+                  f"{sum(p['failures'] for p in procs)} |")
+            threads = sorted(((t1[i][k] - t0[i].get(k, 0.0)) / wall, k) for k in t1[i])
+            print("  by thread: " + ", ".join(f"{k} {100 * v:.1f}%"
+                                              for v, k in reversed(threads) if v >= 0.001),
+                  file=sys.stderr)
+    finally:
+        for d in daemons:
+            d.stop()
 
 
 def run_engine_only(n: int, pages: int, duration: float, warmup: float,
@@ -263,6 +297,10 @@ def main() -> int:
     ap.add_argument("--spread", action="store_true",
                     help="small-engine: space the snapshots over each second as the "
                     "service's timers do, instead of back to back")
+    ap.add_argument("--also", action="append", default=[], metavar="CHECKOUT",
+                    help="big/small: also run the service of this other checkout (a "
+                    "`git archive` copy with a .venv link, say) over the same window, "
+                    "with its own targets, to compare the two; may be repeated")
     ap.add_argument("--settle", type=float, default=65.0,
                     help="seconds to wait before starting (default 65): ext4 without a "
                     "journal, as on our VM, makes each file creation skip inodes freed "
@@ -284,14 +322,15 @@ def main() -> int:
     print("| scenario | measured | ckptd CPU (one core) | snapshots/s | overruns | "
           "peak RSS | VmHWM | failures |")
     print("|---|---|---|---|---|---|---|---|")
+    repos = [REPO, *(Path(p).resolve() for p in args.also)] if args.also else None
     if args.scenario == "big":
         run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency,
-                     extra, args.store_dir)
+                     extra, args.store_dir, repos)
     elif args.scenario == "small-engine":
         run_engine_only(100, 64, args.duration, args.warmup, args.store_dir, args.spread)
     else:
         run_scenario(100, 64, 0.0, args.duration, args.warmup, args.concurrency,
-                     extra, args.store_dir)
+                     extra, args.store_dir, repos)
     return 0
 
 
