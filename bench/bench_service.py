@@ -18,6 +18,9 @@ Run as root from the repository root:
   .venv/bin/python bench/bench_service.py small --also /tmp/other-checkout  (side by side)
 Targets: big < 25% of one core on average, no overruns; small < 15%; RSS < 150 MiB plus
 the snapshot in flight.
+
+For the steady state of `small`, measure past each chain's first compaction (at 257
+snapshots; then one every 128 rounds): --warmup 280 --duration 256.
 """
 
 from __future__ import annotations
@@ -57,29 +60,33 @@ TARGET = textwrap.dedent(r'''
 CLK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_cpu(path: str) -> tuple[str, float]:
-    """(comm, utime + stime in seconds) from a /proc .../stat file."""
+def _stat_cpu(path: str) -> tuple[str, float, float]:
+    """(comm, utime, stime in seconds) from a /proc .../stat file."""
     with open(path) as f:
         raw = f.read()
     head, _, tail = raw.rpartition(")")
     fields = tail.split()
-    return head.partition("(")[2], (int(fields[11]) + int(fields[12])) / CLK
+    return head.partition("(")[2], int(fields[11]) / CLK, int(fields[12]) / CLK
 
 
 def cpu_seconds(pid: int) -> float:
-    return _stat_cpu(f"/proc/{pid}/stat")[1]
+    _, user, system = _stat_cpu(f"/proc/{pid}/stat")
+    return user + system
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name (threads of one pool share a name prefix)."""
-    out: dict[str, float] = {}
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds per thread name (threads of one pool share a name
+    prefix). The split matters on this VM: the system part (fsync, TLB-flush IPIs,
+    ptrace) is what drifts with the host's load."""
+    out: dict[str, tuple[float, float]] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            comm, cpu = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+            comm, user, system = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:
             continue
         name = comm.rstrip("_0123456789")
-        out[name] = out.get(name, 0.0) + cpu
+        u, s = out.get(name, (0.0, 0.0))
+        out[name] = (u + user, s + system)
     return out
 
 
@@ -182,10 +189,14 @@ def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float
                   f"{100 * (c1[i] - c0[i]) / wall:.1f}% | {snaps / wall:.1f} | {overruns} | "
                   f"{peak[i] / 1024:.0f} MiB | {hwm / 1024:.0f} MiB | "
                   f"{sum(p['failures'] for p in procs)} |")
-            threads = sorted(((t1[i][k] - t0[i].get(k, 0.0)) / wall, k) for k in t1[i])
-            print("  by thread: " + ", ".join(f"{k} {100 * v:.1f}%"
-                                              for v, k in reversed(threads) if v >= 0.001),
-                  file=sys.stderr)
+            rows = []
+            for k, (u1, s1_) in t1[i].items():
+                u0, s0_ = t0[i].get(k, (0.0, 0.0))
+                rows.append(((u1 - u0 + s1_ - s0_) / wall, (u1 - u0) / wall,
+                             (s1_ - s0_) / wall, k))
+            print("  by thread (user + system): " + ", ".join(
+                f"{k} {100 * v:.1f}% ({100 * u:.1f} + {100 * sy:.1f})"
+                for v, u, sy, k in sorted(rows, reverse=True) if v >= 0.001), file=sys.stderr)
     finally:
         for d in daemons:
             d.stop()
