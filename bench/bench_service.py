@@ -139,12 +139,14 @@ class _Daemon:
             return c.call("status")  # type: ignore[no-any-return]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-        for t in self.targets:
-            t.kill()
-            t.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            self.proc.terminate()
+            self.proc.wait(60)
+        finally:
+            for t in self.targets:
+                t.kill()
+                t.wait()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float,
@@ -318,6 +320,11 @@ def main() -> int:
                     "in the last 60 s (5 minutes while their block is dirty), so a test "
                     "run or an earlier benchmark's cleanup would be billed to ckptd")
     args = ap.parse_args()
+    repos = [REPO, *(Path(p).resolve() for p in args.also)] if args.also else None
+    for repo in repos or []:
+        if not (repo / "ckptd" / "__main__.py").is_file():
+            print(f"--also {repo}: not a ckptd checkout (no ckptd/__main__.py)", file=sys.stderr)
+            return 2
     ret = {k: v for k, v in (("compact_after", args.compact_after),
                              ("compact_ratio", args.compact_ratio)) if v}
     extra = ("[defaults.retention]\n" + "".join(f"{k} = {v}\n" for k, v in ret.items())
@@ -333,7 +340,6 @@ def main() -> int:
     print("| scenario | measured | ckptd CPU (one core) | snapshots/s | overruns | "
           "peak RSS | VmHWM | failures |")
     print("|---|---|---|---|---|---|---|---|")
-    repos = [REPO, *(Path(p).resolve() for p in args.also)] if args.also else None
     if args.scenario == "big":
         run_scenario(10, 65536, 0.01, args.duration, args.warmup, args.concurrency,
                      extra, args.store_dir, repos)
