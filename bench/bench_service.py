@@ -35,6 +35,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -134,9 +135,9 @@ class _Daemon:
             for t in self.targets:
                 c.call("register", pid=t.pid)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         with Client(self.sock) as c:
-            return c.call("status")  # type: ignore[no-any-return]
+            return c.call("status")
 
     def stop(self) -> None:
         try:
@@ -192,10 +193,10 @@ def run_scenario(n: int, pages: int, rate: float, duration: float, warmup: float
                   f"{peak[i] / 1024:.0f} MiB | {hwm / 1024:.0f} MiB | "
                   f"{sum(p['failures'] for p in procs)} |")
             rows = []
-            for k, (u1, s1_) in t1[i].items():
-                u0, s0_ = t0[i].get(k, (0.0, 0.0))
-                rows.append(((u1 - u0 + s1_ - s0_) / wall, (u1 - u0) / wall,
-                             (s1_ - s0_) / wall, k))
+            for k, (user1, sys1) in t1[i].items():
+                user0, sys0 = t0[i].get(k, (0.0, 0.0))
+                user, system = (user1 - user0) / wall, (sys1 - sys0) / wall
+                rows.append((user + system, user, system, k))
             print("  by thread (user + system): " + ", ".join(
                 f"{k} {100 * v:.1f}% ({100 * u:.1f} + {100 * sy:.1f})"
                 for v, u, sy, k in sorted(rows, reverse=True) if v >= 0.001), file=sys.stderr)
