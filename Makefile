@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/bench_service.py big --duration 180
 	$(PY) bench/bench_service.py small --duration 120 --warmup 150
 	$(PY) bench/bench_service.py small-engine --duration 40
+	$(PY) bench/bench_floor.py
 	$(PY) bench/bench_compaction.py --snapshots 60
 
 clean:
