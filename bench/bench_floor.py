@@ -19,6 +19,7 @@ compare the two figures of one pair.
 Run as root from the repository root:
   .venv/bin/python bench/bench_floor.py                 (100 targets, 3 pairs of 30 s)
   .venv/bin/python bench/bench_floor.py --targets 20 --window 10 --pairs 1
+  .venv/bin/python bench/bench_floor.py --log   (also the minimal round with a log)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import mmap
 import os
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -88,10 +90,14 @@ class MinimalRound:
         self.maps = b""
         self.identity: tuple[bytes, ...] = ()
         self.cctx = zstandard.ZstdCompressor(level=-1, write_checksum=True)
+        self.log = False  # publish by appending to a log instead (see _append)
+        self.log_fd = -1
 
     def close(self) -> None:
         os.close(self.stat_fd)
         os.close(self.state_fd)
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
         self.pm.close()
 
     def __call__(self) -> None:
@@ -162,21 +168,42 @@ class MinimalRound:
         meta = b'{"vmas":' + self.vmas + b"," + rest[1:]
         t9 = clock()
         acc["metadata JSON"] += t9 - t8
+        if self.log:
+            self._append(meta)
+        else:
+            self._replace(meta)
+
+    def _replace(self, meta: bytes) -> None:
+        """ckptd's commit: a reused file, fsync, rename into place, directory fsync."""
+        clock, acc = time.thread_time_ns, self.phases
+        t0 = clock()
         spare, final = self.names
         fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
         os.pwrite(fd, meta, 0)
         os.ftruncate(fd, len(meta))
         os.fsync(fd)
         os.close(fd)
-        t10 = clock()
-        acc["write + fsync"] += t10 - t9
+        t1 = clock()
+        acc["write + fsync"] += t1 - t0
         os.rename(spare, final)
         dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         os.fsync(dir_fd)
         os.close(dir_fd)
         self.names = (final, spare)  # next round writes into the other name
-        acc["rename + directory fsync"] += clock() - t10
+        acc["rename + directory fsync"] += clock() - t1
         acc["rounds"] += 1
+
+    def _append(self, meta: bytes) -> None:
+        """The alternative the store format does not have: one record (length, crc32,
+        JSON) appended to a per-process log that stays open, then fdatasync."""
+        t0 = time.thread_time_ns()
+        if self.log_fd < 0:
+            self.log_fd = os.open(f"{self.dir}/log", os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                                  | os.O_CLOEXEC, 0o600)
+        os.write(self.log_fd, struct.pack("<QI", len(meta), zlib.crc32(meta)) + meta)
+        os.fdatasync(self.log_fd)
+        self.phases["append + fdatasync"] += time.thread_time_ns() - t0
+        self.phases["rounds"] += 1
 
 
 def cpu_seconds() -> float:
@@ -207,6 +234,9 @@ def main() -> int:
     ap.add_argument("--targets", type=int, default=100, help="idle Python processes")
     ap.add_argument("--window", type=float, default=30.0, help="seconds per window")
     ap.add_argument("--pairs", type=int, default=3, help="engine/minimal window pairs")
+    ap.add_argument("--log", action="store_true",
+                    help="a third window per pair: the minimal round publishing by an "
+                    "append and fdatasync to a per-process log instead of the rename")
     ap.add_argument("--store-dir", default=None, help="parent directory of the stores")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -234,19 +264,34 @@ def main() -> int:
             engine_rounds: dict[int, Callable[[], object]] = {
                 pid: (lambda p=pid: engine.snapshot(p)) for pid in last}
             minimal_rounds: dict[int, Callable[[], object]] = dict(minimal)
+            log_cols = " minimal, log CPU | per round | engine / minimal, log |" if args.log \
+                else ""
             print("| pair | engine CPU | engine per round | minimal CPU | minimal per round "
-                  "| engine / minimal |")
-            print("|---|---|---|---|---|---|")
+                  "| engine / minimal |" + log_cols)
+            print("|---|---|---|---|---|---|" + ("---|---|---|" if args.log else ""))
             for pair in range(1, args.pairs + 1):
-                phases.clear()
                 e_cpu, e_round = run_window(engine_rounds, args.window)
+                phases.clear()
                 m_cpu, m_round = run_window(minimal_rounds, args.window)
-                print(f"| {pair} | {e_cpu:.1f}% | {e_round:.0f} us | {m_cpu:.1f}% | "
-                      f"{m_round:.0f} us | {e_round / m_round:.2f} |", flush=True)
-                n = phases.pop("rounds", 1)
-                print("  minimal round by phase (thread CPU, us): " + ", ".join(
-                    f"{k} {v / n / 1e3:.0f}" for k, v in phases.items()), file=sys.stderr,
-                    flush=True)
+                rename_phases = phases.copy()
+                row = (f"| {pair} | {e_cpu:.1f}% | {e_round:.0f} us | {m_cpu:.1f}% | "
+                       f"{m_round:.0f} us | {e_round / m_round:.2f} |")
+                if args.log:
+                    phases.clear()
+                    for m in minimal.values():
+                        m.log = True
+                    l_cpu, l_round = run_window(minimal_rounds, args.window)
+                    for m in minimal.values():
+                        m.log = False
+                    row += f" {l_cpu:.1f}% | {l_round:.0f} us | {e_round / l_round:.2f} |"
+                print(row, flush=True)
+                for label, counts in (("minimal", rename_phases),
+                                      ("minimal, log", phases if args.log else None)):
+                    if counts:
+                        n = counts.pop("rounds", 1)
+                        print(f"  {label} round by phase (thread CPU, us): " + ", ".join(
+                            f"{k} {v / n / 1e3:.0f}" for k, v in counts.items()),
+                            file=sys.stderr, flush=True)
     finally:
         for m in minimal.values():
             m.close()
