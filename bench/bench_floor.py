@@ -55,12 +55,8 @@ from ckptd.kernel import abi, memread, pagemap, procfs  # noqa: E402
 from ckptd.kernel.ptrace import Freezer  # noqa: E402
 from ckptd.store import Store  # noqa: E402
 from ckptd.store.format import vmas_json  # noqa: E402
+from ckptd.track.uffd_wp import _GET_AND_CLEAR_CHECKED  # noqa: E402  (the checked get-and-clear)
 
-GET_AND_CLEAR_CHECKED = pagemap.Query(
-    category_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.category_mask,
-    return_mask=pagemap.WRITTEN_FAST_GET_AND_CLEAR.return_mask,
-    flags=pagemap.WRITTEN_FAST_GET_AND_CLEAR.flags | abi.PM_SCAN_CHECK_WPASYNC,
-)
 USER_SPACE = (0, (1 << 47) - abi.PAGE_SIZE)  # TASK_SIZE on x86_64 (4-level paging)
 
 
@@ -105,6 +101,7 @@ class MinimalRound:
         t0 = clock()
         raw = os.pread(self.stat_fd, 4096, 0)
         fields = raw.rpartition(b")")[2].split()
+        # start time and the exec fingerprint: what identify compares each round
         self.identity = (fields[19], fields[25], fields[44], fields[45], fields[47])
         self.seq += 1
         snapshot_id = f"{self.pid}-{self.seq}"
@@ -125,7 +122,7 @@ class MinimalRound:
             t4 = clock()
             acc["maps"] += t4 - t3
             written = [(s, e) for s, e, _ in
-                       self.pm.scan(self.ranges, GET_AND_CLEAR_CHECKED).regions]
+                       self.pm.scan(self.ranges, _GET_AND_CLEAR_CHECKED).regions]
             t5 = clock()
             acc["get-and-clear"] += t5 - t4
             reader = memread.PageReader(self.pid)
