@@ -55,25 +55,27 @@ class Identity:
         return self._maps
 
 
-def _stat_fields(pid: int) -> list[str]:
+def _stat_fields(pid: int, files: procfs.ProcFiles | None) -> list[str]:
     try:
-        fields = procfs.read_stat_fields(pid)
-    except FileNotFoundError:
+        fields = files.stat_fields() if files is not None else procfs.read_stat_fields(pid)
+    except (FileNotFoundError, ProcessLookupError):
         raise TargetNotFound(f"no process with PID {pid}") from None
     if fields[2] in ("Z", "X"):
         raise TargetNotFound(f"process {pid} has exited (zombie)")
     return fields
 
 
-def identify(pid: int, known: Identity | None = None) -> Identity:
+def identify(pid: int, known: Identity | None = None,
+             files: procfs.ProcFiles | None = None) -> Identity:
     """Who is PID, with clear errors for the usual mistakes. With `known` (this process
     as identified before), one read of /proc/PID/stat confirms it is still the same
-    process in the same address space, and the rest is reused."""
+    process in the same address space, and the rest is reused. `files`: PID's kept
+    /proc files, to read stat through."""
     if pid <= 0:
         raise UserError(f"{pid} is not a valid PID")
     if pid == os.getpid():
         raise UserError("ckptd cannot snapshot itself")
-    fields = _stat_fields(pid)
+    fields = _stat_fields(pid, files)
     start = int(fields[21])
     if known is not None and known.pid == pid and known.start_time == start \
             and known.mm_fingerprint == procfs.fingerprint_of(fields):
@@ -206,7 +208,10 @@ def take_snapshot(
     full_reason: str | None,
     on_frozen: FrozenHook | None = None,
     progress: Callable[[int], None] | None = None,
+    proc_files: procfs.ProcFiles | None = None,
 ) -> SnapshotMeta:
+    """`proc_files`: the process's kept /proc files (see procfs.ProcFiles), if the
+    caller keeps them between rounds."""
     pid = ident.pid
     t_start = time.perf_counter()
     # Without a parent: 1, or the chain's floor if compaction raised it (a chain whose
@@ -239,11 +244,11 @@ def take_snapshot(
 
     reader = memread.PageReader(pid, tolerate_unmapped=fuzzy)
     try:
-        freeze_ctx = nullcontext() if fuzzy else Freezer(pid)
+        freeze_ctx = nullcontext() if fuzzy else Freezer(pid, files=proc_files)
         t_freeze = time.perf_counter()
         with freeze_ctx:
             t_frozen = time.perf_counter()
-            vmas = procfs.read_maps(pid)
+            vmas = proc_files.maps() if proc_files is not None else procfs.read_maps(pid)
             harvest = tracker.harvest(ctx, vmas, full)
             t_scanned = time.perf_counter()
             to_read = harvest.to_read

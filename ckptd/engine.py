@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
 from .errors import AddressSpaceReplaced, TrackerUnavailable, UserError
+from .kernel import procfs
 from .kernel.syscalls import name_os_thread
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import SnapshotHead
@@ -48,6 +49,7 @@ class _Process:
     chain: ChainInfo | None = None
     last: SnapshotMeta | None = None
     ident: Identity | None = None
+    files: procfs.ProcFiles | None = None  # kept /proc files, opened on first use
 
     def tracker(self, name: str) -> Tracker:
         t = self.trackers.get(name)
@@ -60,6 +62,8 @@ class _Process:
         for t in self.trackers.values():
             t.close()
         self.trackers.clear()
+        if self.files is not None:
+            self.files.close()
 
 
 class Engine:
@@ -103,9 +107,10 @@ class Engine:
         with self._lock:
             p = self._procs.pop(pid, None)
         if p is not None:
-            p.close()
-            if p.chain is not None:
-                self.store.drop_spares(p.chain.chain)
+            with p.lock:  # after a round in flight, which may be publishing
+                p.close()
+                if p.chain is not None:
+                    self.store.drop_spares(p.chain.chain)
 
     def uffd_probe(self) -> tuple[bool, str]:
         if self._uffd_probe is None:
@@ -120,6 +125,10 @@ class Engine:
                 and self.store.chain_exists(c.chain)):
             return c, None
         proc.last = None
+        if c is not None:
+            # This process publishes nothing more in its old chain (an exec, or another
+            # process with its PID): let go of what it kept for publishing there.
+            self.store.drop_spares(c.chain)
         chains = self.store.find_chain(ident.pid, ident.start_time)
         reason = None
         if chains:
@@ -172,11 +181,17 @@ class Engine:
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
         with proc.lock:
-            ident = proc.ident = identify(pid, proc.ident)
-            known = proc.chain
+            if proc.files is None:
+                proc.files = procfs.ProcFiles(pid)
+            known = proc.ident
+            ident = proc.ident = identify(pid, known, proc.files)
+            if known is not None and (ident.start_time, ident.mm_fingerprint) != (
+                    known.start_time, known.mm_fingerprint):
+                proc.files.reset()  # another process or address space: other files
+            known_chain = proc.chain
             chain, chain_reason = self._chain_for(proc, ident)
             with self.store.lock_chain(chain.chain):
-                if chain is not known:
+                if chain is not known_chain:
                     for name in self.store.clean_orphans(chain.chain):
                         log.info("chain %s: removed unpublished data %s", chain.chain, name)
                     for name in self.store.clean_leftovers(chain.chain):
@@ -223,12 +238,15 @@ class Engine:
                 self.store, ident, chain, parent, tracker, reason,
                 fuzzy=fuzzy, max_pages=max_pages, privileged=self.privileged,
                 buffers=self.buffers, executor=self.executor, full_reason=full_reason,
-                on_frozen=on_frozen, progress=progress,
+                on_frozen=on_frozen, progress=progress, proc_files=proc.files,
             )
 
         try:
             return take()
         except AddressSpaceReplaced as e:
-            # The tracker has started over: taken again, the round is full.
+            # The tracker has started over: taken again, the round is full, and reads
+            # the new address space's maps.
             log.info("pid %d: %s; taking the snapshot again", ident.pid, e)
+            if proc.files is not None:
+                proc.files.reset()
             return take()

@@ -231,6 +231,42 @@ def test_freeze_holds_every_thread_of_a_process_that_keeps_starting_threads() ->
         assert t.alive()
 
 
+ONE_THREAD_THEN_TWO = """
+import sys, threading
+count = 0
+def spin():
+    global count
+    while True:
+        count += 1
+print('ready', flush=True)
+for line in sys.stdin:
+    if line.strip() == 'start':
+        threading.Thread(target=spin, daemon=True).start()
+    print(threading.active_count(), flush=True)
+"""
+
+
+def test_freeze_through_kept_proc_files_holds_a_thread_started_since() -> None:
+    """With kept /proc files the freezer learns from stat that the main thread is the
+    only one and skips listing threads; a thread started after one freeze is still held
+    by the next."""
+    with Target.python(ONE_THREAD_THEN_TWO) as t:
+        files = procfs.ProcFiles(t.pid)
+        try:
+            with ptrace.Freezer(t.pid, files=files) as fz:
+                assert set(fz.threads) == {t.pid} == set(procfs.thread_ids(t.pid))
+                assert procfs.process_state(t.pid) == "t"
+            assert t.send("start") == "2"
+            for _ in range(20):
+                with ptrace.Freezer(t.pid, files=files) as fz:
+                    tids = procfs.thread_ids(t.pid)
+                    assert len(tids) == 2 and set(tids) == set(fz.threads)
+                    assert all(procfs.process_state(tid) == "t" for tid in tids)
+            assert t.send("again") == "2" and t.alive()
+        finally:
+            files.close()
+
+
 def test_target_exiting_mid_snapshot_leaves_no_half_snapshot(engine: Engine,
                                                               store: Store) -> None:
     with Target.python(READER) as t:

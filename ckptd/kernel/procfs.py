@@ -86,7 +86,12 @@ _LAST_MAPS_MAX_BYTES = 256 << 10
 
 def read_maps(pid: int) -> list[Mapping]:
     """The mappings of PID, in address order (a new list each call)."""
-    data = read_file(f"/proc/{pid}/maps")
+    return parse_maps(pid, read_file(f"/proc/{pid}/maps"))
+
+
+def parse_maps(pid: int, data: bytes) -> list[Mapping]:
+    """The mappings in `data`, the content of PID's /proc/PID/maps (a new list each
+    call)."""
     last = _LAST_MAPS.get(pid)
     if last is not None and last[0] == data:
         return list(last[1])
@@ -121,6 +126,111 @@ def _parse_maps_line(raw: bytes) -> Mapping:
     )
 
 
+def _pread_all(fd: int) -> bytes:
+    """A /proc file's whole content through an fd kept open (pread from offset 0 makes
+    the kernel generate it afresh). Read until EOF: a seq_file hands out about a page per
+    call."""
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 65536, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _split_stat(raw: bytes) -> list[str]:
+    text = raw.decode("utf-8", "surrogateescape")
+    # comm may contain spaces and parentheses: split around the last ')'.
+    head, _, tail = text.rpartition(")")
+    pid_s, _, comm = head.partition(" (")
+    return [pid_s, comm, *tail.split()]
+
+
+class ProcFiles:
+    """/proc/PID/stat and /proc/PID/maps of one process, kept open between its rounds.
+    A steady-state round of a small process is mostly system calls: through kept files it
+    reads each with preads instead of open, reads and close, and learns from stat that the
+    process has one thread instead of listing /proc/PID/task.
+
+    A kept stat file stays bound to its process: once that process is reaped, reads fail
+    with ESRCH, also when the PID has been reused, and then the file is opened again by
+    path (which finds the new process, or nothing). A kept maps file stays bound to the
+    address space it was opened on, as a kept pagemap is: after an exec it reads empty,
+    and is opened again; `reset` drops both when the caller learns of a new address
+    space another way. Not thread-safe: one user at a time (the engine's per-process
+    lock)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._stat_fd = -1
+        self._maps_fd = -1
+
+    def _open(self, name: str) -> int:
+        return os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def stat_fields(self) -> list[str]:
+        """As read_stat_fields. FileNotFoundError if there is no process PID."""
+        if self._stat_fd >= 0:
+            try:
+                # /proc/PID/stat is one record, generated whole: a short read is all of it.
+                raw = os.pread(self._stat_fd, 4096, 0)
+                if 0 < len(raw) < 4096:
+                    return _split_stat(raw)
+            except ProcessLookupError:
+                pass  # our process was reaped; PID may be another one now
+            self._close_stat()
+        fd = self._open("stat")
+        try:
+            raw = _pread_all(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._stat_fd = fd
+        return _split_stat(raw)
+
+    def maps(self) -> list[Mapping]:
+        """As read_maps."""
+        if self._maps_fd >= 0:
+            try:
+                data = _pread_all(self._maps_fd)
+                if data:  # a live address space always has mappings
+                    return parse_maps(self.pid, data)
+            except ProcessLookupError:
+                pass
+            self._close_maps()
+        fd = self._open("maps")
+        try:
+            data = _pread_all(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._maps_fd = fd
+        return parse_maps(self.pid, data)
+
+    def _close_stat(self) -> None:
+        if self._stat_fd >= 0:
+            os.close(self._stat_fd)
+            self._stat_fd = -1
+
+    def _close_maps(self) -> None:
+        if self._maps_fd >= 0:
+            os.close(self._maps_fd)
+            self._maps_fd = -1
+
+    def reset(self) -> None:
+        """Forget the kept files (the next read opens them again)."""
+        self._close_stat()
+        self._close_maps()
+
+    close = reset
+
+
+# /proc/PID/stat field 20 (proc(5) numbering): the number of threads.
+STAT_NUM_THREADS = 19
+
+
 def read_status(pid: int) -> dict[str, str]:
     out: dict[str, str] = {}
     with open(f"/proc/{pid}/status") as f:
@@ -132,11 +242,7 @@ def read_status(pid: int) -> dict[str, str]:
 
 def read_stat_fields(pid: int) -> list[str]:
     """Fields of /proc/PID/stat, 1-based numbering as in proc(5) (index 0 is the pid)."""
-    raw = read_file(f"/proc/{pid}/stat").decode("utf-8", "surrogateescape")
-    # comm may contain spaces and parentheses: split around the last ')'.
-    head, _, tail = raw.rpartition(")")
-    pid_s, _, comm = head.partition(" (")
-    return [pid_s, comm, *tail.split()]
+    return _split_stat(read_file(f"/proc/{pid}/stat"))
 
 
 def process_state(pid: int) -> str:

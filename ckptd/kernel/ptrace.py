@@ -36,6 +36,10 @@ class Freezer:
     pid: int
     suspend_seccomp: bool = False
     threads: dict[int, _Thread] = field(default_factory=dict)
+    # The process's kept /proc files, if the caller has them: with the main thread held,
+    # one read of stat says whether it is the only thread (the usual case), where
+    # listing /proc/PID/task costs five system calls.
+    files: procfs.ProcFiles | None = None
 
     def __enter__(self) -> Freezer:
         self.freeze()
@@ -93,6 +97,8 @@ class Freezer:
             # listing costs as much as the seize itself).
             if self._seize(self.pid):
                 self._wait_stop(self.threads[self.pid])
+                if self._only_thread():
+                    return
             while True:
                 try:
                     tids = procfs.thread_ids(self.pid)
@@ -112,6 +118,17 @@ class Freezer:
         except BaseException:
             self.thaw()
             raise
+
+    def _only_thread(self) -> bool:
+        """Is the main thread, now held, the process's only thread? A held thread cannot
+        start another, so the answer stays true while we hold it."""
+        if self.files is None:
+            return False
+        try:
+            fields = self.files.stat_fields()
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetGone(f"process {self.pid} exited") from None
+        return int(fields[procfs.STAT_NUM_THREADS]) == 1
 
     def thaw(self) -> None:
         errors: list[BaseException] = []

@@ -1,7 +1,8 @@
 """Open-file budget of the service.
 
 Every registration keeps file descriptors open for as long as it lasts (its pidfd, our
-copy of the target's userfaultfd, /proc/PID/pagemap and the tracker's state file), so
+copy of the target's userfaultfd, /proc/PID/pagemap, the tracker's state file,
+/proc/PID/stat and /proc/PID/maps, and its chain's snapshots/ directory), so
 the number of processes the service can hold follows from RLIMIT_NOFILE. systemd starts
 services with a soft limit of 1024 and a much higher hard limit; at that soft limit
 registrations beyond about 220 would fail in the middle of their first round (EMFILE).
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 # What one registration holds open between rounds (measured with the uffd-wp tracker,
 # which holds the most).
-FDS_PER_REGISTRATION = 4
+FDS_PER_REGISTRATION = 7
 # Kept free for everything else: control clients, the store's files during a round or a
 # compaction, the tracking of processes snapshotted without a registration, logging,
 # the metrics listener.

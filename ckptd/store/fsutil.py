@@ -30,14 +30,15 @@ def open_private(path: Path | str, flags: int) -> int:
 
 
 def atomic_write(path: Path | str, data: bytes, durable: bool = True,
-                 reuse: str | None = None) -> None:
+                 reuse: str | None = None, dir_fd: int | None = None) -> None:
     """Write data to a temporary file, fsync it, rename it over `path`, fsync the directory.
     Readers see the old content or the new, never a mix; after return it is durable.
     durable=False skips the fsyncs: still atomic, and it survives the writer dying, but
     not the machine crashing (for state that a machine crash makes moot anyway).
     `reuse`: an existing file in the same directory, no longer needed, to use as the
     temporary file instead of creating one (see Store.retire_snapshot); if it is gone, a
-    new file is created as usual."""
+    new file is created as usual. `dir_fd`: the directory of `path`, open, to fsync
+    instead of opening it again."""
     # Plain strings: this runs once per snapshot, and Path objects cost more than the
     # syscalls on tmpfs.
     parent, name = os.path.split(os.fspath(path))
@@ -66,4 +67,7 @@ def atomic_write(path: Path | str, data: bytes, durable: bool = True,
     os.close(fd)
     os.rename(tmp, path)
     if durable:
-        fsync_dir(parent)
+        if dir_fd is not None:
+            os.fsync(dir_fd)
+        else:
+            fsync_dir(parent)
