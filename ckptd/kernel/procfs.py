@@ -167,8 +167,14 @@ class ProcFiles:
         self._stat_fd = -1
         self._maps_fd = -1
 
-    def _open(self, name: str) -> int:
-        return os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    def _open_and_read(self, name: str) -> tuple[int, bytes]:
+        """Open /proc/PID/<name> by path and read it whole: (the fd to keep, content)."""
+        fd = os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return fd, _pread_all(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def stat_fields(self) -> list[str]:
         """As read_stat_fields. FileNotFoundError if there is no process PID."""
@@ -181,13 +187,7 @@ class ProcFiles:
             except ProcessLookupError:
                 pass  # our process was reaped; PID may be another one now
             self._close_stat()
-        fd = self._open("stat")
-        try:
-            raw = _pread_all(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._stat_fd = fd
+        self._stat_fd, raw = self._open_and_read("stat")
         return _split_stat(raw)
 
     def maps(self) -> list[Mapping]:
@@ -200,13 +200,7 @@ class ProcFiles:
             except ProcessLookupError:
                 pass
             self._close_maps()
-        fd = self._open("maps")
-        try:
-            data = _pread_all(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._maps_fd = fd
+        self._maps_fd, data = self._open_and_read("maps")
         return parse_maps(self.pid, data)
 
     def _close_stat(self) -> None:
