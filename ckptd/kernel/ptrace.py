@@ -93,8 +93,8 @@ class Freezer:
     def freeze(self) -> None:
         try:
             # The main thread first, without a listing: for a single-threaded process
-            # the one listing below then only confirms that nothing else runs (a
-            # listing costs as much as the seize itself).
+            # stat's thread count (with kept files) or the one listing below then only
+            # confirms that nothing else runs (a listing costs as much as the seize).
             if self._seize(self.pid):
                 self._wait_stop(self.threads[self.pid])
                 if self._only_thread():

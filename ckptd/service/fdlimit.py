@@ -5,7 +5,7 @@ copy of the target's userfaultfd, /proc/PID/pagemap, the tracker's state file,
 /proc/PID/stat and /proc/PID/maps, and its chain's snapshots/ directory), so
 the number of processes the service can hold follows from RLIMIT_NOFILE. systemd starts
 services with a soft limit of 1024 and a much higher hard limit; at that soft limit
-registrations beyond about 220 would fail in the middle of their first round (EMFILE).
+registrations beyond about 120 would fail in the middle of their first round (EMFILE).
 The service therefore raises its soft limit to the hard one at start (select() is not
 used anywhere, so high descriptor numbers are safe), and refuses a registration that
 would not fit, with a message that says which limit to raise.
