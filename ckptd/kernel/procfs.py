@@ -65,15 +65,9 @@ def read_file(path: str) -> bytes:
     ioctl and two lseeks per file, which add up at one round per process per second."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return _pread_all(fd)
     finally:
         os.close(fd)
-    return b"".join(chunks)
 
 
 # The last maps text of each process and its parse: between rounds the whole file is
