@@ -286,6 +286,7 @@ def take_snapshot(
         keep = _drop_pages(to_read, keep, gone)
     writer = SnapshotWriter(store, chain.chain, snapshot_id, executor,
                             small_level=FAST_ZSTD_LEVEL)
+    publishing = False  # set just before the commit point (Store.publish)
     try:
         writer.write_runs(to_read, buf, keep, progress)
         view.release()
@@ -334,10 +335,18 @@ def take_snapshot(
                 total_ms=(time.perf_counter() - t_start) * 1e3,
             ),
         )
+        publishing = True
         store.publish(meta, from_maps.models_json)
     except BaseException:
-        writer.abort()
-        tracker.abandon(ctx)
+        if publishing and os.path.exists(store.snapshot_file(chain.chain, snapshot_id)):
+            # The metadata was renamed into place, and only what follows the rename
+            # (the directory fsync) failed or was interrupted: the snapshot is listed,
+            # so its data (durable since commit_data) must stay, and the tracker's state
+            # must say that this snapshot holds the pages the get-and-clear took.
+            tracker.commit(ctx, snapshot_id)
+        else:
+            writer.abort()
+            tracker.abandon(ctx)
         raise
     finally:
         buffers.release()

@@ -104,6 +104,7 @@ class UffdWpTracker(Tracker):
         self._state_fd = -1  # the state file, open for in-place updates
         self._state_path: str | None = None
         self._state_ino = 0  # the inode of _state_fd (an open file's inode never changes)
+        self._state_verified = False  # arm found the state file to be ours this round
         self._state_file: tuple[Path, str] | None = None  # see _state_file_path
         self._plan_cache: tuple[list[Span] | None, list[Span], list[Mapping], _Plan] | None = None
         self._parent_cache: _FromParent | None = None
@@ -134,8 +135,9 @@ class UffdWpTracker(Tracker):
         assert self.state is not None
         data = json.dumps(self.state.__dict__).encode()
         path = self._state_file_path(ctx.state_dir)
+        verified, self._state_verified = self._state_verified, False
         if (self._state_fd >= 0 and self._state_path == path and len(data) < _STATE_RECORD
-                and self._state_file_is_ours(path)):
+                and (verified or self._state_file_is_ours(path))):
             os.pwrite(self._state_fd, data.ljust(_STATE_RECORD - 1) + b"\n", 0)
             return
         self._close_state()
@@ -163,6 +165,7 @@ class UffdWpTracker(Tracker):
             return False
 
     def _close_state(self) -> None:
+        self._state_verified = False
         if self._state_fd >= 0:
             os.close(self._state_fd)
             self._state_fd = -1
@@ -174,11 +177,17 @@ class UffdWpTracker(Tracker):
         start_time = ctx.start_time or procfs.start_time(ctx.pid)
         exec_seen, self._exec_seen = self._exec_seen, False
         if (self.fd >= 0 and self.state is not None and self._pid == ctx.pid
-                and self._start_time == start_time and self._state_dir == ctx.state_dir):
+                and self._start_time == start_time and self._state_dir == ctx.state_dir
+                and (self._state_fd < 0
+                     or self._state_file_is_ours(self._state_file_path(ctx.state_dir)))):
             # Our copy of the fd keeps the registration alive whatever the target does
             # with its own copy, as long as the address space is the one it was made
             # for: an exec usually starts a new chain (its layout differs), and one
-            # that keeps the layout (ASLR off) is caught by the harvest.
+            # that keeps the layout (ASLR off) is caught by the harvest. The state in
+            # memory is current unless another ckptd process replaced the state file
+            # (a `ckptd watch` next to the service): its get-and-clear took pages that
+            # only its own snapshot holds, if it published one, so the file decides.
+            self._state_verified = True  # for this round's _save_state (chain locked)
             return ArmResult(self._sync_reason(ctx))
         self.close()
         self._pid, self._start_time, self._state_dir = ctx.pid, start_time, ctx.state_dir
