@@ -18,10 +18,10 @@ from concurrent.futures import Executor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from .errors import PermissionDenied, TargetGone, TargetNotFound, UserError
+from .errors import PermissionDenied, TargetBusy, TargetGone, TargetNotFound, UserError
 from .intervals import Span, intersect, normalize, subtract, total
 from .kernel import abi, memread, procfs
-from .kernel.ptrace import Freezer
+from .kernel.ptrace import Freezer, ThreadBlocked
 from .kernel.ptrace import TargetGone as PtraceTargetGone
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import Counts, SnapshotHead, Timings, Vma, vmas_json
@@ -264,6 +264,10 @@ def take_snapshot(
     except (PtraceTargetGone, ProcessLookupError) as e:
         tracker.abandon(ctx)
         raise TargetGone(f"process {pid} exited during the snapshot; nothing was stored") from e
+    except ThreadBlocked as e:
+        tracker.abandon(ctx)
+        raise TargetBusy(f"process {pid} not frozen: {e}; nothing was stored, the next "
+                         "round tries again") from e
     except OSError as e:
         tracker.abandon(ctx)
         if e.errno in (errno.ESRCH, errno.ENOENT) or procfs.has_exited(pid):

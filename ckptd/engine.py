@@ -104,10 +104,14 @@ class Engine:
         return pool
 
     def forget(self, pid: int) -> None:
+        """Stop tracking `pid` (unregistered, or exited): undo what tracking set up in
+        the process, and let go of its files and of what was kept for its chain."""
         with self._lock:
             p = self._procs.pop(pid, None)
         if p is not None:
             with p.lock:  # after a round in flight, which may be publishing
+                for t in p.trackers.values():
+                    t.release()
                 p.close()
                 if p.chain is not None:
                     self._release_chain(p.chain.chain)

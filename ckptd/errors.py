@@ -35,6 +35,11 @@ class TargetGone(CkptdError):
     """The target exited while a snapshot was being taken; nothing was published."""
 
 
+class TargetBusy(CkptdError):
+    """The target could not be frozen now (a thread stayed in uninterruptible sleep);
+    nothing was published, and the next round tries again."""
+
+
 class AddressSpaceReplaced(CkptdError):
     """The target exec'd during a round, keeping its address layout (ASLR off): what the
     tracker held belongs to the old address space. Nothing was published, the tracker

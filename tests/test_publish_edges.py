@@ -111,3 +111,23 @@ def test_forget_waits_for_the_chain_lock(store: Store) -> None:
         th.join(30)
         assert done.is_set()
         assert meta.chain not in store._snapshot_dir_fds
+
+
+def test_forget_unregisters_the_targets_memory(store: Store, tmp_path: Path) -> None:
+    """Unregistered from ckptd, a process gets its memory back from our userfaultfd:
+    nothing stays write-protect registered (the process may then use userfaultfd on it
+    itself), and it keeps running. Tracked again, every page is read anew (the memory
+    is registered as new), so the next snapshot still restores exactly."""
+    from ckptd.kernel import procfs
+
+    truth = GroundTruthRecorder()
+    with Target.python(WRITER) as t, Engine(store) as engine:
+        engine.snapshot(t.pid, tracker="uffd-wp")
+        assert any("uw" in flags for _, _, flags in procfs.uffd_vma_flags(t.pid))
+        engine.forget(t.pid)
+        assert procfs.uffd_vma_flags(t.pid) == []
+        assert t.send("w 1 2") == "ok"
+        again = engine.snapshot(t.pid, tracker="uffd-wp", on_frozen=truth)
+        assert any("uw" in flags for _, _, flags in procfs.uffd_vma_flags(t.pid))
+        assert again.counts.pages_read >= again.counts.pages_present > PAGES
+        assert_materializes_to(store, again.id, truth.last, tmp_path / "m")

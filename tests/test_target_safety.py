@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import pytest
 from helpers import Target, needs_root, run_cli, wait_for
 
 from ckptd.engine import Engine
-from ckptd.errors import TargetGone, UserError
+from ckptd.errors import TargetBusy, TargetGone, UserError
 from ckptd.kernel import abi, procfs, ptrace
 from ckptd.store import Store
 from ckptd.store import reader as store_reader
 
 pytestmark = needs_root
+ROOT = str(Path(__file__).resolve().parent.parent)  # for `python -c` children importing ckptd
 
 # Blocks in read() on stdin; answers each line with the sha256 of it.
 READER = """
@@ -321,6 +323,98 @@ def test_ckptd_killed_while_target_frozen(tmp_path: Path) -> None:
             nxt = eng.snapshot(t.pid)
         assert nxt.kind == "full" and nxt.full_reason and "did not complete" in nxt.full_reason
         assert t.send("still") == hashlib.sha256(b"still\n").hexdigest()
+
+
+INJECTS_THEN_DIES = """
+import os, signal, sys
+from ckptd.kernel import ptrace
+pid = int(sys.argv[1])
+fz = ptrace.Freezer(pid)
+fz.freeze()
+assert fz.inject_syscall(39) == pid  # getpid(), run by the target
+os.kill(os.getpid(), signal.SIGKILL)  # ckptd dies with the target held after an injection
+"""
+
+SLEEPER_1500 = """
+import time, sys
+print('ready', flush=True)
+t0 = time.monotonic()
+time.sleep(1.5)
+print(f'{time.monotonic() - t0:.3f}', flush=True)
+for line in sys.stdin:
+    print(line.strip()[::-1], flush=True)
+"""
+
+
+@pytest.mark.parametrize("code", [READER, SLEEPER_1500], ids=["read", "sleep"])
+def test_ckptd_killed_right_after_an_injection_leaves_the_target_running(code: str) -> None:
+    """The kernel's detach must leave nothing of the injection behind: no signal (a
+    single step would leave a SIGTRAP that kills the target), and the syscall the
+    thread was blocked in restarts."""
+    with Target.python(code) as t:
+        time.sleep(0.2)  # blocked in read() or in the sleep
+        r = subprocess.run([sys.executable, "-c", INJECTS_THEN_DIES, str(t.pid)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        if code is READER:
+            assert t.send("alive?") == hashlib.sha256(b"alive?\n").hexdigest()
+        else:
+            slept = float(t.readline(timeout=10))
+            assert 1.5 <= slept < 5.0  # restarted, not cut short or failed
+            assert t.send("abc") == "cba"
+        assert t.alive() and t.state() in ("S", "R")
+
+
+# A second thread sits in vfork() (uninterruptible sleep, D) while its child sleeps 5 s;
+# the main thread answers each line on stdin.
+VFORK_WAITER_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void *waiter(void *arg) {
+    pid_t c = vfork();
+    if (c == 0) { sleep(5); _exit(0); }
+    waitpid(c, 0, 0);
+    return arg;
+}
+int main(void) {
+    pthread_t t;
+    char line[256];
+    pthread_create(&t, 0, waiter, 0);
+    printf("ready\n");
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        printf("got %s", line);
+        fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+
+def test_a_thread_in_uninterruptible_sleep_skips_the_round(engine: Engine,
+                                                           tmp_path: Path) -> None:
+    """A thread in D cannot stop until it wakes, and the threads already held would
+    wait with it: the round gives up after a short grace instead, and the process runs
+    on."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler (cc) for a thread that sits in vfork()")
+    (tmp_path / "w.c").write_text(VFORK_WAITER_C)
+    subprocess.run([cc, "-O1", "-pthread", "-o", str(tmp_path / "w"), str(tmp_path / "w.c")],
+                   check=True)
+    with Target([str(tmp_path / "w")]) as t:
+        assert wait_for(lambda: any(procfs.process_state(tid) == "D"
+                                    for tid in procfs.thread_ids(t.pid)), timeout=5)
+        started = time.monotonic()
+        with pytest.raises(TargetBusy, match="uninterruptible sleep"):
+            engine.snapshot(t.pid, tracker="hash")
+        # It gave up instead of waiting for the child's 5 s sleep to end.
+        assert time.monotonic() - started < 2.5
+        assert t.send("hello") == "got hello"
+        assert procfs.read_status(t.pid)["TracerPid"] == "0"
 
 
 def test_tracking_survives_separate_invocations(tmp_path: Path) -> None:

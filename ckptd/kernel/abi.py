@@ -140,8 +140,16 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 
+PTRACE_SYSCALL = 24
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F  # Linux 5.13+
+
+PTRACE_O_TRACESYSGOOD = 1
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 PTRACE_EVENT_STOP = 128
+SYSCALL_STOP_SIG = 0x80 | 5  # WSTOPSIG of a syscall stop with TRACESYSGOOD (SIGTRAP|0x80)
+
+NR_restart_syscall = 219  # x86_64
 
 WAIT_ALL_THREADS = 0x40000000
 WNOHANG = 1
@@ -168,6 +176,24 @@ class UserRegs(ctypes.Structure):
 assert ctypes.sizeof(UserRegs) == 27 * 8
 
 SYSCALL_INSN = b"\x0f\x05"
+
+
+class PtraceRseqConfiguration(ctypes.Structure):
+    """struct ptrace_rseq_configuration (PTRACE_GET_RSEQ_CONFIGURATION)."""
+
+    _fields_ = [
+        ("rseq_abi_pointer", ctypes.c_uint64),
+        ("rseq_abi_size", ctypes.c_uint32),
+        ("signature", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+assert ctypes.sizeof(PtraceRseqConfiguration) == 24
+RSEQ_CS_OFFSET = 8  # struct rseq: u32 cpu_id_start, u32 cpu_id, u64 rseq_cs
+# struct rseq_cs: u32 version, u32 flags, u64 start_ip, u64 post_commit_offset, u64 abort_ip
+RSEQ_CS_FORMAT = "<IIQQQ"
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14+
 SYNC_FILE_RANGE_WRITE = 2

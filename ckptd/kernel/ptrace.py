@@ -9,10 +9,15 @@ the thread again before it returns to user code.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import signal
+import struct
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import abi, procfs
@@ -49,7 +54,9 @@ class Freezer:
         self.thaw()
 
     def _seize(self, tid: int) -> bool:
-        options = abi.PTRACE_O_SUSPEND_SECCOMP if self.suspend_seccomp else 0
+        # TRACESYSGOOD: see inject_syscall. It changes nothing for the freeze itself.
+        options = abi.PTRACE_O_TRACESYSGOOD | (
+            abi.PTRACE_O_SUSPEND_SECCOMP if self.suspend_seccomp else 0)
         try:
             ptrace(abi.PTRACE_SEIZE, tid, 0, options)
         except OSError as e:
@@ -108,6 +115,7 @@ class Freezer:
                 if not new:
                     break
                 for tid in new:
+                    _wait_while_uninterruptible(tid)
                     self._seize(tid)
                 for tid in new:
                     th = self.threads.get(tid)
@@ -155,52 +163,73 @@ class Freezer:
 
     def inject_syscall(self, number: int, *args: int, tid: int | None = None) -> int:
         """Run one syscall in the target (its main thread by default) and return its raw
-        result (negative errno on failure). Registers are restored exactly afterwards, so
-        an interrupted syscall restarts as if nothing happened."""
+        result (negative errno on failure). The thread goes on afterwards exactly as if it
+        had only been stopped: an interrupted syscall restarts.
+
+        The syscall runs between two syscall stops (PTRACE_SYSCALL), never by a single
+        step: a step ends in a SIGTRAP signal-delivery stop, and if ckptd died there the
+        kernel's detach would deliver that SIGTRAP and kill the target. A syscall stop
+        reports SIGTRAP|0x80 (PTRACE_O_TRACESYSGOOD, set at seize), which the kernel
+        cannot send as a signal, and detach clears syscall tracing. What remains unsafe
+        is ckptd dying between setting the injected registers and restoring the thread's
+        own, a few system calls long: catchable signals are held off meanwhile
+        (docs/kernel.md, known limitations)."""
         tid = tid or self.pid
         th = self.threads[tid]
         for _ in range(16):
             saved = abi.UserRegs()
             ptrace(abi.PTRACE_GETREGS, tid, 0, saved)
-            insn_addr, borrowed = _syscall_instruction(self.pid, saved.rip)
-            try:
-                regs = abi.UserRegs()
-                ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
-                regs.rip = insn_addr
-                regs.rax = number
-                # orig_rax = -1: the kernel's syscall-restart logic must leave these
-                # registers alone when the thread leaves this stop.
-                regs.orig_rax = ctypes.c_ulong(-1).value
-                for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args,
-                                       strict=False):
-                    setattr(regs, name, ctypes.c_ulong(value).value)
+            if _inside_rseq_critical_section(tid, saved.rip):
+                raise InjectionDeferred(f"thread {tid} is inside an rseq critical section")
+            insn_addr = _syscall_instruction(self.pid)
+            regs = abi.UserRegs()
+            ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
+            regs.rip = insn_addr
+            regs.rax = number
+            # orig_rax = -1: the kernel's syscall-restart logic must leave these registers
+            # alone when the thread leaves this stop.
+            regs.orig_rax = _NO_SYSCALL
+            for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args,
+                                   strict=False):
+                setattr(regs, name, ctypes.c_ulong(value).value)
+            with signals_held():
                 ptrace(abi.PTRACE_SETREGS, tid, 0, regs)
                 try:
-                    result, interrupted_by = self._single_step_syscall(th, insn_addr)
-                finally:
-                    ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
-            finally:
-                if borrowed is not None:
-                    _write_mem(self.pid, insn_addr, borrowed)
-            if interrupted_by is None:
-                return result
-            # A signal came before the instruction ran. Deliver it with the thread's own
-            # registers back in place, stop the thread again, and retry.
+                    result, interrupted_by = self._run_syscall(th)
+                except BaseException:
+                    with contextlib.suppress(OSError):  # the thread may be gone
+                        ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
+                    raise
+                if interrupted_by is None:
+                    # At the syscall-exit stop: outside the signal path, so the kernel
+                    # will not apply the restart decision that was pending at the
+                    # interrupt. Apply it here, as the kernel would have.
+                    ptrace(abi.PTRACE_SETREGS, tid, 0, _restarted(saved))
+                    return result
+                # At a signal-delivery stop, before the instruction ran: inside the
+                # signal path, where the thread's own registers, restart code included,
+                # are handled as if nothing had happened.
+                ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
+            # Deliver the signal, then stop the thread again and retry. The interrupt goes
+            # first, so the thread stops before it runs any of its own code (a handler
+            # included) with seccomp possibly suspended.
             th.stopped = False
-            ptrace(abi.PTRACE_CONT, tid, 0, interrupted_by)
             ptrace(abi.PTRACE_INTERRUPT, tid)
+            ptrace(abi.PTRACE_CONT, tid, 0, interrupted_by)
             self._wait_stop(th)
             if tid not in self.threads:
                 raise TargetGone(f"thread {tid} exited during injection")
         raise RuntimeError(f"signals kept interrupting the injected syscall in {tid}")
 
-    def _single_step_syscall(self, th: _Thread, insn_addr: int) -> tuple[int, int | None]:
-        """Step over the syscall instruction. Returns (result, None) once it ran, or
+    def _run_syscall(self, th: _Thread) -> tuple[int, int | None]:
+        """Let the thread run the `syscall` instruction its registers point at, from
+        syscall-entry stop to syscall-exit stop. Returns (result, None) once it ran, or
         (0, signal) when a signal stopped the thread before it ran."""
         regs = abi.UserRegs()
+        entered = False
         status = 0
         for _ in range(8):
-            ptrace(abi.PTRACE_SINGLESTEP, th.tid, 0, 0)
+            ptrace(abi.PTRACE_SYSCALL, th.tid, 0, 0)
             try:
                 _, status = os.waitpid(th.tid, abi.WAIT_ALL_THREADS)
             except ChildProcessError:
@@ -208,17 +237,137 @@ class Freezer:
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self.threads.pop(th.tid, None)
                 raise TargetGone(f"process {self.pid} died during injection")
-            ptrace(abi.PTRACE_GETREGS, th.tid, 0, regs)
-            if regs.rip == insn_addr + len(abi.SYSCALL_INSN):
-                # The step's own SIGTRAP: suppressed, since detach passes no signal.
-                return ctypes.c_long(regs.rax).value, None
+            if not os.WIFSTOPPED(status):
+                continue
             sig = os.WSTOPSIG(status)
-            if status >> 16 == 0 and sig != signal.SIGTRAP:
-                return 0, sig
-            # An event stop (a group-stop of a stopped process reported again) before
-            # the instruction ran: step again.
-        raise RuntimeError(f"injected syscall in {th.tid} stopped at {regs.rip:#x} "
-                           f"(status {status:#x}) before completing")
+            if sig == abi.SYSCALL_STOP_SIG:
+                if entered:
+                    ptrace(abi.PTRACE_GETREGS, th.tid, 0, regs)
+                    return ctypes.c_long(regs.rax).value, None
+                entered = True
+                continue
+            if status >> 16 == 0 and not entered:
+                return 0, sig  # a signal-delivery stop: the syscall has not run
+            # An event stop (a group-stop of a stopped process reported again) before the
+            # instruction ran: go on.
+        raise RuntimeError(f"injected syscall in {th.tid} did not complete "
+                           f"(last status {status:#x})")
+
+
+class ThreadBlocked(Exception):
+    """A thread of the target stayed in uninterruptible sleep (D): it cannot stop until
+    it wakes, and the threads already held would wait with it."""
+
+
+# How long a thread in D may keep the freeze waiting (the threads held meanwhile wait
+# too). Disk I/O and a vfork() parent leave D within that; a hung network filesystem
+# does not, and the snapshot is then skipped.
+UNINTERRUPTIBLE_GRACE_S = 0.02
+
+
+def _wait_while_uninterruptible(tid: int) -> None:
+    deadline = None
+    while True:
+        try:
+            state = procfs.process_state(tid)
+        except (FileNotFoundError, ProcessLookupError):
+            return  # gone: _seize handles that
+        if state != "D":
+            return
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + UNINTERRUPTIBLE_GRACE_S
+        elif now >= deadline:
+            raise ThreadBlocked(f"thread {tid} is in uninterruptible sleep (D)")
+        time.sleep(0.001)
+
+
+class InjectionDeferred(Exception):
+    """The thread cannot take an injected syscall at this instant; thaw and retry."""
+
+
+_NO_SYSCALL = ctypes.c_ulong(-1).value
+_RESTART_SAME = (-abi.ERESTARTSYS, -abi.ERESTARTNOINTR, -abi.ERESTARTNOHAND)
+
+
+def _restarted(saved: abi.UserRegs) -> abi.UserRegs:
+    """`saved` (registers seen at an interrupt stop) as the kernel leaves them for a
+    thread that returns to user mode with no signal handler to run: an interrupted
+    syscall is rewound to run again (restart_syscall for ERESTART_RESTARTBLOCK, which
+    resumes a sleep with its remaining time)."""
+    regs = abi.UserRegs()
+    ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
+    if saved.orig_rax == _NO_SYSCALL:
+        return regs
+    code = ctypes.c_long(saved.rax).value
+    if code in _RESTART_SAME:
+        regs.rax = saved.orig_rax
+    elif code == -abi.ERESTART_RESTARTBLOCK:
+        regs.rax = abi.NR_restart_syscall
+    else:
+        return regs
+    regs.rip = saved.rip - len(abi.SYSCALL_INSN)
+    regs.orig_rax = _NO_SYSCALL  # rewound already: no second restart
+    return regs
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold off SIGINT, SIGTERM, SIGHUP and SIGQUIT while the target's thread runs with
+    injected registers: a one-shot `ckptd snapshot` would otherwise die (or raise
+    KeyboardInterrupt) in the middle and leave them in place. Only the main thread can
+    change handlers; in the service the capture threads inject, and the main thread's
+    handlers only schedule a graceful stop, which waits for the round."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {}
+    for sig in _HELD_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not signal.SIG_IGN and handler is not None:
+            previous[sig] = signal.signal(sig, record)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # now, with the thread's own registers back
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _inside_rseq_critical_section(tid: int, rip: int) -> bool:
+    """Is the thread stopped inside a restartable sequence's critical section? Running
+    an injected syscall would take it out of the section and back in without the abort
+    the kernel owes it (the kernel clears the section on the way out, seeing an
+    instruction pointer outside it), and the section would then commit per-CPU data
+    after being moved. Sections are a few instructions long: retry later."""
+    conf = abi.PtraceRseqConfiguration()
+    try:
+        ptrace(abi.PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(conf), conf)
+    except OSError as e:
+        if e.errno in (errno.EIO, errno.EINVAL):  # kernel without the request
+            return False
+        raise
+    if not conf.rseq_abi_pointer:
+        return False
+    try:
+        cs_ptr = struct.unpack("<Q", _read_mem(tid, conf.rseq_abi_pointer + abi.RSEQ_CS_OFFSET,
+                                               8))[0]
+        if not cs_ptr:
+            return False
+        _, _, start_ip, post_commit_offset, _ = struct.unpack(
+            abi.RSEQ_CS_FORMAT, _read_mem(tid, cs_ptr, struct.calcsize(abi.RSEQ_CS_FORMAT)))
+    except (OSError, struct.error):
+        return True  # unreadable: do not take the risk now
+    return bool(start_ip <= rip < start_ip + post_commit_offset)
 
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:
@@ -229,19 +378,10 @@ def _read_mem(pid: int, addr: int, size: int) -> bytes:
         os.close(fd)
 
 
-def _write_mem(pid: int, addr: int, data: bytes) -> None:
-    fd = os.open(f"/proc/{pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        if os.pwrite(fd, data, addr) != len(data):
-            raise OSError(errno.EIO, f"short write restoring code at {addr:#x} in {pid}")
-    finally:
-        os.close(fd)
-
-
-def _syscall_instruction(pid: int, rip: int) -> tuple[int, bytes | None]:
-    """Address of a `syscall` instruction in the target. Prefers one that already exists in
-    an executable mapping (nothing written). Falls back to borrowing two bytes at rip,
-    returning the original bytes to put back."""
+def _syscall_instruction(pid: int) -> int:
+    """Address of a `syscall` instruction in an executable mapping of the target (the
+    vDSO has one). ckptd never writes one into the target's code: if it died before
+    putting the bytes back, the target would run a syscall in place of its own code."""
     for m in procfs.read_maps(pid):
         if m.perms[2] != "x" or m.path == "[vsyscall]":
             continue
@@ -253,7 +393,9 @@ def _syscall_instruction(pid: int, rip: int) -> tuple[int, bytes | None]:
                 break
             i = data.find(abi.SYSCALL_INSN)
             if i >= 0:
-                return lo + i, None
-    original = _read_mem(pid, rip, len(abi.SYSCALL_INSN))
-    _write_mem(pid, rip, abi.SYSCALL_INSN)
-    return rip, original
+                return lo + i
+    raise InjectionImpossible(f"no syscall instruction in any executable mapping of {pid}")
+
+
+class InjectionImpossible(Exception):
+    """The target offers no way to run a syscall in it without changing its code."""

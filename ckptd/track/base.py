@@ -91,6 +91,10 @@ class Tracker(ABC):
     def abandon(self, ctx: TrackContext) -> None:  # noqa: B027
         """The snapshot failed after harvest: the next one must not rely on this one."""
 
+    def release(self) -> None:  # noqa: B027
+        """Undo in the target what tracking set up there, when nobody will snapshot it
+        any more (unregistered); close() alone keeps it for a later ckptd."""
+
     def close(self) -> None:  # noqa: B027
         pass
 

@@ -256,28 +256,17 @@ class UffdWpTracker(Tracker):
                 )
             suspend = True
         try:
-            with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
-                ret = fz.inject_syscall(
-                    abi.SYS_userfaultfd,
-                    abi.O_CLOEXEC | abi.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY,
-                )
-                if ret < 0:
-                    raise TrackerUnavailable(
-                        f"userfaultfd() in the target failed: {os.strerror(-ret)}"
-                    )
-                target_fd = ret
+            for attempt in range(_INJECT_ATTEMPTS):
                 try:
-                    with _pidfd(pid) as pidfd:
-                        self.fd = syscalls.pidfd_getfd(pidfd, target_fd)
-                    uffd.api_handshake(self.fd)
-                except (OSError, uffd.UffdUnsupported) as e:
-                    # Leave no trace: close the fd we made the target open.
-                    if self.fd >= 0:
-                        os.close(self.fd)
-                        self.fd = -1
-                    fz.inject_syscall(3, target_fd)  # close(2)
-                    raise TrackerUnavailable(f"cannot set up write-protect tracking: {e}") \
-                        from e
+                    target_fd = self._inject_frozen(pid, suspend)
+                    break
+                except ptrace.InjectionDeferred as e:
+                    if attempt == _INJECT_ATTEMPTS - 1:
+                        raise TrackerUnavailable(f"cannot inject userfaultfd(): {e}, "
+                                                 f"{_INJECT_ATTEMPTS} times") from e
+                    time.sleep(0.001)  # let it leave the section
+                except ptrace.InjectionImpossible as e:
+                    raise TrackerUnavailable(str(e)) from e
         except PermissionError as e:
             raise TrackerUnavailable(f"ptrace denied: {e.strerror}") from e
         except OSError as e:
@@ -288,6 +277,38 @@ class UffdWpTracker(Tracker):
         self.state = _State(target_fd, inode, start_time, None)
         self._save_state(ctx)
         log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
+
+    def _inject_frozen(self, pid: int, suspend: bool) -> int:
+        """Freeze, make the target call userfaultfd(), take a copy of the new fd and
+        thaw. Returns the fd's number in the target."""
+        with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
+            if not suspend and procfs.read_status(pid).get("Seccomp", "0") != "0":
+                # It installed a filter since we looked: the filter might kill it for
+                # the injected call.
+                raise TrackerUnavailable("the target started using seccomp; "
+                                         "write-protect tracking was not set up")
+            ret = fz.inject_syscall(
+                abi.SYS_userfaultfd,
+                abi.O_CLOEXEC | abi.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY,
+            )
+            if ret < 0:
+                raise TrackerUnavailable(
+                    f"userfaultfd() in the target failed: {os.strerror(-ret)}"
+                )
+            target_fd = ret
+            try:
+                with _pidfd(pid) as pidfd:
+                    self.fd = syscalls.pidfd_getfd(pidfd, target_fd)
+                uffd.api_handshake(self.fd)
+            except (OSError, uffd.UffdUnsupported) as e:
+                # Leave no trace: close the fd we made the target open.
+                if self.fd >= 0:
+                    os.close(self.fd)
+                    self.fd = -1
+                fz.inject_syscall(3, target_fd)  # close(2)
+                raise TrackerUnavailable(f"cannot set up write-protect tracking: {e}") \
+                    from e
+            return target_fd
 
     # --- harvest ----------------------------------------------------------------------
 
@@ -622,6 +643,26 @@ class UffdWpTracker(Tracker):
             self.state.synced_with = None
             self._save_state(ctx)
 
+    def release(self) -> None:
+        """Unregister the target's memory from our userfaultfd, so that the process can
+        use userfaultfd on it itself (the kernel refuses a second registration with
+        EBUSY) and its pages are no longer write-protected. The fd stays in the target
+        (closing it would take another injection); registered again, tracking starts
+        over with a full snapshot."""
+        if self.fd < 0 or not self._pid:
+            return
+        try:
+            spans = [(m.start, m.end) for m in procfs.read_maps(self._pid)
+                     if m.private and not m.special]
+        except (FileNotFoundError, ProcessLookupError):
+            return  # gone: so is its memory
+        for start, end in spans:
+            try:
+                uffd.unregister(self.fd, start, end)
+            except OSError as e:
+                # Not registered (EINVAL for mappings userfaultfd cannot take), or gone.
+                log.debug("pid %d: unregister %#x-%#x: %s", self._pid, start, end, e)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -640,6 +681,9 @@ class UffdWpTracker(Tracker):
         self._unchanged.clear()
         self._round_present = []
         self._close_state()
+
+
+_INJECT_ATTEMPTS = 20  # freezes to find the thread outside an rseq critical section
 
 
 class _RegistrationLost(Exception):
