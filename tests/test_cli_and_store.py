@@ -7,18 +7,29 @@ import json
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import GroundTruthRecorder, Target, assert_materializes_to, needs_root, run_cli
+from helpers import (
+    GroundTruth,
+    GroundTruthRecorder,
+    Target,
+    assert_materializes_to,
+    needs_root,
+    run_cli,
+)
 
 from ckptd.engine import Engine
-from ckptd.errors import StoreError, UserError
-from ckptd.store import Store
+from ckptd.errors import CorruptStore, PermissionDenied, StoreError, UnknownSnapshot, UserError
+from ckptd.store import SnapshotMeta, Store, default_store_path, fsutil, parse_snapshot_id
 from ckptd.store import reader as store_reader
+from ckptd.store.compact import compact_chain
 from ckptd.store.format import INLINE_MAX_BYTES
+from ckptd.store.fsutil import Owner
 
 SLEEPER = "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
 NOBODY = 65534
@@ -30,8 +41,8 @@ def _one_line_error(r: object, code: int | None = None) -> str:
     if code is not None:
         assert r.returncode == code, stderr  # type: ignore[attr-defined]
     assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 or lines[0].startswith("usage:"), stderr
+    # Exactly one line: also for argparse's mistakes (no usage block before it).
+    assert len(stderr.splitlines()) == 1 and not stderr.startswith("usage:"), stderr
     return str(stderr)
 
 
@@ -133,9 +144,9 @@ def test_non_root_user_cannot_snapshot_roots_process(tmp_path: Path) -> None:
             err = _one_line_error(r, 13)
             assert "no permission to trace" in err
             assert t.alive()
-        # And a store it cannot write is explained too.
+        # And a store it cannot write is explained too, with README's 13 for no permission.
         r = run_cli("list", "--store", str(tmp_path), user=NOBODY)
-        assert "no permission" in _one_line_error(r, 2)
+        assert "no permission" in _one_line_error(r, 13)
     finally:
         shutil.rmtree(home)
 
@@ -368,3 +379,287 @@ def test_metadata_with_kept_vma_json_is_the_same_document() -> None:
     assert json.loads(spliced) == json.loads(snapshot_json(meta))
     assert SnapshotMeta.model_validate_json(spliced) == meta
     assert json.loads(spliced)["vmas"][1]["path"] == "/lib/x \"q\" (deleted)"
+
+
+# --- names from outside, and what the store's files may say --------------------------
+
+
+def test_ids_and_chain_names_are_checked_before_any_path(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s", create=True)
+    # A chain a user could plant outside the store, that a lax check would reach.
+    outside = tmp_path / "y-1"
+    outside.mkdir()
+    (outside / "CHAIN.json").write_text("{}")
+    for bad in ("../../../../tmp/x-1-5", "1-1-1/../../2-1-1", "1-1-1\n", "\u0661-1-1",
+                "1-1-" + "1" * 21, "1-1", "a-1-1", "", " 1-1-1"):
+        with pytest.raises(UnknownSnapshot, match="is not a snapshot id"):
+            parse_snapshot_id(bad)
+        with pytest.raises(UnknownSnapshot, match="is not a snapshot id"):
+            store.get(bad)
+        with pytest.raises(UnknownSnapshot, match="is not a snapshot id"):
+            store.lineage(bad)
+    assert parse_snapshot_id("12-3-40") == ("12-3", 40)
+    traversal = os.path.relpath(outside, store.chains_dir)
+    assert traversal.endswith("/y-1")
+    for bad in (traversal, "../y-1", "1-1/..", "1", "1-1-1", ".", "", "1-1\n"):
+        for use in (store.chain_info, store.floor, store.listing, store.snapshot_files,
+                    store.chain_dir, store.chain_exists, store.latest,
+                    store.chain_snapshots, lambda c: store.lock_chain(c).__enter__()):
+            with pytest.raises(UnknownSnapshot, match="is not a chain name"):
+                use(bad)
+    with pytest.raises(UnknownSnapshot):
+        compact_chain(store, traversal, f"{traversal}-1")
+    assert sorted(os.listdir(outside)) == ["CHAIN.json"]  # no compact.lock, no lock
+    # Only what is named like a chain is one.
+    junk = store.chains_dir / "junk"
+    junk.mkdir()
+    (junk / "CHAIN.json").write_text("{}")
+    assert store.chain_ids() == [] and store.list_snapshots() == []
+
+
+def _forge(store: Store, snapshot_id: str, as_id: str | None = None, **fields: object
+           ) -> Path:
+    """Write snapshot_id's metadata, changed by `fields`, as the file of `as_id`."""
+    doc = json.loads(store.snapshot_path(snapshot_id).read_bytes())
+    doc.update(fields)
+    path = store.snapshot_path(as_id or snapshot_id)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@needs_root
+def test_a_snapshot_file_must_be_the_snapshot_it_names(engine: Engine, store: Store) -> None:
+    with Target.python(SLEEPER) as a, Target.python(SLEEPER) as b:
+        a1, a2 = engine.snapshot(a.pid), engine.snapshot(a.pid)
+        b1, b2 = engine.snapshot(b.pid), engine.snapshot(b.pid)
+    assert a2.parent == a1.id and b2.parent == b1.id
+    # A file copied under another name of the chain is not that snapshot.
+    fake = f"{a1.chain}-{a2.seq + 5}"
+    path = _forge(store, a2.id, fake)
+    for read in (store.get, store.head, store.pages, store.lineage):
+        with pytest.raises(CorruptStore, match=f"describes snapshot '{a2.id}'"):
+            read(fake)
+    with pytest.raises(CorruptStore):
+        store.chain_snapshots(a1.chain)
+    path.unlink()
+    # A delta whose parent is in another chain (another process's memory), or not
+    # earlier in its own, or not an id at all: the walk refuses it as damage.
+    for parent, why in ((a1.id, f"not an earlier snapshot of chain {b1.chain}"),
+                        (b2.id, "not an earlier snapshot"),
+                        ("../../../../tmp/x-1-1", "which is not a snapshot id")):
+        _forge(store, b2.id, parent=parent)
+        with pytest.raises(CorruptStore, match=why):
+            store.lineage(b2.id)
+        with pytest.raises(CorruptStore, match=why):
+            store.fold_lineage(b2.id)
+        with pytest.raises(CorruptStore):
+            store_reader.materialize(store, b2.id, Path(tempfile.mkdtemp()) / "out")
+        assert any(b2.id in p for p in store_reader.verify(store)[1])
+    _forge(store, b2.id, parent=b1.id)
+    assert [m.id for m in store.lineage(b2.id)] == [b1.id, b2.id]
+    assert store_reader.verify(store) == (4, [])
+
+
+def _churned_chain(store: Store, n: int) -> tuple[str, list[str], dict[str, GroundTruth]]:
+    rec = GroundTruthRecorder()
+    truths: dict[str, GroundTruth] = {}
+    with Target.churn(threads=2, base_mib=8, seed=5) as t, Engine(store) as eng:
+        for _ in range(n):
+            time.sleep(0.03)
+            meta = eng.snapshot(t.pid, on_frozen=rec)
+            truths[meta.id] = rec.last
+    return meta.chain, list(truths), truths
+
+
+class _RacedStore(Store):
+    """A store whose reader meets a real compaction of the chain (by another Store, as
+    the service's background job) at the worst moment: right after `method` returns."""
+
+    method = ""
+    race: Callable[[], object] | None = None
+
+    def _after(self, name: str) -> None:
+        if self.method == name and self.race is not None:
+            race, self.race = self.race, None
+            race()
+
+    def listing(self, chain: str) -> tuple[int, list[str]]:
+        out = super().listing(chain)
+        self._after("listing")
+        return out
+
+    def get(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
+        out = super().get(snapshot_id, floor)
+        self._after("get")
+        return out
+
+    def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
+        out = super().lineage(snapshot_id)
+        self._after("lineage")
+        return out
+
+
+@needs_root
+def test_readers_survive_a_compaction_meanwhile(store: Store, tmp_path: Path) -> None:
+    chain, ids, truths = _churned_chain(store, 8)
+    raced = _RacedStore.open(store.root)
+    assert isinstance(raced, _RacedStore)
+
+    def compact(upto: str) -> Callable[[], object]:
+        return lambda: compact_chain(Store.open(store.root), chain, upto)
+
+    # Listed, then retired before being read: left out, not an error.
+    raced.method, raced.race = "listing", compact(ids[2])
+    assert [m.id for m in raced.chain_snapshots(chain)] == ids[2:]
+    raced.method, raced.race = "listing", compact(ids[4])
+    assert [m.id for m in raced.list_snapshots()] == ids[4:]
+    # The snapshot read, then its parents retired (it became a full base): walked again.
+    raced.method, raced.race = "get", compact(ids[5])
+    assert [m.id for m in raced.lineage(ids[6])] == ids[5:7]
+    # The lineage read, then its data files removed: read again, same bytes.
+    raced.method, raced.race = "lineage", compact(ids[7])
+    assert_materializes_to(raced, ids[7], truths[ids[7]], tmp_path / "out")
+    assert raced.race is None  # each race did run
+    # A listed snapshot at or above the floor that vanishes is damage, not a race.
+    listed = raced.snapshot_path(ids[7])
+    raced.method, raced.race = "listing", listed.unlink
+    with pytest.raises(CorruptStore, match="vanished while being listed"):
+        raced.chain_snapshots(chain)
+
+
+# --- opening the store ------------------------------------------------------------------
+
+
+def test_store_in_the_way_of_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("not a store")
+    for root in (afile, afile / "store"):
+        with pytest.raises(StoreError, match="is in the way") as ei:
+            Store.open(root, create=True)
+        assert ei.value.exit_code == 2 and "\n" not in str(ei.value)
+    with pytest.raises(StoreError, match="not a ckptd store"):
+        Store.open(afile)
+
+
+@needs_root
+def test_no_permission_for_the_store_is_a_permission_error() -> None:
+    from test_service_support import as_user
+
+    private = Path(tempfile.mkdtemp(prefix="ckptd-private-"))  # 0700, root's
+    try:
+        Store.open(private / "store", create=True)
+
+        def open_it() -> dict[str, object]:
+            try:
+                Store.open(private / "store")
+            except PermissionDenied as e:
+                return {"store_error": isinstance(e, StoreError), "code": e.exit_code,
+                        "message": str(e)}
+            return {}
+
+        got = as_user(NOBODY, NOBODY, open_it)["ok"]
+        assert got["store_error"] and got["code"] == 13
+        assert "no permission to use the store" in got["message"]
+    finally:
+        shutil.rmtree(private)
+
+
+@needs_root
+def test_roots_default_store_is_the_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptd.service.config import DEFAULT_STORE, ServiceConfig
+
+    monkeypatch.delenv("CKPTD_STORE", raising=False)
+    assert default_store_path() == Path("/var/lib/ckptd/store")
+    assert default_store_path() == DEFAULT_STORE == ServiceConfig().service.store
+
+
+# --- paths a non-root user names --------------------------------------------------------
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@needs_root
+def test_paths_are_walked_with_the_users_permissions() -> None:
+    nobody = Owner(NOBODY, NOBODY)
+    base = Path(tempfile.mkdtemp(prefix="ckptd-walk-"))
+    try:
+        os.chmod(base, 0o755)
+        private, pub = base / "private", base / "pub"
+        private.mkdir(mode=0o700)
+        pub.mkdir(mode=0o755)
+        for d, text in ((private, b"secret"), (pub, b"public")):
+            (d / "f").write_bytes(text)
+            os.chmod(d / "f", 0o644)
+        (base / "link").symlink_to(private)  # root would follow it into private/
+        (base / "rel").symlink_to("pub")
+        (base / "loop").symlink_to("loop")
+        (pub / "flink").symlink_to(pub / "f")
+
+        def read(path: Path) -> bytes:
+            fd, _ = fsutil.open_as(str(path), nobody)
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+
+        assert read(pub / "f") == b"public"
+        assert read(base / "rel" / "f") == b"public"
+        assert read(base / "pub" / ".." / "rel" / "." / "f") == b"public"
+        for denied in (private / "f", base / "link" / "f"):
+            with pytest.raises(PermissionError):
+                read(denied)
+        with pytest.raises(OSError, match="Too many levels of symbolic links"):
+            read(base / "loop" / "f")
+        for not_regular in (pub / "flink", pub):  # the last component is never followed
+            with pytest.raises(OSError, match="not a regular file"):
+                read(not_regular)
+        with pytest.raises(FileNotFoundError):
+            read(base / "nothing" / "f")
+        with pytest.raises(OSError, match="File name too long"):  # (Path drops "/.")
+            fsutil.open_as(str(pub) + "/." * 2100 + "/f", nobody)
+        parent, name, where = fsutil.resolve_parent(str(base / "rel" / "new"), nobody)
+        os.close(parent)
+        assert (name, where) == ("new", str(pub))
+        # POSIX ACLs decide as the kernel does: a named entry opens private/ to nobody,
+        # another shuts pub/ to it although "other" may search it.
+        os.setxattr(private, "system.posix_acl_access",
+                    _acl((1, 7, 0), (2, 5, NOBODY), (4, 0, 0), (0x10, 5, 0), (0x20, 0, 0)))
+        assert read(private / "f") == b"secret"
+        os.setxattr(pub, "system.posix_acl_access",
+                    _acl((1, 7, 0), (2, 0, NOBODY), (4, 5, 0), (0x10, 5, 0), (0x20, 5, 0)))
+        with pytest.raises(PermissionError):
+            read(pub / "f")
+    finally:
+        shutil.rmtree(base)
+
+
+@needs_root
+def test_materialize_output_directory(engine: Engine, store: Store, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    with Target.python(SLEEPER) as t:
+        sid = engine.snapshot(t.pid).id
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        store_reader.materialize(store, sid, afile)
+    with pytest.raises(UserError, match="not a directory"):
+        store_reader.materialize(store, sid, afile / "sub")
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    (tmp_path / "link").symlink_to(empty)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        store_reader.materialize(store, sid, tmp_path / "link")
+    full = tmp_path / "full"
+    full.mkdir(mode=0o755)
+    (full / "keep").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        store_reader.materialize(store, sid, full)
+    assert stat.S_IMODE(empty.stat().st_mode) == stat.S_IMODE(full.stat().st_mode) == 0o755
+    assert os.listdir(empty) == [] and os.listdir(full) == ["keep"]
+    monkeypatch.chdir(tmp_path)  # the command line passes relative paths
+    index = store_reader.materialize(store, sid, Path("rel/out"))
+    assert (tmp_path / "rel" / "out" / "index.json").exists() and index["id"] == sid
+    assert stat.S_IMODE((tmp_path / "rel" / "out").stat().st_mode) == 0o700
+    index = store_reader.materialize(store, sid, empty)
+    assert sorted(os.listdir(empty)) == sorted(
+        ["index.json", *(v["file"] for v in index["vmas"])])

@@ -3,10 +3,13 @@ target processes. Needs root (ptrace and userfaultfd on other processes)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +31,7 @@ from test_service_support import (
     raw_exchange,
     targets,
     wait_for,
+    write_config,
 )
 
 from ckptd.errors import PermissionDenied, TargetNotFound, UserError
@@ -133,16 +137,17 @@ def test_cli_commands_against_service(daemon: Daemon) -> None:
         assert status["registrations_max"] == min(1024, fit)
         assert f"1 registered, at most {min(1024, fit)}" in r.stdout
         r = ckptd("unregister", str(t.pid))
-        assert r.returncode == 0 and "kept" in r.stdout
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", "")  # quiet on success
         # Mistakes: one line, non-zero exit, no traceback.
         for args in (["unregister", str(t.pid)], ["register", "999999999"],
                      ["register", str(t.pid), "--jitter", "3"],
                      ["register", "abc"], ["status", "--socket", "/nonexistent/sock"]):
             r = ckptd(*args)
             assert r.returncode != 0, args
-            # One line (argparse prints its usage before it), no traceback.
+            # One line (argparse's mistakes too), no traceback.
             assert "Traceback" not in r.stderr, (args, r.stderr)
-            assert r.stderr.strip().splitlines()[-1].startswith("ckptd"), (args, r.stderr)
+            assert len(r.stderr.splitlines()) == 1, (args, r.stderr)
+            assert r.stderr.startswith("ckptd"), (args, r.stderr)
             if args[1] != "abc":
                 assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert try_service("/nonexistent/sock") is None
@@ -411,11 +416,16 @@ def test_malformed_and_oversized_requests(daemon: Daemon) -> None:
         b'{"id": 3}\n',
         b"x" * (2 << 20) + b"\n",
         b'{"id": 4, "op": "ping"}\n',
-    ], replies=7)
+        # Deeper than the interpreter's stack; an integer too long for int(): both
+        # used to escape the parser and drop the connection.
+        b"[" * 200000 + b"\n",
+        b'{"id": ' + b"7" * 5000 + b', "op": "ping"}\n',
+        b'{"id": 5, "op": "ping"}\n',
+    ], replies=10)
     codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
     assert codes == ["bad-json", "bad-json", "unknown-op", "bad-request", "bad-request",
-                     "too-large", "ok"]
-    assert replies[2]["id"] == 1 and replies[6]["id"] == 4
+                     "too-large", "ok", "bad-json", "bad-json", "ok"]
+    assert replies[2]["id"] == 1 and replies[6]["id"] == 4 and replies[9]["id"] == 5
     # An oversized message with no newline at all, then the client goes away.
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(daemon.socket))
@@ -431,6 +441,7 @@ def test_malformed_and_oversized_requests(daemon: Daemon) -> None:
         daemon.call("materialize", snapshot="1-1-1", out_dir="relative")
     assert daemon.call("ping")["protocol"] == 1
     assert daemon.proc is not None and daemon.proc.poll() is None
+    assert "Traceback" not in daemon.log()
 
 
 def test_metrics_on_socket_and_http(tmp_path: Path) -> None:
@@ -696,3 +707,471 @@ def test_python_dash_m_and_help() -> None:
                        capture_output=True, text=True, check=False,
                        env={**os.environ, "HOME": "/nonexistent"})
     assert r.returncode == 0 and json.loads(r.stdout)["service"]["concurrency"] == 1
+
+
+# --- security review: names, paths, hostile input, limits ------------------------------
+
+
+def _as_nobody(d: Daemon, op: str, **fields: Any) -> Any:
+    def call() -> Any:
+        with Client(d.socket) as c:
+            return c.call(op, **fields)
+    return as_user(NOBODY, NOBODY, call)
+
+
+def _raw(d: Daemon, line: bytes, uid: int = 0) -> dict[str, Any]:
+    """One raw request line, from root or from `uid`; the reply."""
+    if uid == 0:
+        return raw_exchange(d.socket, [line], replies=1)[0]
+    got = as_user(uid, uid, lambda: raw_exchange(d.socket, [line], replies=1)[0])
+    return got["ok"]  # type: ignore[no-any-return]
+
+
+def test_names_cannot_lead_outside_the_store(open_tmp: Path) -> None:
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    try:
+        # What a user can plant where the service would follow a lax name: a chain of
+        # its own uid, and a snapshot whose mapping points at a file only root reads.
+        planted = open_tmp / "y-1"
+        (planted / "snapshots").mkdir(parents=True)
+        (planted / "CHAIN.json").write_text(json.dumps({"chain": "y-1", "uid": NOBODY}))
+        (planted / "snapshots" / "y-1-5.json").write_text(json.dumps(
+            {"id": "y-1-5", "vmas": [{"path": "/etc/shadow", "inode": 1}]}))
+        for p in (planted, *planted.rglob("*")):
+            os.lchown(p, NOBODY, NOBODY)
+        rel = os.path.relpath(planted, d.store / "chains")
+        assert rel.startswith("../") and (d.store / "chains" / rel).resolve() == planted
+        out = open_tmp / "out"
+        requests = [
+            {"op": "show", "snapshot": f"{rel}-5"},
+            {"op": "materialize", "snapshot": f"{rel}-5", "out_dir": str(out)},
+            {"op": "compact", "chain": rel},
+            {"op": "compact", "chain": rel, "upto": f"{rel}-5"},
+            {"op": "compact", "chain": "1-1", "upto": f"{rel}-5"},
+            {"op": "snapshots", "chain": rel},
+        ]
+        for uid in (NOBODY, 0):
+            for req in requests:
+                reply = _raw(d, json.dumps({"id": 9, **req}).encode() + b"\n", uid)
+                assert not reply["ok"] and reply["error"]["code"] == "bad-request", reply
+                assert reply["id"] == 9
+                assert "not a snapshot id" in reply["error"]["message"] \
+                    or "not a chain name" in reply["error"]["message"]
+        # Nothing was created in the planted chain (compact.lock, lock) or at out_dir.
+        assert sorted(p.name for p in planted.rglob("*")) == \
+            ["CHAIN.json", "snapshots", "y-1-5.json"]
+        assert not out.exists()
+        assert "Traceback" not in d.log()
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+# Maps two files privately, read-only (their pages stay clean: snapshots do not hold
+# them, materialize fills them from the files), having opened them as root; then drops
+# to the uid given and makes itself dumpable again, so that uid may snapshot it.
+MAPPER = r"""
+import ctypes, mmap, os, sys
+maps = []
+for path in sys.argv[2:]:
+    with open(path, "rb") as f:
+        maps.append(mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ))
+uid = int(sys.argv[1])
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)
+print(" ".join(str(m[0]) for m in maps), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _mapped(out_dir: Path, path: Path) -> tuple[dict[str, Any], bytes]:
+    """The index entry of the mapping of `path`, and the bytes materialized for it."""
+    index = json.loads((out_dir / "index.json").read_text())
+    v = next(v for v in index["vmas"] if v["path"] == str(path))
+    return v, (out_dir / v["file"]).read_bytes()
+
+
+def test_materialize_reads_mapped_files_only_as_the_client_could(open_tmp: Path) -> None:
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    secret, public = open_tmp / "secret", open_tmp / "public"
+    secret.write_bytes(b"p" * 8192)
+    os.chmod(secret, 0o600)  # root's: the process got it by a descriptor opened as root
+    public.write_bytes(b"q" * 8192)
+    os.chmod(public, 0o644)
+    mine = open_tmp / "mine"
+    mine.mkdir()
+    os.chown(mine, NOBODY, NOBODY)
+    proc = subprocess.Popen([PYTHON, "-c", MAPPER, str(NOBODY), str(secret), str(public)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().split() == ["112", "113"]
+        snap = _as_nobody(d, "snapshot", pid=proc.pid)["ok"]
+        # Root changes the secret in place, after the snapshot: same file, new content.
+        with open(secret, "r+b") as f:
+            f.write(b"S" * 8192)
+        r = _as_nobody(d, "materialize", snapshot=snap["id"], out_dir=str(mine / "m"))
+        assert "ok" in r, r
+        v, data = _mapped(mine / "m", secret)
+        assert v["clean_file_pages"]["content"] == \
+            f"not filled: {secret}: uid {NOBODY} may not read it"
+        assert data == bytes(8192)
+        v, data = _mapped(mine / "m", public)
+        assert v["clean_file_pages"]["content"] == "filled" and data == b"q" * 8192
+        # Root may read anything: it gets the file's content.
+        d.call("materialize", snapshot=snap["id"], out_dir=str(open_tmp / "root-out"))
+        v, data = _mapped(open_tmp / "root-out", secret)
+        assert v["clean_file_pages"]["content"] == "filled" and data == b"S" * 8192
+        assert d.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        d.kill()
+
+
+def test_materialize_never_follows_the_clients_paths_as_root(open_tmp: Path) -> None:
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    try:
+        with targets(1, 16, uid=NOBODY) as (t,):
+            t.fill(3)
+            snap = _as_nobody(d, "snapshot", pid=t.pid)["ok"]["id"]
+            mine = open_tmp / "mine"
+            mine.mkdir(mode=0o755)
+            os.chown(mine, NOBODY, NOBODY)
+            rootdir = open_tmp / "rootdir"  # root's, empty: what a swap would aim at
+            rootdir.mkdir(mode=0o755)
+            (mine / "link").symlink_to(rootdir)
+            os.lchown(mine / "link", NOBODY, NOBODY)
+            (mine / "theirs").mkdir(mode=0o755)  # root's, in nobody's directory
+
+            def refused(out_dir: Path) -> dict[str, Any]:
+                r = _as_nobody(d, "materialize", snapshot=snap, out_dir=str(out_dir))
+                assert "error" in r, r
+                return r  # type: ignore[no-any-return]
+
+            # out_dir itself a symlink (as a swap after any check would leave it).
+            r = refused(mine / "link")
+            assert r["error"] == UserError.__name__ and "symbolic link" in r["message"]
+            # A symlink on the way: walked with nobody's permissions, not root's.
+            r = refused(mine / "link" / "new")
+            assert r["error"] == PermissionDenied.__name__, r
+            # An existing directory that is not nobody's, and root's own.
+            for out in (mine / "theirs", open_tmp / "rootdir"):
+                r = refused(out)
+                assert r["error"] == PermissionDenied.__name__, r
+            r = refused(Path("/root/ckptd-out"))
+            assert r["error"] == PermissionDenied.__name__
+            for p in (rootdir, mine / "theirs"):
+                st = p.stat()
+                assert os.listdir(p) == [] and (st.st_uid, st.st_mode & 0o777) == (0, 0o755)
+            assert not Path("/root/ckptd-out").exists()
+            # ".." after a symlink is the target's parent, as the kernel walks it: here
+            # open_tmp, root's.
+            r = refused(mine / "link" / ".." / "ok")
+            assert r["error"] == PermissionDenied.__name__
+            assert not (open_tmp / "ok").exists()
+            # Where nobody may write: a new directory, and files, all nobody's.
+            r = _as_nobody(d, "materialize", snapshot=snap, out_dir=str(mine / "ok"))
+            assert "ok" in r, r
+            out = mine / "ok"
+            assert r["ok"]["out_dir"] == str(out) and r["ok"]["index"] == str(out / "index.json")
+            st = out.stat()
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, 0o700)
+            files = list(out.iterdir())
+            assert len(files) == r["ok"]["files"] + 1
+            for f in files:
+                st = f.stat()
+                assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, 0o600)
+            assert _read_region(out, t.addr, 16 * 4096) == \
+                b"".join(pattern(3, p) for p in range(16))
+            # An empty directory of its own is taken too.
+            (mine / "empty").mkdir()
+            os.chown(mine / "empty", NOBODY, NOBODY)
+            r = _as_nobody(d, "materialize", snapshot=snap, out_dir=str(mine / "empty"))
+            assert "ok" in r and (mine / "empty" / "index.json").stat().st_uid == NOBODY
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def _notes(srv: socket.socket, until: str) -> list[str]:
+    """sd_notify messages, up to and including the first that has the line `until`."""
+    seen: list[str] = []
+    while not seen or until not in seen[-1].split("\n"):
+        seen.append(srv.recv(4096).decode())
+    return seen
+
+
+def test_reload_of_a_config_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(path))
+    srv.settimeout(60)
+    d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(path)}).start(wait=False)
+    try:
+        _notes(srv, "READY=1")
+        good = d.config.read_bytes()
+        d.config.write_bytes(good + b"# caf\xe9\n")  # Latin-1, not UTF-8
+        with pytest.raises(UserError, match=r"reload refused: .*not UTF-8") as ei:
+            d.call("reload")
+        assert type(ei.value) is UserError  # user-error, not internal
+        # systemd waits for READY=1 after RELOADING=1: it comes, for a refusal too.
+        seen = _notes(srv, "READY=1")
+        reloading = [i for i, m in enumerate(seen) if "RELOADING=1" in m.split("\n")]
+        assert reloading and reloading[0] < len(seen) - 1
+        d.signal(signal.SIGHUP)  # the same through the signal
+        seen = _notes(srv, "READY=1")
+        assert any("RELOADING=1" in m.split("\n") for m in seen)
+        wait_for(lambda: d.log().count("reload refused") >= 2, "both refusals logged")
+        d.config.write_bytes(good)
+        assert d.call("reload")["reloaded"] is True
+        _notes(srv, "READY=1")
+        assert "Traceback" not in d.log()
+        assert d.stop() == 0
+    finally:
+        d.kill()
+        srv.close()
+
+
+def _daemon_fds(d: Daemon) -> list[str]:
+    assert d.proc is not None
+    fd_dir = f"/proc/{d.proc.pid}/fd"
+    out = []
+    for n in os.listdir(fd_dir):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            out.append(os.readlink(f"{fd_dir}/{n}"))
+    return out
+
+
+def _holds(d: Daemon, pid: int) -> bool:
+    """Whether the daemon keeps files of process `pid` open (the engine's tracking)."""
+    return any(f.startswith(f"/proc/{pid}/") for f in _daemon_fds(d))
+
+
+def test_one_off_snapshots_keep_bounded_tracking(tmp_path: Path) -> None:
+    # Room for 3 registrations in the open-file limit: one-off snapshots of unregistered
+    # processes keep the tracking of the 3 most recent at most (not one per process
+    # ever snapshotted, until each exits).
+    hard = fdlimit.RESERVED_FDS + 3 * fdlimit.FDS_PER_REGISTRATION
+    d = Daemon(tmp_path, nofile=(64, hard)).start()
+    try:
+        with targets(5, 16) as ts:
+            for t in ts:
+                assert d.call("snapshot", pid=t.pid)["kind"] == "full"
+            wait_for(lambda: not _holds(d, ts[0].pid) and not _holds(d, ts[1].pid),
+                     "the least recently used forgotten")
+            assert all(_holds(d, t.pid) for t in ts[2:])
+            assert _daemon_fds(d).count("anon_inode:[pidfd]") == 3
+            # A kept one goes on incrementally; a forgotten one is tracked again,
+            # in place of the least recently used.
+            assert d.call("snapshot", pid=ts[4].pid)["kind"] == "delta"
+            d.call("snapshot", pid=ts[0].pid)
+            assert _holds(d, ts[0].pid)
+            wait_for(lambda: not _holds(d, ts[2].pid), "ts[2] forgotten for ts[0]")
+            assert _daemon_fds(d).count("anon_inode:[pidfd]") == 3
+            # Registering takes a one-off's tracking over; once unregistered, a new
+            # one-off is watched again: its exit releases everything.
+            # Kept now: ts[3], ts[4], ts[0]. A registration needs room in the open-file
+            # budget too: the least recently used one-off (ts[3]) makes way for it.
+            t = ts[4]
+            d.call("register", pid=t.pid)
+            wait_for(lambda: not _holds(d, ts[3].pid), "ts[3] forgotten for a registration")
+            d.call("unregister", pid=t.pid)
+            assert not _holds(d, t.pid)
+            d.call("snapshot", pid=t.pid)
+            assert _holds(d, t.pid)
+            t.kill()
+            wait_for(lambda: not _holds(d, t.pid), "the exited process's files closed")
+            assert _daemon_fds(d).count("anon_inode:[pidfd]") == 1  # ts[0]'s
+            assert _holds(d, ts[0].pid)
+        assert "Too many open files" not in d.log()
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_bad_inputs_are_client_errors(daemon: Daemon, tmp_path: Path) -> None:
+    with targets(1, 16) as (t,):
+        sid = daemon.call("snapshot", pid=t.pid)["id"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out_dir, why in ((str(tmp_path / "a\0b"), "NUL"),
+                         (str(afile), "exists and is not a directory"),
+                         (str(afile / "sub"), "is not a directory")):
+        with pytest.raises(UserError, match=why) as ei:
+            daemon.call("materialize", snapshot=sid, out_dir=out_dir)
+        assert type(ei.value) is UserError, ei.value
+    for fields in ({"chain": "999999-1", "upto": "999999-1-3"}, {"chain": "999999-1"}):
+        with pytest.raises(TargetNotFound, match="no chain '999999-1'"):
+            daemon.call("compact", **fields)
+    chain = sid.rpartition("-")[0]
+    with pytest.raises(TargetNotFound, match="no snapshot"):
+        daemon.call("compact", chain=chain, upto=f"{chain}-99")
+    assert "chain has no snapshots" not in daemon.log()
+    assert "internal error" not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def _serve(config: Path, *extra: str, user: int | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    if user is not None:
+        # In a forked child that drops to `user`, which may not read the interpreter's
+        # library: what `serve` imports is imported here first.
+        import uvloop  # noqa: F401
+        from helpers import run_cli
+
+        import ckptd.service.daemon  # noqa: F401
+        return run_cli("serve", "--config", str(config), *extra, user=user)
+    return subprocess.run([PYTHON, "-m", "ckptd", "serve", "--config", str(config), *extra],
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+def _one_line(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode not in (0, 70), (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_startup_problems_are_one_line(open_tmp: Path) -> None:
+    store = open_tmp / "store"
+
+    def config(name: str, **service: str) -> Path:
+        cfg = open_tmp / f"{name}.toml"
+        lines = [f'{k} = "{v}"' for k, v in {"store": str(store), **service}.items()]
+        cfg.write_text("[service]\n" + "\n".join(lines) + "\n")
+        os.chmod(cfg, 0o644)
+        return cfg
+
+    # A socket directory it may not create (nobody, under /root).
+    cfg = config("nodir", socket="/root/ckptd-test-dir/ckptd.sock")
+    _one_line(_serve(cfg, user=NOBODY), "service.socket", "/root/ckptd-test-dir/ckptd.sock",
+              "cannot create its directory", "Permission denied")
+    # A socket path longer than sun_path: `serve` and `serve --check` both refuse it.
+    cfg = config("long", socket=str(open_tmp / ("s" * 120)))
+    for extra in ((), ("--check",)):
+        _one_line(_serve(cfg, *extra), "service.socket", "at most 107 bytes")
+    # An unknown socket group: refused by --check as by serve.
+    cfg = config("group", socket=str(open_tmp / "run" / "g.sock"),
+                 socket_group="no-such-group-here")
+    for extra in ((), ("--check",)):
+        _one_line(_serve(cfg, *extra), "service.socket_group", "no-such-group-here",
+                  "no such group")
+    # A metrics address already taken.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config("metrics", socket=str(open_tmp / "run" / "m.sock"))
+        cfg.write_text(cfg.read_text() + f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        _one_line(_serve(cfg), "metrics.listen", f"127.0.0.1:{port}", "Address already in use")
+    assert not (open_tmp / "run" / "m.sock").exists()  # bound, then removed again
+    # None of these got as far as the store.
+    assert not store.exists()
+    cfg = open_tmp / "inf.toml"
+    cfg.write_text("[defaults]\ninterval = inf\n")
+    _one_line(_serve(cfg, "--check"), "defaults.interval", "inf", "finite")
+
+
+def test_second_instance_touches_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    # Its own store, the first's socket: it stops at the socket, before the store.
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = write_config(other / "ckptd.toml", other / "store", daemon.socket)
+    _one_line(_serve(cfg), "another ckptd is already serving", str(daemon.socket))
+    assert not (other / "store").exists()
+    assert daemon.call("ping")
+
+
+def test_out_dir_swapped_during_materialize_is_not_followed(open_tmp: Path) -> None:
+    """The race made deterministic: the client's mapped file, replaced by a FIFO after
+    the snapshot, would hold root's materialize (opening it blocks until a writer
+    comes) while the client swaps out_dir for a symlink to a directory of root's."""
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    mine = open_tmp / "mine"
+    mine.mkdir(mode=0o755)
+    os.chown(mine, NOBODY, NOBODY)
+    data = mine / "data"
+    data.write_bytes(b"d" * 8192)
+    rootdir = open_tmp / "rootdir"
+    rootdir.mkdir(mode=0o755)
+    proc = subprocess.Popen([PYTHON, "-c", MAPPER, str(NOBODY), str(data)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().split() == ["100"]
+        snap = _as_nobody(d, "snapshot", pid=proc.pid)["ok"]["id"]
+        data.unlink()
+        os.mkfifo(data)
+        os.chown(data, NOBODY, NOBODY)
+        out = mine / "out"
+        result: list[Any] = []
+        worker = threading.Thread(target=lambda: result.append(
+            _as_nobody(d, "materialize", snapshot=snap, out_dir=str(out))))
+        worker.start()
+        swapped = False
+        while worker.is_alive():
+            try:
+                fd = os.open(data, os.O_WRONLY | os.O_NONBLOCK)  # only while a reader waits
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO
+                time.sleep(0.005)
+                continue
+            os.rename(out, mine / "moved")
+            os.symlink(rootdir, out)
+            os.close(fd)  # the reader gets EOF and goes on
+            swapped = True
+            break
+        worker.join()
+        assert not swapped, "the service opened the client's FIFO for reading"
+        assert os.listdir(rootdir) == [] and rootdir.stat().st_uid == 0
+        assert "ok" in result[0], result
+        v, got = _mapped(out, data)
+        assert v["clean_file_pages"]["content"] == f"not filled: {data}: not a regular file"
+        assert got == bytes(8192)
+        assert d.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        d.kill()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is needed")
+def test_materialize_for_a_user_with_only_the_units_capabilities(open_tmp: Path) -> None:
+    """Everything materialize does for a non-root client (walking its paths, creating
+    and handing over the directory and files, reading a mapped file) works within the
+    unit's capability bounding set, which has no CAP_SETUID, CAP_FOWNER or the like."""
+    from test_service_systemd import _unit_caps
+
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"')
+    spec = ",".join(["-all"] + ["+" + c.removeprefix("CAP_").lower() for c in _unit_caps()])
+    d.log_file = open(d.log_path, "wb")  # noqa: SIM115
+    d.proc = subprocess.Popen(
+        ["setpriv", f"--bounding-set={spec}", "--inh-caps=-all", PYTHON, "-m", "ckptd",
+         "serve", "--config", str(d.config)],
+        stdout=d.log_file, stderr=subprocess.STDOUT, cwd=str(Path(__file__).parent.parent))
+    mine = open_tmp / "mine"
+    mine.mkdir(mode=0o755)
+    os.chown(mine, NOBODY, NOBODY)
+    data = mine / "data"
+    data.write_bytes(b"m" * 8192)
+    os.chown(data, NOBODY, NOBODY)
+    (mine / "empty").mkdir(mode=0o750)
+    os.chown(mine / "empty", NOBODY, NOBODY)
+    proc = subprocess.Popen([PYTHON, "-c", MAPPER, str(NOBODY), str(data)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        d.wait_ready()
+        assert proc.stdout is not None and proc.stdout.readline().split() == ["109"]
+        snap = _as_nobody(d, "snapshot", pid=proc.pid)["ok"]["id"]
+        for out, mode in ((mine / "new", 0o700), (mine / "empty", 0o750)):
+            r = _as_nobody(d, "materialize", snapshot=snap, out_dir=str(out))
+            assert "ok" in r, (r, d.log())
+            st = out.stat()
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, mode)
+            assert all(f.stat().st_uid == NOBODY for f in out.iterdir())
+            v, got = _mapped(out, data)
+            assert v["clean_file_pages"]["content"] == "filled" and got == b"m" * 8192
+        assert d.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        d.kill()

@@ -9,14 +9,16 @@ import json
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ckptd.errors import CkptdError, TargetNotFound
+from ckptd.errors import CkptdError, TargetNotFound, UserError
 from ckptd.service import auth, maintenance, protocol
+from ckptd.service.client import Client
 from ckptd.service.config import (
     ConfigError,
     PolicyOverride,
@@ -35,7 +37,7 @@ from ckptd.service.registry import (
     pidfd_exited,
     read_start_time,
 )
-from ckptd.store import Store
+from ckptd.store import Store, fsutil
 from ckptd.store.format import Counts, Kind, SnapshotMeta, Timings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +70,19 @@ def test_example_config_matches_models() -> None:
         ('[service]\nlog_level = "loud"', ["service.log_level", "'loud'", "'debug'"]),
         ("[defaults\n", ["not valid TOML"]),
         ('[metrics]\nlisten = "9469"', ["metrics.listen", "HOST:PORT"]),
+        # inf and nan would pass ge=0 and reach the scheduler.
+        ("[defaults]\ninterval = inf", ["defaults.interval", "inf", "finite"]),
+        ("[defaults.retention]\nkeep_age = nan", ["defaults.retention.keep_age", "nan"]),
+        ("[service]\nshutdown_grace = inf", ["service.shutdown_grace", "finite"]),
+        ("[defaults]\njitter = nan", ["defaults.jitter", "nan"]),
+        # More digits than a float holds: int() of it raised OverflowError.
+        (f'[defaults]\nmax_bytes_per_round = "{"9" * 400}"',
+         ["defaults.max_bytes_per_round", "too large"]),
+        # What `serve` would refuse, `serve --check` (which only loads) refuses too.
+        ('[service]\nsocket_group = "no-such-group-here"',
+         ["service.socket_group", "'no-such-group-here'", "no such group"]),
+        (f'[service]\nsocket = "/run/{"s" * 104}"',
+         ["service.socket", "at most 107 bytes", "has 109"]),
     ],
 )
 def test_bad_config_one_line(text: str, expect: list[str]) -> None:
@@ -89,6 +104,15 @@ def test_units_and_overrides() -> None:
         {"interval": "5s", "retention": {"keep_last": 3}}).apply(cfg.defaults)
     assert eff.interval == 5.0 and eff.retention.keep_last == 3
     assert eff.retention.keep_age == 7 * 86400 and eff.max_bytes_per_round == 64 << 20
+
+
+def test_socket_path_limit_and_existing_group() -> None:
+    # 107 bytes is the most sun_path holds (with its NUL): accepted, one more is not.
+    ok = "/run/" + "s" * (107 - 5)
+    assert parse_config(f'[service]\nsocket = "{ok}"').service.socket == Path(ok)
+    with pytest.raises(ConfigError, match="at most 107 bytes"):
+        parse_config(f'[service]\nsocket = "{ok}x"')
+    assert parse_config('[service]\nsocket_group = "nogroup"').service.socket_group == "nogroup"
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -129,6 +153,23 @@ def test_decoder_splits_and_bounds() -> None:
         (b'{"op": "register", "pid": 5, "policy": {"interval": "soon"}}', "bad-request"),
         (b'{"op": "ping", "extra": 1}', "bad-request"),
         (b"\xff\xfe", "bad-json"),
+        # Deeper than the interpreter's stack (RecursionError), and an integer of more
+        # digits than int() converts (ValueError): replies, not a dropped connection.
+        (b"[" * 200000, "bad-json"),
+        (b'{"id": ' + b"1" * 5000 + b', "op": "ping"}', "bad-json"),
+        (b'{"op": "register", "pid": 1, "policy": ' + b'{"a": ' * 900 + b"1" + b"}" * 900
+         + b"}", "bad-request"),
+        # Ids and chain names become paths in the store: only ckptd's forms pass.
+        (b'{"op": "show", "snapshot": "../../../../tmp/x-1-5", "id": 4}', "bad-request"),
+        (b'{"op": "materialize", "snapshot": "1-1-1/../../x-1-1", "out_dir": "/x"}',
+         "bad-request"),
+        (b'{"op": "compact", "chain": "../../../../tmp/y-1", "id": 4}', "bad-request"),
+        (b'{"op": "compact", "chain": "1-1", "upto": "../1-1-1"}', "bad-request"),
+        (b'{"op": "snapshots", "chain": "1-1/../../x"}', "bad-request"),
+        (b'{"op": "show", "snapshot": "1-1-1\\n"}', "bad-request"),
+        ('{"op": "show", "snapshot": "\u0661-1-1"}'.encode(), "bad-request"),  # Arabic 1
+        (b'{"op": "register", "pid": 1, "policy": {"max_bytes_per_round": "' + b"9" * 400
+         + b'"}}', "bad-request"),
     ],
 )
 def test_bad_requests(frame: bytes, code: str) -> None:
@@ -139,6 +180,19 @@ def test_bad_requests(frame: bytes, code: str) -> None:
     assert reply["ok"] is False and reply["error"]["code"] == code
     if b'"id": 4' in frame:
         assert reply["id"] == 4
+    assert "\n" not in reply["error"]["message"] and len(reply["error"]["message"]) < 400
+
+
+def test_traversal_names_say_what_is_wrong() -> None:
+    with pytest.raises(protocol.ProtocolError) as ei:
+        protocol.parse_request(b'{"op": "show", "snapshot": "../../../../tmp/x-1-5"}')
+    assert ei.value.message == ("show: snapshot: not a snapshot id (ids look like 1234-1-5) "
+                                "(got '../../../../tmp/x-1-5')")
+    with pytest.raises(protocol.ProtocolError) as ei:
+        protocol.parse_request(b'{"op": "compact", "chain": "../y-1"}')
+    assert "compact: chain: not a chain name (chains look like 1234-1)" in ei.value.message
+    req = protocol.parse_request(b'{"op": "compact", "chain": "12-3", "upto": "12-3-40"}')
+    assert isinstance(req, protocol.CompactReq) and (req.chain, req.upto) == ("12-3", "12-3-40")
 
 
 def test_request_roundtrip() -> None:
@@ -188,13 +242,50 @@ def test_authorization_rule() -> None:
     assert auth.may_see_chain(root, 1000)
 
 
-def test_may_write_dir() -> None:
-    alice = auth.Peer(pid=2, uid=1000, gid=100)
-    assert auth.may_write_dir(alice, 1000, 0, 0o700)
-    assert not auth.may_write_dir(alice, 1000, 0, 0o500)
-    assert auth.may_write_dir(alice, 0, 100, 0o770)
-    assert not auth.may_write_dir(alice, 0, 0, 0o755)
-    assert auth.may_write_dir(alice, 0, 0, 0o1777)
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A "system.posix_acl_access" value, as the kernel stores it."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_may_access_bits_and_acls() -> None:
+    R, W, X = fsutil.MAY_READ, fsutil.MAY_WRITE, fsutil.MAY_EXEC
+
+    def may(mode: int, owner: tuple[int, int], want: int, acl: bytes | None = None,
+            who: tuple[int, int] = (1000, 100)) -> bool:
+        return fsutil.may_access(mode, owner[0], owner[1], acl, who[0], who[1], want)
+
+    # The permission bits: owner, else group, else other; never a mix of classes.
+    assert may(0o700, (1000, 0), R | W | X)
+    assert not may(0o500, (1000, 0), W | X)
+    assert not may(0o077, (1000, 100), R)  # the owner class decides for the owner
+    assert may(0o770, (0, 100), W | X)
+    assert not may(0o755, (0, 0), W)
+    assert may(0o1777, (0, 0), W | X)
+    assert not may(0o750, (0, 0), X)
+    # ACLs: a named user gets its entry, limited by the mask.
+    u_obj, user, g_obj, group, mask, other = (fsutil.ACL_USER_OBJ, fsutil.ACL_USER,
+                                              fsutil.ACL_GROUP_OBJ, fsutil.ACL_GROUP,
+                                              fsutil.ACL_MASK, fsutil.ACL_OTHER)
+    grant = _acl((u_obj, 7, 0), (user, 5, 1000), (g_obj, 0, 0), (mask, 5, 0), (other, 0, 0))
+    assert may(0o750, (0, 0), R | X, grant)
+    assert not may(0o750, (0, 0), W, grant)
+    masked = _acl((u_obj, 7, 0), (user, 7, 1000), (g_obj, 0, 0), (mask, 4, 0), (other, 0, 0))
+    assert may(0o740, (0, 0), R, masked) and not may(0o740, (0, 0), X, masked)
+    # A named user entry with nothing denies what "other" would give.
+    deny = _acl((u_obj, 7, 0), (user, 0, 1000), (g_obj, 5, 0), (mask, 5, 0), (other, 5, 0))
+    assert not may(0o755, (0, 0), R, deny)
+    assert may(0o755, (0, 0), R, deny, who=(1001, 100))
+    # A matching group that does not grant it: "other" is not consulted.
+    grp_deny = _acl((u_obj, 7, 0), (g_obj, 0, 0), (group, 0, 100), (mask, 7, 0),
+                    (other, 5, 0))
+    assert not may(0o705, (0, 0), R, grp_deny)
+    grp_ok = _acl((u_obj, 7, 0), (g_obj, 0, 0), (group, 5, 100), (mask, 7, 0), (other, 0, 0))
+    assert may(0o770, (0, 0), R | X, grp_ok)
+    # The owning user's entry is not masked.
+    assert may(0o700, (1000, 0), R | W | X, _acl((u_obj, 7, 0), (mask, 0, 0), (other, 0, 0)))
+    # A malformed value is refused, never guessed.
+    assert not may(0o777, (0, 0), R, b"\x02\x00\x00\x00\x01")
+    assert not may(0o777, (0, 0), R, struct.pack("<I", 3) + struct.pack("<HHI", other, 7, 0))
 
 
 def test_read_ownership_of_real_processes() -> None:
@@ -209,6 +300,13 @@ def test_peer_credentials_real_socket() -> None:
     with a, b:
         peer = auth.peer_credentials(a)
     assert peer == auth.Peer(pid=os.getpid(), uid=os.geteuid(), gid=os.getegid())
+
+
+def test_client_connect_error_names_the_reason(tmp_path: Path) -> None:
+    # connect() of a path longer than sun_path raises an OSError without strerror.
+    with pytest.raises(UserError) as ei:
+        Client(tmp_path / ("s" * 200))
+    assert "AF_UNIX path too long" in str(ei.value) and "None" not in str(ei.value)
 
 
 # --- sd_notify on a real datagram socket ------------------------------------------------

@@ -7,18 +7,18 @@ and saved gids equal the caller's gid, and the target is dumpable), and may see 
 snapshots whose chain was recorded with its uid.
 
 The decision is a pure function over facts; read_ownership() gathers the facts from /proc.
+Paths a non-root client names (materialize's out_dir, and the files its snapshots map)
+are walked with its permissions by ckptd/store/fsutil.py.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import PermissionDenied, TargetNotFound, UserError
+from ..errors import PermissionDenied, TargetNotFound
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 
@@ -103,38 +103,3 @@ def check_process(peer: Peer, pid: int) -> Ownership:
     if reason is not None:
         raise PermissionDenied(f"{reason}: uid {peer.uid} may not act on it")
     return own
-
-
-def may_write_dir(peer: Peer, st_uid: int, st_gid: int, st_mode: int) -> bool:
-    """Whether `peer` could create entries in a directory with this owner and mode (the
-    permission bits only; ACLs are not consulted)."""
-    if peer.is_root:
-        return True
-    if st_uid == peer.uid:
-        return bool(st_mode & 0o300 == 0o300)
-    if st_gid == peer.gid:
-        return bool(st_mode & 0o030 == 0o030)
-    return bool(st_mode & 0o003 == 0o003)
-
-
-def check_output_dir(peer: Peer, out: Path) -> None:
-    """A non-root client may have the service write only where it could write itself:
-    into an empty directory it owns, or a new one in a directory it may write to."""
-    try:
-        st = os.lstat(out)
-    except FileNotFoundError:
-        _check_parent(peer, out.parent)
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{out} exists and is not a directory")
-    if st.st_uid != peer.uid:
-        raise PermissionDenied(f"{out} is not owned by uid {peer.uid}")
-
-
-def _check_parent(peer: Peer, parent: Path) -> None:
-    try:
-        pst = os.stat(parent)
-    except FileNotFoundError:
-        raise UserError(f"{parent} does not exist: create it first") from None
-    if not may_write_dir(peer, pst.st_uid, pst.st_gid, pst.st_mode):
-        raise PermissionDenied(f"uid {peer.uid} may not create entries in {parent}")

@@ -11,9 +11,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..cli import MAX_AGE, count_arg, duration_arg, pid_arg, size_arg
 from ..errors import UserError
 from .client import Client, default_socket
-from .config import DEFAULT_CONFIG_PATH, PolicyOverride, parse_duration, parse_size
+from .config import DEFAULT_CONFIG_PATH, PolicyOverride
 from .views import human_age
 
 
@@ -27,31 +28,17 @@ def _json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def _pid(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a PID (a positive integer)")
-    return int(text)
+class _Renamed(argparse.Action):
+    """An option that was renamed: using it is a one-line mistake naming the new ones.
+    It also stops argparse from taking it as an abbreviation of a longer option."""
 
+    def __init__(self, *args: Any, help_text: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.help_text = help_text
 
-def _duration(text: str) -> float:
-    try:
-        v = float(parse_duration(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-    return v
-
-
-def _size(text: str) -> int:
-    try:
-        return int(parse_size(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-
-
-def _nonneg_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return int(text)
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is not an option of {parser.prog}: {self.help_text}")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -88,17 +75,20 @@ def add_service_commands(sub: Any) -> None:
         "register", help="have the service snapshot a process periodically",
         formatter_class=fmt,
         description=(
-            "Register PID with the running service. It takes a snapshot right away (full),\n"
-            "then one every --interval seconds (incremental). Options override the\n"
-            "service's [defaults] for this process only; registering an already registered\n"
-            "PID replaces its overrides. Registrations survive service restarts, and end\n"
-            "when the process exits (its snapshots are kept). Non-root users may register\n"
-            "only their own processes."),
+            "Register PID with the running service, to checkpoint it in the background.\n"
+            "The service takes a snapshot right away (full), then one every --interval\n"
+            "(incremental), and drops old ones by the retention options. Options override\n"
+            "the service's [defaults] for this process only; registering an already\n"
+            "registered PID replaces its overrides. Registrations survive service\n"
+            "restarts, and end when the process exits (its snapshots are kept). Non-root\n"
+            "users may register only their own processes. Sizes take K, M, G, T (or KiB,\n"
+            "MiB, GiB, TiB: powers of 1024)."),
         epilog=("examples:\n"
                 "  ckptd register 1234 --interval 30s\n"
-                "  ckptd register 1234 --interval 5m --keep-last 12 --max-bytes-per-round 64MiB"))
-    p.add_argument("pid", type=_pid, metavar="PID")
-    p.add_argument("--interval", type=_duration, metavar="DURATION",
+                "  ckptd register 1234 --interval 5m --keep-last 12 --keep-bytes 10G\n"
+                "  ckptd register 1234 --interval 1m --max-bytes-per-round 64M"))
+    p.add_argument("pid", type=pid_arg, metavar="PID")
+    p.add_argument("--interval", type=duration_arg(), metavar="DURATION",
                    help="time between snapshot starts: seconds, or 500ms, 30s, 5m, 2h")
     p.add_argument("--jitter", type=float, metavar="FRACTION",
                    help="random delay of each start, as a fraction of the interval (0-0.5)")
@@ -109,15 +99,24 @@ def add_service_commands(sub: Any) -> None:
                       help="do not freeze the process (faster; pages may be inconsistent)")
     cons.add_argument("--frozen", dest="consistency", action="store_const", const="frozen",
                       help="freeze the process while pages are found and copied (default)")
-    p.add_argument("--max-bytes-per-round", type=_size, metavar="SIZE",
+    p.add_argument("--max-bytes-per-round", type=size_arg, metavar="SIZE",
                    help="cap on memory captured per round (0: none); the rest stays marked "
-                        "written and is captured next round, so nothing is lost")
-    p.add_argument("--keep-last", type=_nonneg_int, metavar="N",
-                   help="keep at most the N newest snapshots (0: no limit)")
-    p.add_argument("--keep-age", type=_duration, metavar="DURATION",
-                   help="drop snapshots older than this (0: no limit)")
-    p.add_argument("--max-bytes", type=_size, metavar="SIZE",
-                   help="stored-bytes budget for this process's snapshots (0: no limit)")
+                        "written and is captured next round, so nothing is lost "
+                        "(policy max_bytes_per_round)")
+    p.add_argument("--keep-last", type=count_arg, metavar="N",
+                   help="keep at most the N newest snapshots (0: no limit; "
+                        "retention.keep_last)")
+    p.add_argument("--keep-age", metavar="DURATION",
+                   type=duration_arg(zero_ok=True, limit=MAX_AGE, limit_text="36500d"),
+                   help="drop snapshots older than this (0: no limit; retention.keep_age)")
+    p.add_argument("--keep-bytes", type=size_arg, metavar="SIZE",
+                   help="drop the oldest snapshots beyond SIZE stored for this process "
+                        "(0: no limit; retention.max_bytes)")
+    # Was the retention budget, and is one letter short of --max-bytes-per-round, which
+    # argparse would take it as an abbreviation of: refuse it, naming both.
+    p.add_argument("--max-bytes", action=_Renamed, nargs="?", help=argparse.SUPPRESS,
+                   help_text="use --keep-bytes SIZE (retention: bytes kept for this "
+                             "process) or --max-bytes-per-round SIZE (cap per snapshot)")
     p.add_argument("--compact-ratio", type=float, metavar="R",
                    help="fold old deltas into a new base once the deltas since the base "
                         "store R times the base's pages (> 0, built-in default 1; a base counts "
@@ -131,25 +130,39 @@ def add_service_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "unregister", help="stop snapshotting a process", formatter_class=fmt,
-        description="Stop the service's periodic snapshots of PID. Its snapshots are kept.")
-    p.add_argument("pid", type=_pid, metavar="PID")
+        description=("Stop the service's periodic snapshots of PID, when you no longer\n"
+                     "need new checkpoints of it. Its snapshots are kept (`ckptd list --pid\n"
+                     "PID`). Quiet on success."),
+        epilog=("examples:\n"
+                "  ckptd unregister 1234\n"
+                "  ckptd unregister 1234 --json   print rounds and the last snapshot taken"))
+    p.add_argument("pid", type=pid_arg, metavar="PID")
     _socket_arg(p)
     _json_arg(p)
     p.set_defaults(func=cmd_unregister)
 
     p = sub.add_parser(
         "status", help="is the service running, and how is it doing", formatter_class=fmt,
-        description=("Show the running service: version, uptime, store, registered\n"
-                     "processes, snapshots taken, failures and overruns. Exits 2 with one\n"
-                     "line when no service answers on the socket."))
+        description=("Show the running service, to check that it runs and keeps up:\n"
+                     "version, uptime, store, registered processes, snapshots taken,\n"
+                     "failures and overruns. Exits 2 with one line when no service answers\n"
+                     "on the socket."),
+        epilog=("examples:\n"
+                "  ckptd status\n"
+                "  ckptd status --socket /run/ckptd/ckptd.sock --json"))
     _socket_arg(p)
     _json_arg(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "ps", help="list the processes registered with the service", formatter_class=fmt,
-        description=("One line per registered process: interval, rounds, last snapshot,\n"
-                     "next one, failures and overruns. Non-root users see their own."))
+        description=("List the processes registered with the service, to see which are\n"
+                     "checkpointed and how their rounds go: one line each with interval,\n"
+                     "rounds, last snapshot, next one, failures and overruns. Non-root users\n"
+                     "see their own."),
+        epilog=("examples:\n"
+                "  ckptd ps\n"
+                "  ckptd ps --json    each registration with its effective policy"))
     _socket_arg(p)
     _json_arg(p)
     p.set_defaults(func=cmd_ps)
@@ -167,19 +180,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config)
 
 
+# Policy key (service config, docs/api.md) -> register's option, where the name differs.
+_OPTION_OF = {"max_bytes": "--keep-bytes"}
+# register's namespace attribute -> retention key.
+_RETENTION = {"keep_last": "keep_last", "keep_age": "keep_age", "keep_bytes": "max_bytes",
+              "compact_ratio": "compact_ratio", "compact_after": "compact_after"}
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     top = {k: getattr(args, k) for k in
            ("interval", "jitter", "tracker", "consistency", "max_bytes_per_round")
            if getattr(args, k) is not None}
-    ret = {k: getattr(args, k) for k in
-           ("keep_last", "keep_age", "max_bytes", "compact_ratio", "compact_after")
-           if getattr(args, k) is not None}
+    ret = {key: getattr(args, attr) for attr, key in _RETENTION.items()
+           if getattr(args, attr) is not None}
     body: dict[str, Any] = {**top, "retention": ret}
     try:
         PolicyOverride.model_validate(body)
     except ValidationError as exc:
         e = exc.errors()[0]
-        opt = "--" + str(e["loc"][-1]).replace("_", "-")
+        key = str(e["loc"][-1])
+        opt = _OPTION_OF.get(key, "--" + key.replace("_", "-"))
         raise UserError(f"{opt} {e.get('input')!r}: {e['msg']}") from None
     return body
 
@@ -190,10 +210,6 @@ def cmd_register(args: argparse.Namespace) -> int:
         res = c.call("register", pid=args.pid, policy=policy)
     if args.json:
         _print_json(res)
-    else:
-        what = "updated" if res.get("updated") else "registered"
-        print(f"{what} PID {res['pid']} ({res['comm']}): a snapshot every "
-              f"{res['policy']['interval']:g}s")
     return 0
 
 
@@ -202,9 +218,6 @@ def cmd_unregister(args: argparse.Namespace) -> int:
         res = c.call("unregister", pid=args.pid)
     if args.json:
         _print_json(res)
-    else:
-        print(f"unregistered PID {args.pid}; its snapshots are kept "
-              f"(last: {res.get('last_snapshot') or 'none this run'})")
     return 0
 
 

@@ -59,7 +59,8 @@ class Client:
                     f"no permission to connect to {self.path}: ask an administrator to add "
                     "you to the socket's group (service.socket_group)"
                 ) from None
-            raise UserError(f"cannot connect to {self.path}: {exc.strerror}") from None
+            # Not every OSError has a strerror ("AF_UNIX path too long" has none).
+            raise UserError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
 
     def __enter__(self) -> Client:
         return self

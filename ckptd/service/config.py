@@ -6,6 +6,8 @@ refused with one line that names the key, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import grp
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -14,10 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
+from ..store.store import ROOT_STORE
 
 DEFAULT_CONFIG_PATH = Path("/etc/ckptd/ckptd.toml")
-DEFAULT_STORE = Path("/var/lib/ckptd/store")
+DEFAULT_STORE = ROOT_STORE  # the same as root's `ckptd` commands use
 DEFAULT_SOCKET = Path("/run/ckptd/ckptd.sock")
+# sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 
 TrackerChoice = Literal["auto", "uffd-wp", "hash"]
 Consistency = Literal["frozen", "fuzzy"]
@@ -55,11 +60,15 @@ def parse_size(value: Any) -> Any:
         unit = m.group(2).lower() if m else None
         if m is None or unit not in _SIZE_UNITS:
             raise ValueError("expected bytes or a size like 512KiB, 64MiB, 2GiB")
-        return int(float(m.group(1)) * _SIZE_UNITS[unit or ""])
+        size = float(m.group(1)) * _SIZE_UNITS[unit or ""]
+        if size == float("inf"):  # more digits than a float holds: int() would overflow
+            raise ValueError("too large")
+        return int(size)
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+# inf or nan would pass ge=0 (nan compares false both ways) and break the scheduler.
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, allow_inf_nan=False)]
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
@@ -93,7 +102,8 @@ class Policy(_Strict):
     interval: Duration = Field(
         default=60.0, gt=0, description="seconds between snapshot starts"
     )
-    jitter: float = Field(default=0.1, ge=0, le=0.5, description="fraction of interval, random")
+    jitter: float = Field(default=0.1, ge=0, le=0.5, allow_inf_nan=False,
+                          description="fraction of interval, random")
     tracker: TrackerChoice = "auto"
     consistency: Consistency = "frozen"
     max_bytes_per_round: Size = Field(
@@ -114,7 +124,7 @@ class PolicyOverride(_Strict):
     """What a registration sets for itself; None means "use the service default"."""
 
     interval: Duration | None = Field(default=None, gt=0)
-    jitter: float | None = Field(default=None, ge=0, le=0.5)
+    jitter: float | None = Field(default=None, ge=0, le=0.5, allow_inf_nan=False)
     tracker: TrackerChoice | None = None
     consistency: Consistency | None = None
     max_bytes_per_round: Size | None = None
@@ -147,10 +157,29 @@ class MetricsConfig(_Strict):
     )
 
 
+def _check_socket(value: Path) -> Path:
+    size = len(os.fsencode(value))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(f"a unix socket path holds at most {MAX_SOCKET_PATH} bytes, this "
+                         f"one has {size}: choose a shorter one")
+    return value
+
+
+def _check_group(value: str) -> str:
+    # Checked here, not only when the socket is bound: `serve --check` refuses it too.
+    if value:
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError("no such group") from None
+    return value
+
+
 class ServiceSection(_Strict):
     store: Path = DEFAULT_STORE
-    socket: Path = DEFAULT_SOCKET
-    socket_group: str = Field(default="", description="group owning the socket (mode 0660)")
+    socket: Annotated[Path, AfterValidator(_check_socket)] = DEFAULT_SOCKET
+    socket_group: Annotated[str, AfterValidator(_check_group)] = Field(
+        default="", description="group owning the socket (mode 0660)")
     concurrency: int = Field(default=1, ge=1, le=64, description="snapshots running at once")
     log_level: LogLevel = "info"
     shutdown_grace: Duration = Field(

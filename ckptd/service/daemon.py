@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import grp
@@ -25,6 +26,7 @@ import socket
 import stat
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +36,7 @@ from .. import __version__
 from ..engine import Engine
 from ..errors import (
     CkptdError,
+    CorruptStore,
     PermissionDenied,
     TargetGone,
     TargetNotFound,
@@ -42,8 +45,9 @@ from ..errors import (
 )
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import name_os_thread
-from ..store import SnapshotMeta, Store
+from ..store import SnapshotMeta, Store, parse_snapshot_id
 from ..store import reader as store_reader
+from ..store.fsutil import Owner
 from . import aio, auth, fdlimit, maintenance, protocol
 from .auth import Peer
 from .config import ConfigError, Policy, PolicyOverride, ServiceConfig, load_config
@@ -61,6 +65,11 @@ T = TypeVar("T")
 
 MAX_CLIENTS = 128
 READ_CHUNK = 1 << 16
+# Unregistered processes snapshotted with `snapshot` whose tracking (a pidfd, the
+# engine's open files, tracker state) is kept for their next one: at most this many,
+# fewer when registrations leave less room in the open-file limit; beyond that the least
+# recently snapshotted one is forgotten (its next snapshot starts a new tracking).
+ADHOC_MAX = 16
 
 
 def error_code(exc: BaseException) -> ErrorCode:
@@ -103,7 +112,7 @@ class Service:
         self._stop_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop  # set by run(); capture workers call into it
         self._persist_lock: asyncio.Lock | None = None
-        self._adhoc_slots: dict[int, Slot] = {}
+        self._adhoc_slots: OrderedDict[int, Slot] = OrderedDict()  # least recently used first
         self._watched: set[int] = set()  # pids whose pidfd we watch for exit
         self._adhoc_pidfds: dict[int, int] = {}
         self._maint_running: set[str] = set()
@@ -159,6 +168,40 @@ class Service:
         self._stop_event = asyncio.Event()
         self._persist_lock = asyncio.Lock()
         svc = self.cfg.service
+        # The listening sockets first: a second instance, or a socket path or metrics
+        # address that cannot be used, stops here, before the store is opened and
+        # restored registrations start their rounds. Connections wait in the backlog
+        # until the service serves them.
+        ctl = await self._listen_control()
+        http: socket.socket | None = None
+        try:
+            if self.cfg.metrics.listen:
+                http = _listen_tcp(self.cfg.metrics.listen)
+            restored, gone = await self._open_and_restore()
+            self._server = await asyncio.start_unix_server(
+                self._client, sock=ctl, limit=protocol.MAX_MESSAGE + 2)
+            if http is not None:
+                self._http = await asyncio.start_server(self._http_client, sock=http)
+                log.info("metrics on http://%s/metrics", self.cfg.metrics.listen)
+        except BaseException:
+            ctl.close()
+            if http is not None:
+                http.close()
+            _unlink_socket(svc.socket)
+            raise
+        for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
+                             (signal.SIGHUP, self._on_hup)):
+            loop.add_signal_handler(sig, handler)
+        log.info("ckptd %s serving on %s, store %s, %d registration(s) restored, "
+                 "%d dropped", __version__, svc.socket, svc.store, len(restored), len(gone))
+        self._log_fd_budget()
+        self.notifier.ready(self._status_text())
+        self._spawn(self._ticker(), "ticker")
+        await self._stop_event.wait()
+        return await self._shutdown()
+
+    async def _open_and_restore(self) -> tuple[list[Registration], list[Any]]:
+        svc = self.cfg.service
         self.store = await self._in(self.work_pool, Store.open, svc.store, create=True)
         state_dir = svc.store / "service"
         await self._in(self.work_pool, _private_dir, state_dir)
@@ -180,19 +223,7 @@ class Service:
         if gone:
             await self._persist()
         self.metrics.registered.set(len(self.registry))
-
-        await self._bind()
-        await self._start_http()
-        for sig, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
-                             (signal.SIGHUP, self._on_hup)):
-            loop.add_signal_handler(sig, handler)
-        log.info("ckptd %s serving on %s, store %s, %d registration(s) restored, "
-                 "%d dropped", __version__, svc.socket, svc.store, len(restored), len(gone))
-        self._log_fd_budget()
-        self.notifier.ready(self._status_text())
-        self._spawn(self._ticker(), "ticker")
-        await self._stop_event.wait()
-        return await self._shutdown()
+        return restored, list(gone)
 
     def _log_fd_budget(self) -> None:
         fds = self.fds
@@ -210,32 +241,40 @@ class Service:
                         "LimitNOFILE= in ckptd.service to hold more", fds.soft, fds.hard,
                         fds.registrations, self.cfg.service.max_registrations)
 
-    async def _bind(self) -> None:
-        path = self.cfg.service.socket
+    async def _listen_control(self) -> socket.socket:
+        """The control socket, bound (mode 0660, group service.socket_group) and
+        listening. A setting that cannot be used is a ConfigError naming it."""
+        svc = self.cfg.service
+        path = svc.socket
         await self._in(self.work_pool, _prepare_socket_path, path)
-        old = os.umask(0o117)  # the socket is created 0660: never briefly wider
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=str(path),
-                                                           limit=protocol.MAX_MESSAGE + 2)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o660)
-        group = self.cfg.service.socket_group
-        if group:
+            old = os.umask(0o117)  # the socket is created 0660: never briefly wider
             try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise ConfigError(f"service.socket_group = {group!r}: no such group") from None
-            os.chown(path, -1, gid)
-
-    async def _start_http(self) -> None:
-        listen = self.cfg.metrics.listen
-        if not listen:
-            return
-        host, _, port = listen.rpartition(":")
-        self._http = await asyncio.start_server(self._http_client, host=host or "127.0.0.1",
-                                                port=int(port))
-        log.info("metrics on http://%s/metrics", listen)
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
+            sock.listen(MAX_CLIENTS)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:  # bound since the check just above
+                raise UserError(f"another ckptd is already serving on {path}") from None
+            raise ConfigError(f"service.socket = '{path}': cannot listen there: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            os.chmod(path, 0o660)
+            if svc.socket_group:
+                try:
+                    gid = grp.getgrnam(svc.socket_group).gr_gid
+                except KeyError:
+                    raise ConfigError(
+                        f"service.socket_group = {svc.socket_group!r}: no such group") from None
+                os.chown(path, -1, gid)
+        except BaseException:
+            sock.close()
+            _unlink_socket(path)
+            raise
+        return sock
 
     # --- signals, reload, shutdown ------------------------------------------------------
 
@@ -247,11 +286,22 @@ class Service:
             self._stop_event.set()
 
     def _on_hup(self) -> None:
-        self._spawn(self.reload(), "reload")
+        self._spawn(self._reload_on_signal(), "reload")
+
+    async def _reload_on_signal(self) -> None:
+        with contextlib.suppress(ConfigError):  # logged by _reload: one line, no traceback
+            await self.reload()
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file; keep registrations. A bad file keeps the old config."""
         self.notifier.reloading()
+        try:
+            return await self._reload()
+        finally:
+            # After RELOADING=1 systemd waits for READY=1, whatever the outcome.
+            self.notifier.ready(self._status_text())
+
+    async def _reload(self) -> dict[str, Any]:
         try:
             if self.config_path is not None:
                 text = await aio.read_text(self.config_path)
@@ -259,9 +309,11 @@ class Service:
                 new = parse_config(text, str(self.config_path))
             else:
                 new = await self._in(self.work_pool, load_config, None)
-        except (ConfigError, OSError) as exc:
+        except (ConfigError, OSError, UnicodeDecodeError) as exc:
+            if isinstance(exc, UnicodeDecodeError):
+                exc = ConfigError(f"{self.config_path}: not UTF-8 text ({exc.reason} at byte "
+                                  f"{exc.start})")
             log.error("reload refused, keeping the running configuration: %s", exc)
-            self.notifier.ready(self._status_text())
             raise ConfigError(f"reload refused: {exc}") from None
         old = self.cfg
         restart_needed = [k for k in ("store", "socket", "socket_group")
@@ -286,7 +338,6 @@ class Service:
             self.capture.resize(new.service.concurrency)
         log.info("configuration reloaded from %s; %d registration(s) kept",
                  self.config_path or "defaults", len(self.registry))
-        self.notifier.ready(self._status_text())
         return {"reloaded": True, "restart_needed": restart_needed,
                 "registered": len(self.registry)}
 
@@ -372,11 +423,7 @@ class Service:
         if self.registry.get(pid) is not None:
             self._spawn(self.unregister(pid, "the process exited"), f"exit-{pid}")
         else:
-            fd = self._adhoc_pidfds.pop(pid, None)
-            if fd is not None:
-                os.close(fd)
-            self._adhoc_slots.pop(pid, None)
-            self.engine.forget(pid)
+            self._drop_adhoc(pid)
 
     # --- registrations ------------------------------------------------------------------
 
@@ -400,6 +447,8 @@ class Service:
                 f"ckptd.service (each registration holds {fdlimit.FDS_PER_REGISTRATION})")
         if req.pid == os.getpid():
             raise UserError("ckptd cannot snapshot itself")
+        # One-off snapshots' processes hold files too: make room among them first.
+        self._trim_adhoc(max(0, self.fds.registrations - len(self.registry) - 1), req.pid)
         pidfd, start = open_process(req.pid)
         rec = new_record(req.pid, start, own.uids[0], peer.uid, req.policy)
         # A process we snapshotted ad hoc may have a watcher already: take it over.
@@ -415,12 +464,39 @@ class Service:
                 **registration_view(reg, self.policy_of(reg))}
 
     def _forget_adhoc(self, pid: int) -> None:
+        """Stop keeping a one-off snapshot's process: its pidfd and slot (the engine's
+        tracking stays: see _drop_adhoc)."""
+        self._adhoc_slots.pop(pid, None)
         fd = self._adhoc_pidfds.pop(pid, None)
         if fd is not None:
             if pid in self._watched:
                 self._watched.discard(pid)
                 asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
+
+    def _drop_adhoc(self, pid: int) -> None:
+        """_forget_adhoc, and the engine's tracking of the process too (its open files,
+        tracker state): it exited, or makes room for others."""
+        self._forget_adhoc(pid)
+        # In the work pool: forget waits for a round of the process in flight.
+        self._spawn(self._in(self.work_pool, self.engine.forget, pid), f"forget-{pid}")
+
+    def _trim_adhoc(self, keep: int, spare: int = 0) -> bool:
+        """Drop the least recently used one-off snapshot processes until at most `keep`
+        remain, skipping those with a snapshot running or waiting, and `spare` (a PID
+        about to be registered: its tracking is taken over). False if those keep it
+        above `keep`."""
+        for pid in list(self._adhoc_slots):
+            if len(self._adhoc_slots) <= keep:
+                break
+            slot = self._adhoc_slots[pid]
+            if pid == spare or slot.lock.locked() or (
+                    slot.current is not None and not slot.current.done()):
+                continue
+            log.debug("pid %d: forgetting its one-off snapshot tracking (at most %d kept)",
+                      pid, keep)
+            self._drop_adhoc(pid)
+        return len(self._adhoc_slots) <= keep
 
     async def unregister(self, pid: int, why: str) -> dict[str, Any]:
         reg = self.registry.get(pid)
@@ -574,13 +650,21 @@ class Service:
 
     def _adhoc_slot(self, pid: int) -> Slot:
         slot = self._adhoc_slots.get(pid)
-        if slot is None:
-            pidfd, start = open_process(pid)
-            self._adhoc_pidfds[pid] = pidfd
-            self._watch_exit(pid, pidfd)
-            rec = new_record(pid, start, -1, -1, PolicyOverride())
-            slot = Slot(Registration(record=rec, pidfd=-1, closed=True))
-            self._adhoc_slots[pid] = slot
+        if slot is not None:
+            self._adhoc_slots.move_to_end(pid)
+            return slot
+        # Registrations come first in the open-file budget; one is always allowed.
+        keep = max(1, min(ADHOC_MAX, self.fds.registrations - len(self.registry)))
+        if not self._trim_adhoc(keep - 1):
+            raise ProtocolError("busy", f"{len(self._adhoc_slots)} snapshots of unregistered "
+                                "processes are running, all that the service keeps: try "
+                                "again when one has ended, or register the process")
+        pidfd, start = open_process(pid)
+        self._adhoc_pidfds[pid] = pidfd
+        self._watch_exit(pid, pidfd)
+        rec = new_record(pid, start, -1, -1, PolicyOverride())
+        slot = Slot(Registration(record=rec, pidfd=-1, closed=True))
+        self._adhoc_slots[pid] = slot
         return slot
 
     # --- retention and compaction -------------------------------------------------------
@@ -651,6 +735,10 @@ class Service:
 
     def _get_visible(self, peer: Peer, snapshot_id: str) -> SnapshotMeta:
         meta = self.store.get(snapshot_id)
+        # The file must be the snapshot asked for (Store.get checks it too): visibility
+        # is decided by its chain, and a reader follows its links.
+        if meta.id != snapshot_id or meta.chain != parse_snapshot_id(snapshot_id)[0]:
+            raise CorruptStore(f"the file of snapshot {snapshot_id} describes {meta.id}")
         if not self._visible(peer, meta.chain, {}):
             # Same answer as a missing id: do not reveal other users' snapshots.
             raise UnknownSnapshot(f"no snapshot {snapshot_id!r}; see `ckptd list`")
@@ -658,19 +746,22 @@ class Service:
 
     def _materialize(self, peer: Peer, snapshot_id: str, out_dir: str) -> dict[str, Any]:
         self._get_visible(peer, snapshot_id)
-        out = Path(out_dir)
-        if not out.is_absolute():
+        if "\0" in out_dir:
+            raise UserError("out_dir contains a NUL byte")
+        if not out_dir.startswith("/"):
             raise UserError(f"out_dir must be an absolute path, got {out_dir!r}")
-        out = Path(os.path.realpath(out))
-        if not peer.is_root:
-            auth.check_output_dir(peer, out)
-        index = store_reader.materialize(self.store, snapshot_id, out)
-        if not peer.is_root:
-            _chown_tree(out, peer.uid, peer.gid)
+        if peer.is_root:
+            index, out = store_reader.materialize_to(self.store, snapshot_id,
+                                                     os.path.realpath(out_dir), None)
+        else:
+            # The path is the client's: it is walked with the client's permissions, and
+            # written through descriptors, never looked up again as root (reader.py).
+            index, out = store_reader.materialize_to(self.store, snapshot_id, out_dir,
+                                                     Owner(peer.uid, peer.gid))
         vmas = index.get("vmas")
-        return {"snapshot": snapshot_id, "out_dir": str(out),
+        return {"snapshot": snapshot_id, "out_dir": out,
                 "files": len(vmas) if isinstance(vmas, list) else 0,
-                "index": str(out / "index.json")}
+                "index": os.path.join(out, "index.json")}
 
     def _verify(self) -> dict[str, Any]:
         count, problems = store_reader.verify(self.store)
@@ -747,7 +838,8 @@ class Service:
             self._require_root(peer, "verify (it reads every user's snapshots)")
             return await self._in(self.work_pool, self._verify)
         if isinstance(req, protocol.CompactReq):
-            if not peer.is_root and self._chain_uid(req.chain) != peer.uid:
+            # Also for root: a chain that does not exist is not-found, not "no snapshots".
+            if self._chain_uid(req.chain) != peer.uid and not peer.is_root:
                 raise PermissionDenied(f"chain {req.chain} is not yours")
             result = await self._in(self.maint_pool, maintenance.compact_now, self.store,
                                     req.chain, req.upto)
@@ -857,12 +949,17 @@ def _private_dir(path: Path) -> None:
 def _prepare_socket_path(path: Path) -> None:
     """Create the socket's directory; refuse if a live service owns the path; remove a
     stale socket left by a crash."""
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o755, parents=True)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"service.socket = '{path}': cannot create its directory "
+                          f"{exc.filename or path.parent}: {exc.strerror}") from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:  # e.g. a file where a directory of the path should be
+        raise ConfigError(f"service.socket = '{path}': {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise UserError(f"{path} exists and is not a socket: remove it or set service.socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -876,16 +973,22 @@ def _prepare_socket_path(path: Path) -> None:
     raise UserError(f"another ckptd is already serving on {path}")
 
 
+def _listen_tcp(listen: str) -> socket.socket:
+    """A listening TCP socket for metrics.listen ("HOST:PORT"); a ConfigError naming the
+    setting if it cannot be had."""
+    host, _, port = listen.rpartition(":")
+    try:
+        info = socket.getaddrinfo(host.strip("[]") or "127.0.0.1", int(port),
+                                  type=socket.SOCK_STREAM)[0]
+        return socket.create_server(info[4], family=info[0])
+    except OSError as exc:
+        raise ConfigError(f"metrics.listen = {listen!r}: cannot listen there: "
+                          f"{exc.strerror or exc}") from None
+
+
 def _unlink_socket(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    os.lchown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
 def serve(config_path: Path | None) -> int:

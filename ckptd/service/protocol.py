@@ -15,8 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from ..store.store import CHAIN_NAME, SNAPSHOT_ID
 from .config import PolicyOverride
 
 PROTOCOL_VERSION = 1
@@ -36,6 +37,24 @@ ErrorCode = Literal[
 ]
 
 RequestId = int | str | None
+
+
+def _snapshot_id(value: str) -> str:
+    # The id becomes a path in the store: only the form ckptd gives ids passes.
+    if SNAPSHOT_ID.fullmatch(value) is None:
+        raise ValueError("not a snapshot id (ids look like 1234-1-5)")
+    return value
+
+
+def _chain_name(value: str) -> str:
+    # The name becomes a path in the store: only the form ckptd gives chains passes.
+    if CHAIN_NAME.fullmatch(value) is None:
+        raise ValueError("not a chain name (chains look like 1234-1)")
+    return value
+
+
+SnapshotId = Annotated[str, AfterValidator(_snapshot_id)]
+ChainName = Annotated[str, AfterValidator(_chain_name)]
 
 
 class _Req(BaseModel):
@@ -77,17 +96,17 @@ class SnapshotNowReq(_Req):
 class SnapshotsReq(_Req):
     op: Literal["snapshots"]
     pid: int | None = Field(default=None, gt=0)
-    chain: str | None = None
+    chain: ChainName | None = None
 
 
 class ShowReq(_Req):
     op: Literal["show"]
-    snapshot: str = Field(min_length=1)
+    snapshot: SnapshotId
 
 
 class MaterializeReq(_Req):
     op: Literal["materialize"]
-    snapshot: str = Field(min_length=1)
+    snapshot: SnapshotId
     out_dir: str = Field(min_length=1, description="absolute path on the service's host")
 
 
@@ -97,8 +116,8 @@ class VerifyReq(_Req):
 
 class CompactReq(_Req):
     op: Literal["compact"]
-    chain: str = Field(min_length=1)
-    upto: str | None = None
+    chain: ChainName
+    upto: SnapshotId | None = None
 
 
 class ReloadReq(_Req):
@@ -199,8 +218,13 @@ def parse_request(frame: bytes) -> Request:
     """Validate one frame into a request model, or raise ProtocolError."""
     try:
         obj = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("bad-json", f"not JSON: {exc}") from None
+    except RecursionError:
+        # Nesting deeper than the interpreter's stack ('[' * 200000).
+        raise ProtocolError("bad-json", "not JSON: nested too deeply") from None
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and an integer of more digits than int()
+        # converts (4300).
+        raise ProtocolError("bad-json", f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad-json", "a request must be a JSON object")
     rid = _peek_id(obj)
@@ -216,9 +240,15 @@ def parse_request(frame: bytes) -> Request:
     except ValidationError as exc:
         e = exc.errors()[0]
         where = ".".join(str(p) for p in e["loc"][1:]) or "request"
-        raise ProtocolError(
-            "bad-request", f"{op}: {where}: {e['msg']} (got {e.get('input')!r:.80})", rid
-        ) from None
+        msg = e["msg"].removeprefix("Value error, ")
+        try:
+            got = f"{e.get('input')!r:.80}"
+        except RecursionError:  # a deeply nested value in a field (JSON allows ~1000)
+            got = "a deeply nested value"
+        raise ProtocolError("bad-request", f"{op}: {where}: {msg} (got {got})", rid) from None
+    except RecursionError:
+        raise ProtocolError("bad-request", f"{op}: a value is nested too deeply", rid) \
+            from None
 
 
 def _dump(obj: Any) -> bytes:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import json
 import os
+import stat
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -14,12 +17,21 @@ from typing import Any
 
 import zstandard
 
-from ..errors import CorruptStore, UserError
+from ..errors import CorruptStore, PermissionDenied, UserError
 from ..intervals import IntervalMap, Span, clip_to, intersect, normalize, subtract
 from ..kernel.abi import PAGE_SIZE
 from .format import SnapshotData, SnapshotMeta, Vma
-from .fsutil import FILE_MODE, fsync_dir, make_private_dir
-from .store import Store
+from .fsutil import (
+    DIR_MODE,
+    FILE_MODE,
+    MAY_EXEC,
+    MAY_WRITE,
+    Owner,
+    check_access,
+    open_as,
+    resolve_parent,
+)
+from .store import Store, parse_snapshot_id
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -204,6 +216,13 @@ class FrameReader:
             self.files[snapshot] = fd
         return fd
 
+    def open_files(self, snapshots: set[str]) -> None:
+        """Open the data files of these snapshots now (those that have one): once open,
+        a compaction that deletes them meanwhile does not matter."""
+        for sid in snapshots:
+            if self.metas[sid].data_file is not None:
+                self._fd(sid)
+
     def frame(self, snapshot: str, index: int, check: bool = True) -> bytes:
         key = (snapshot, index)
         hit = self.cache.get(key)
@@ -230,61 +249,203 @@ def _vma_file_name(v: Vma) -> str:
     return f"{v.start:016x}-{v.end:016x}.mem"
 
 
+# A materialize starts again when a compaction removes a data file it was about to read;
+# this many times at most (each needs another compaction of the chain meanwhile).
+_OPEN_ATTEMPTS = 8
+
+
+def _open_sources(store: Store, snapshot_id: str
+                  ) -> tuple[SnapshotMeta, IntervalMap[Source], FrameReader]:
+    """The page map of `snapshot_id`, and a FrameReader with every data file it reads
+    already open. A compaction of the chain meanwhile may have removed a file of the
+    lineage just read (it raises the floor first): then read the lineage again."""
+    chain, _ = parse_snapshot_id(snapshot_id)
+    for _attempt in range(_OPEN_ATTEMPTS):
+        floor = store.floor(chain)
+        meta, pm, lineage = page_map(store, snapshot_id)
+        reader = FrameReader(store, {m.id: m for m in lineage})
+        try:
+            reader.open_files({src.snapshot for _, _, src in pm if isinstance(src, DataRef)})
+        except CorruptStore:
+            reader.close()
+            if store.floor(chain) > floor:
+                continue
+            raise
+        return meta, pm, reader
+    raise CorruptStore(f"the data of {snapshot_id} kept being removed while being read "
+                       f"({_OPEN_ATTEMPTS} compactions meanwhile)")
+
+
+# Failures to set up an output directory that the one asking can fix.
+_OUT_DIR_ERRORS = {errno.EEXIST, errno.ENOTDIR, errno.ELOOP, errno.ENOENT, errno.EROFS,
+                   errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT, errno.EISDIR}
+
+
+def _out_dir_error(out_dir: str, e: OSError) -> Exception:
+    """A user's error for a failure to create or open `out_dir`; `e` itself if not."""
+    where = e.filename if isinstance(e.filename, str) and e.filename else out_dir
+    if isinstance(e, PermissionError):
+        return PermissionDenied(f"cannot create or open {out_dir}: {where}: {e.strerror}")
+    if e.errno == errno.ELOOP and where == out_dir:
+        return UserError(f"{out_dir} is a symbolic link: give the directory it points to")
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        if where == out_dir:
+            return UserError(f"{out_dir} exists and is not a directory")
+        return UserError(f"cannot create {out_dir}: {where} is not a directory")
+    if e.errno == errno.ENOENT and where != out_dir:
+        return UserError(f"{where} does not exist: create it first")
+    if e.errno in _OUT_DIR_ERRORS:
+        return UserError(f"cannot create or open {out_dir}: {where}: {e.strerror}")
+    return e
+
+
+def _open_out_dir(out_dir: str, owner: Owner | None) -> tuple[int, str]:
+    """Create `out_dir` (or take it, if it is an empty directory) and open it. Returns
+    its descriptor, through which everything is written, and its path with symlinks
+    resolved. Without `owner` (the caller writes for itself), missing parents are
+    created. With `owner`, the path is walked as that user would (fsutil.resolve_parent):
+    the parent must exist and `owner` must be allowed to create entries in it, and the
+    directory is handed to `owner`; an existing one must already belong to it. `out_dir`
+    itself may not be a symlink either way."""
+    parent = -1
+    try:
+        if owner is None:
+            # Only the directories above out_dir: out_dir is opened without following.
+            head, name = os.path.split(out_dir.rstrip("/"))
+            head = head or ("/" if out_dir.startswith("/") else ".")
+            Path(head).mkdir(parents=True, exist_ok=True)
+            parent = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            where = os.readlink(f"/proc/self/fd/{parent}")
+        else:
+            parent, name, where = resolve_parent(out_dir, owner)
+            check_access(parent, owner, MAY_WRITE | MAY_EXEC, where)
+        if name in ("", ".", ".."):
+            raise UserError(f"out_dir {out_dir!r} does not name a new or empty directory")
+        try:
+            try:
+                os.mkdir(name, DIR_MODE, dir_fd=parent)
+                created = True
+            except FileExistsError:
+                created = False
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent)
+        except OSError as e:
+            code = e.errno
+            if code == errno.ENOTDIR:  # O_DIRECTORY | O_NOFOLLOW on a symlink says so
+                with contextlib.suppress(OSError):
+                    if stat.S_ISLNK(os.lstat(name, dir_fd=parent).st_mode):
+                        code = errno.ELOOP
+            raise OSError(code, os.strerror(code or 0), out_dir) from None  # named in full
+    except OSError as e:
+        raise _out_dir_error(out_dir, e) from e
+    finally:
+        if parent >= 0:
+            os.close(parent)
+    try:
+        st = os.fstat(fd)
+        if os.listdir(fd):
+            raise UserError(f"{out_dir} exists and is not empty: choose a new directory")
+        mine = st.st_uid == os.geteuid()
+        # Not `owner`'s: taken only if just made (ours, and empty). The name may have been
+        # swapped since mkdir, but only for a directory `owner` may move there.
+        if owner is not None and st.st_uid != owner.uid and not (created and mine):
+            raise PermissionDenied(f"{out_dir} is not owned by uid {owner.uid}")
+        # The mode is set only on a directory of our own: without CAP_FOWNER (the systemd
+        # unit has none) that is all we may chmod. An existing one of `owner`'s keeps it.
+        if mine and stat.S_IMODE(st.st_mode) != DIR_MODE:
+            os.fchmod(fd, DIR_MODE)
+        if owner is not None and mine:
+            os.fchown(fd, owner.uid, owner.gid)  # last: then it is no longer ours
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, os.path.join(where, name)
+
+
+def _create(name: str, dir_fd: int, owner: Owner | None, flags: int) -> int:
+    """A new file in the output directory: never an existing one, never through a
+    symlink; handed to `owner` if given."""
+    fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 FILE_MODE, dir_fd=dir_fd)
+    if owner is not None:
+        try:
+            os.fchown(fd, owner.uid, owner.gid)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
 def materialize(store: Store, snapshot_id: str, out_dir: Path,
                 progress: Progress | None = None) -> dict[str, Any]:
-    """Write the memory of every captured mapping at `snapshot_id` into out_dir, plus
-    index.json. Returns the index."""
-    meta, pm, lineage = page_map(store, snapshot_id)
-    metas = {m.id: m for m in lineage}
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"{out_dir} exists and is not empty: choose a new directory")
-    make_private_dir(out_dir)
-    reader = FrameReader(store, metas)
+    """Write the memory of every captured mapping at `snapshot_id` into out_dir (new, or
+    an empty directory; missing parents are created), plus index.json. Returns the
+    index."""
+    return materialize_to(store, snapshot_id, str(out_dir), None, progress)[0]
+
+
+def materialize_to(store: Store, snapshot_id: str, out_dir: str, owner: Owner | None,
+                   progress: Progress | None = None) -> tuple[dict[str, Any], str]:
+    """materialize, on behalf of `owner` if given (a user that cannot read the store):
+    out_dir is created and opened as _open_out_dir says, and every file written is
+    handed to `owner`; the clean pages of a file mapping are filled from the file only
+    if `owner` may read it (fsutil.open_as). Returns the index and out_dir with symlinks
+    resolved."""
+    meta, pm, reader = _open_sources(store, snapshot_id)
+    try:
+        dfd, resolved = _open_out_dir(out_dir, owner)
+        try:
+            index = _write(meta, pm, reader, dfd, owner, progress)
+        finally:
+            os.close(dfd)
+    finally:
+        reader.close()
+    return index, resolved
+
+
+def _write(meta: SnapshotMeta, pm: IntervalMap[Source], reader: FrameReader, dfd: int,
+           owner: Owner | None, progress: Progress | None) -> dict[str, Any]:
     captured = [v for v in meta.vmas if v.capture == "private"]
     total_bytes = sum(v.end - v.start for v in captured)
     done = 0
     index_vmas: list[dict[str, object]] = []
     missing = unsourced(meta, pm)
-    try:
-        for v in captured:
-            name = _vma_file_name(v)
-            path = out_dir / name
-            sourced = [(s, e) for s, e, _ in pm.clip(v.start, v.end)]
-            not_held = subtract([(v.start, v.end)], normalize(sourced))
-            file_status = None
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            try:
-                os.ftruncate(fd, v.end - v.start)
-                if v.inode and v.path and not_held:
-                    file_status = _fill_from_file(fd, v, not_held)
-                for s, e, src in pm.clip(v.start, v.end):
-                    if isinstance(src, DataRef):
-                        frame = reader.frame(src.snapshot, src.frame)
-                        off = s + src.delta
-                        os.pwrite(fd, frame[off : off + (e - s)], s - v.start)
-                    elif file_status == "filled":
-                        os.pwrite(fd, bytes(e - s), s - v.start)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            done += v.end - v.start
-            if progress:
-                progress(done, total_bytes)
-            entry: dict[str, object] = {
-                "start": v.start, "end": v.end, "perms": v.perms, "path": v.path,
-                "offset": v.offset, "file": name,
+    for v in captured:
+        name = _vma_file_name(v)
+        sourced = [(s, e) for s, e, _ in pm.clip(v.start, v.end)]
+        not_held = subtract([(v.start, v.end)], normalize(sourced))
+        file_status = None
+        fd = _create(name, dfd, owner, os.O_RDWR)
+        try:
+            os.ftruncate(fd, v.end - v.start)
+            if v.inode and v.path and not_held:
+                file_status = _fill_from_file(fd, v, not_held, owner)
+            for s, e, src in pm.clip(v.start, v.end):
+                if isinstance(src, DataRef):
+                    frame = reader.frame(src.snapshot, src.frame)
+                    off = s + src.delta
+                    os.pwrite(fd, frame[off : off + (e - s)], s - v.start)
+                elif file_status == "filled":
+                    os.pwrite(fd, bytes(e - s), s - v.start)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        done += v.end - v.start
+        if progress:
+            progress(done, total_bytes)
+        entry: dict[str, object] = {
+            "start": v.start, "end": v.end, "perms": v.perms, "path": v.path,
+            "offset": v.offset, "file": name,
+        }
+        if v.inode:
+            entry["clean_file_pages"] = {
+                "ranges": [[s, e] for s, e in not_held],
+                "content": file_status,
             }
-            if v.inode:
-                entry["clean_file_pages"] = {
-                    "ranges": [[s, e] for s, e in not_held],
-                    "content": file_status,
-                }
-            gaps = intersect(missing, [(v.start, v.end)])
-            if gaps:
-                entry["unsourced_pages"] = [[s, e] for s, e in gaps]
-            index_vmas.append(entry)
-    finally:
-        reader.close()
+        gaps = intersect(missing, [(v.start, v.end)])
+        if gaps:
+            entry["unsourced_pages"] = [[s, e] for s, e in gaps]
+        index_vmas.append(entry)
     index: dict[str, Any] = {
         "id": meta.id,
         "pid": meta.pid,
@@ -298,26 +459,45 @@ def materialize(store: Store, snapshot_id: str, out_dir: Path,
             for v in meta.vmas if v.capture != "private"
         ],
     }
-    idx = out_dir / "index.json"
-    fd = os.open(idx, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    fd = _create("index.json", dfd, owner, os.O_WRONLY)
     with os.fdopen(fd, "w") as f:
         json.dump(index, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(out_dir)
+    os.fsync(dfd)
     return index
 
 
-def _fill_from_file(fd: int, v: Vma, spans: list[Span]) -> str:
+def _open_backing(v: Vma, owner: Owner | None) -> tuple[int, os.stat_result]:
+    """The mapped file at v.path, open for reading, and its stat; for `owner`, only if
+    that user may read it."""
+    assert v.path is not None
+    if owner is not None:
+        return open_as(v.path, owner)
+    # O_PATH first: a device or FIFO at that path is never opened for reading.
+    pfd = os.open(v.path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", v.path)
+        return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC), st
+    finally:
+        os.close(pfd)
+
+
+def _fill_from_file(fd: int, v: Vma, spans: list[Span], owner: Owner | None) -> str:
     """Copy the mapped file's content for pages the snapshot does not hold. Returns
-    "filled", or why not ("file missing", "file changed")."""
+    "filled", or why not ("not filled: ..."). For `owner`, a file that user may not read
+    (now: it may have mapped it through a descriptor it was given, or before its
+    permissions changed) is not read."""
     assert v.path is not None
     try:
-        src = os.open(v.path, os.O_RDONLY | os.O_CLOEXEC)
+        src, st = _open_backing(v, owner)
     except OSError as e:
+        if owner is not None and isinstance(e, PermissionError):
+            return f"not filled: {v.path}: uid {owner.uid} may not read it"
         return f"not filled: {v.path}: {e.strerror}"
     try:
-        st = os.fstat(src)
         if st.st_ino != v.inode or f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}" \
                 != v.dev:
             return f"not filled: {v.path} is no longer the mapped file (inode changed)"
@@ -331,13 +511,16 @@ def _fill_from_file(fd: int, v: Vma, spans: list[Span]) -> str:
 
 
 def _lineage_in(metas: dict[str, SnapshotMeta], meta: SnapshotMeta) -> list[SnapshotMeta]:
-    """Like Store.lineage, from already loaded metadata."""
+    """Like Store.lineage, from already loaded metadata (a parent must be an earlier
+    snapshot of the same chain, as there)."""
     out = [meta]
     while out[-1].kind != "full":
-        parent = out[-1].parent
-        if parent is None or parent not in metas or len(out) > len(metas):
-            raise CorruptStore(f"snapshot {meta.id}: its chain is broken at {out[-1].id}")
-        out.append(metas[parent])
+        child = out[-1]
+        parent = metas.get(child.parent) if child.parent is not None else None
+        if (parent is None or parent.chain != child.chain or parent.seq >= child.seq
+                or len(out) > len(metas)):
+            raise CorruptStore(f"snapshot {meta.id}: its chain is broken at {child.id}")
+        out.append(parent)
     out.reverse()
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import itertools
 import json
 import os
@@ -29,7 +28,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from ..errors import CorruptStore, StoreError, UnknownSnapshot
+from ..errors import CorruptStore, PermissionDenied, StoreError, UnknownSnapshot
 from .format import (
     FLOOR_VERSION,
     FORMAT_NAME,
@@ -46,6 +45,16 @@ from .format import (
 )
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
 
+# Names that come from outside (requests, the command line) and become paths in the
+# store: nothing else may reach a path, so a name like '../../tmp/x-1' cannot lead the
+# service outside the store. Each number is at most 20 digits (a 64-bit counter), so
+# that int() of it never meets Python's limit on digits.
+CHAIN_NAME = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+SNAPSHOT_ID = re.compile(r"([0-9]{1,20}-[0-9]{1,20})-([0-9]{1,20})")
+# The root user's default store: the service's (its StateDirectory=ckptd holds it), so
+# that root's `ckptd list` finds the service's snapshots while the service is stopped.
+ROOT_STORE = Path("/var/lib/ckptd/store")
+
 # A data file's name as SnapshotWriter chooses it: '<snapshot id>.<8 hex>.zst'. Only the
 # snapshot with that id may refer to it, which is what lets clean_orphans skip parsing.
 _DATA_NAME = re.compile(r"([0-9]+-[0-9]+-[0-9]+)\.[0-9a-f]{8}\.zst")
@@ -61,6 +70,9 @@ _LEFTOVER = re.compile(r"\.spare\.([0-9]+)\.[0-9]+|\..+\.([0-9]+)\.tmp")
 _FLOOR_LEFTOVER = re.compile(r"\.FLOOR\.json\.([0-9]+)\.tmp")
 
 _Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
+# A walk back to the full base starts again when a compaction retires a parent under it;
+# this many times at most (each needs another compaction of the chain meanwhile).
+_WALK_ATTEMPTS = 8
 # How a snapshot file that capture wrote begins (format.snapshot_json puts `vmas` first).
 _VMAS_FIRST = b'{"vmas":'
 _Walked = TypeVar("_Walked", bound=SnapshotData)
@@ -71,7 +83,7 @@ def default_store_path() -> Path:
     if env:
         return Path(env)
     if os.geteuid() == 0:
-        return Path("/var/lib/ckptd")
+        return ROOT_STORE
     state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(state) / "ckptd"
 
@@ -86,14 +98,27 @@ def _check_version(kind: str, where: Path | str, version: object) -> None:
 
 
 def parse_snapshot_id(snapshot_id: str) -> tuple[str, int]:
-    """'<pid>-<n>-<seq>' -> (chain '<pid>-<n>', seq)."""
-    chain, sep, seq = snapshot_id.rpartition("-")
-    if not sep or not seq.isdigit() or chain.count("-") != 1:
+    """'<pid>-<n>-<seq>' -> (chain '<pid>-<n>', seq). Anything else (ASCII digits only)
+    is refused: the id becomes a path in the store."""
+    m = SNAPSHOT_ID.fullmatch(snapshot_id)
+    if m is None:
         raise UnknownSnapshot(
-            f"{snapshot_id!r} is not a snapshot id (ids look like 1234-1-5); "
+            f"{snapshot_id[:80]!r} is not a snapshot id (ids look like 1234-1-5); "
             "see `ckptd list`"
         )
-    return chain, int(seq)
+    return m.group(1), int(m.group(2))
+
+
+def check_chain_name(chain: str) -> str:
+    """`chain` if it is a chain name ('<pid>-<n>'), else UnknownSnapshot: the name
+    becomes a path in the store."""
+    if CHAIN_NAME.fullmatch(chain) is None:
+        raise UnknownSnapshot(f"{chain[:80]!r} is not a chain name (chains look like 1234-1)")
+    return chain
+
+
+class StorePermissionDenied(StoreError, PermissionDenied):
+    """No permission to use the store: a StoreError with PermissionDenied's exit code."""
 
 
 class Store:
@@ -124,9 +149,15 @@ class Store:
         try:
             return cls._open(root, create)
         except PermissionError as e:
-            raise StoreError(
+            raise StorePermissionDenied(
                 f"no permission to use the store at {root} ({e.filename}): run as its owner "
                 "or choose another with --store DIR"
+            ) from e
+        except (FileExistsError, NotADirectoryError) as e:
+            # mkdir of the store, or of a directory in it, where a file is.
+            raise StoreError(
+                f"cannot use {root} as a store: {e.filename} is in the way "
+                f"({e.strerror}); choose another with --store DIR"
             ) from e
 
     @classmethod
@@ -161,6 +192,7 @@ class Store:
     def chain_dir(self, chain: str) -> Path:
         d = self._chain_dirs.get(chain)
         if d is None:
+            check_chain_name(chain)  # only names checked once get into the cache
             if len(self._chain_dirs) > 4096:
                 self._chain_dirs.clear()
             d = self._chain_dirs[chain] = self.chains_dir / chain
@@ -176,14 +208,16 @@ class Store:
         return d
 
     def chain_exists(self, chain: str) -> bool:
-        return os.path.isdir(f"{self._chains}/{chain}")
+        return os.path.isdir(f"{self._chains}/{check_chain_name(chain)}")
 
     def chain_ids(self) -> list[str]:
         try:
             names = os.listdir(self.chains_dir)
         except FileNotFoundError:
             return []
-        return sorted((n for n in names if (self.chains_dir / n / "CHAIN.json").exists()),
+        # Anything else in chains/ is not a chain ckptd made: ignored, as it cannot be named.
+        return sorted((n for n in names if CHAIN_NAME.fullmatch(n) is not None
+                       and (self.chains_dir / n / "CHAIN.json").exists()),
                       key=_chain_sort_key)
 
     def chain_info(self, chain: str) -> ChainInfo:
@@ -194,11 +228,16 @@ class Store:
             raise UnknownSnapshot(f"no chain {chain!r} in {self.root}") from None
         except ValueError as e:
             raise CorruptStore(f"{path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise CorruptStore(f"{path}: not a JSON object")
         _check_version("a chain of", path, raw.get("format_version"))
         try:
-            return ChainInfo.model_validate(raw)
+            info = ChainInfo.model_validate(raw)
         except ValidationError as e:
             raise CorruptStore(f"{path}: {e}") from e
+        if info.chain != chain:
+            raise CorruptStore(f"{path}: names chain {info.chain!r}, not {chain!r}")
+        return info
 
     def find_chain(self, pid: int, start_time: int) -> list[ChainInfo]:
         """Chains of this process incarnation (same pid and start time), oldest first."""
@@ -235,8 +274,8 @@ class Store:
     @contextmanager
     def lock_chain(self, chain: str) -> Iterator[None]:
         """Exclusive writer lock on a chain (released by the kernel if we die)."""
-        fd = os.open(f"{self._chains}/{chain}/lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     FILE_MODE)
+        fd = os.open(f"{self._chains}/{check_chain_name(chain)}/lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -272,7 +311,12 @@ class Store:
 
     def get(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
         self._check_floor(snapshot_id, floor)
-        return _parse_meta(*self._read_snapshot(snapshot_id))
+        return self._load(snapshot_id)
+
+    def _load(self, snapshot_id: str) -> SnapshotMeta:
+        """The snapshot's file, parsed, with no floor check."""
+        path, raw = self._read_snapshot(snapshot_id)
+        return _check_identity(path, snapshot_id, _parse_meta(path, raw))
 
     def head(self, snapshot_id: str, floor: int | None = None) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
@@ -306,11 +350,24 @@ class Store:
             _parse_meta(path, raw)  # raises the precise error (version, corruption)
             raise
         _check_version("a snapshot of", path, sub.format_version)
-        return sub
+        return _check_identity(path, snapshot_id, sub)
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
         floor, ids = self.listing(chain)
-        return [self.get(i, floor) for i in ids]
+        out: list[SnapshotMeta] = []
+        for i in ids:
+            try:
+                out.append(self.get(i, floor))
+            except UnknownSnapshot:
+                # A compaction retired it since the listing: it raised the floor above
+                # it first. Anything else missing is damage (files at or above the floor
+                # are only ever replaced, never removed).
+                if parse_snapshot_id(i)[1] < self.floor(chain):
+                    continue
+                raise CorruptStore(
+                    f"snapshot {i} of chain {chain} vanished while being listed, and no "
+                    "compaction retired it") from None
+        return out
 
     def list_snapshots(self) -> list[SnapshotMeta]:
         out: list[SnapshotMeta] = []
@@ -331,19 +388,24 @@ class Store:
 
     def snapshot_files(self, chain: str) -> list[str]:
         """The ids of every `<id>.json` in the chain's snapshots/, by sequence, those
-        below the floor included (which are not snapshots: see raise_floor)."""
-        d = f"{self._chains}/{chain}/snapshots"
+        below the floor included (which are not snapshots: see raise_floor). A file of
+        another chain's id, or not named like an id, is not one of them."""
+        d = f"{self._chains}/{check_chain_name(chain)}/snapshots"
         try:
             names = os.listdir(d)
         except FileNotFoundError:
             return []
-        ids = [n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")]
-        return sorted(ids, key=lambda i: parse_snapshot_id(i)[1])
+        ids = []
+        for n in names:
+            m = SNAPSHOT_ID.fullmatch(n[:-5]) if n.endswith(".json") else None
+            if m is not None and m.group(1) == chain:
+                ids.append((int(m.group(2)), m.group(0)))
+        return [i for _, i in sorted(ids)]
 
     def floor(self, chain: str) -> int:
         """The chain's floor: the lowest seq that is part of the chain (1 if compaction
         never raised it). Files of lower snapshots are leftovers, whatever they hold."""
-        path = f"{self._chains}/{chain}/FLOOR.json"
+        path = f"{self._chains}/{check_chain_name(chain)}/FLOOR.json"
         try:
             with open(path, "rb", buffering=0) as f:
                 raw = f.read()
@@ -384,59 +446,88 @@ class Store:
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
         """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
-        return self._walk(snapshot_id, self.get(snapshot_id),
-                          lambda i: _parse_meta(*self._read_snapshot(i)))
+        return self._walk(snapshot_id, lambda: self.get(snapshot_id), self._load)
 
     def fold_lineage(self, snapshot_id: str) -> tuple[SnapshotMeta, list[SnapshotData]]:
         """What compacting up to `snapshot_id` reads: that snapshot in full (it is
         rewritten), and its lineage like `lineage` (it last), the others parsed only
         as far as folding them needs (`pages`)."""
-        meta = self.get(snapshot_id)
-        first: SnapshotData = meta
-        # Captures write `vmas` first, and a process's mappings mostly stay the same
-        # from round to round: the folded files usually begin with the very bytes of
-        # `meta`'s. Skipping them about halves the parse of a small delta, and
-        # SnapshotPages does not read them.
-        skip = _VMAS_FIRST + vmas_json(meta.vmas) + b"," if meta.kind != "full" else b""
-        load: Callable[[str], SnapshotData] = functools.partial(
-            self._parse_subset, SnapshotPages, skip=skip)
-        return meta, self._walk(snapshot_id, first, load)
+        got: list[SnapshotMeta] = []
+        skip = b""
 
-    def _walk(self, snapshot_id: str, meta: _Walked,
+        def first() -> SnapshotData:
+            nonlocal skip
+            meta = self.get(snapshot_id)
+            got[:] = [meta]
+            # Captures write `vmas` first, and a process's mappings mostly stay the
+            # same from round to round: the folded files usually begin with the very
+            # bytes of `meta`'s. Skipping them about halves the parse of a small delta,
+            # and SnapshotPages does not read them.
+            skip = _VMAS_FIRST + vmas_json(meta.vmas) + b"," if meta.kind != "full" else b""
+            return meta
+
+        def load(i: str) -> SnapshotData:
+            return self._parse_subset(SnapshotPages, i, skip=skip)
+
+        lineage = self._walk(snapshot_id, first, load)
+        return got[0], lineage
+
+    def _walk(self, snapshot_id: str, first: Callable[[], _Walked],
               load: Callable[[str], _Walked]) -> list[_Walked]:
-        """From `meta` (of `snapshot_id`) back to its full base, loading each parent.
-        The floor is read once for the walk (`load` need not check it): a parent below
-        it is missing, whatever file is there. Only a damaged store has one, since the
-        snapshot at the floor is a full base."""
-        floors = {meta.chain: self.floor(meta.chain)}
-        out: list[_Walked] = []
-        seen: set[str] = set()
-        while True:
-            if meta.id in seen:
-                raise CorruptStore(f"snapshot chain of {snapshot_id} loops at {meta.id}")
-            seen.add(meta.id)
-            out.append(meta)
-            if meta.kind == "full":
-                break
-            if meta.parent is None:
-                raise CorruptStore(f"delta snapshot {meta.id} has no parent")
-            try:
-                chain, seq = parse_snapshot_id(meta.parent)
-                if chain not in floors:  # another chain: a damaged store
-                    floors[chain] = self.floor(chain)
-                if seq < floors[chain]:
-                    raise self._no_snapshot(meta.parent)
-                meta = load(meta.parent)
-            except UnknownSnapshot:
-                raise CorruptStore(
-                    f"snapshot {meta.id} needs its parent {meta.parent}, which is missing"
-                ) from None
-        out.reverse()
-        return out
+        """From `first()` (the snapshot `snapshot_id`) back to its full base, loading
+        each parent. The floor is read once for the walk (`load` need not check it): a
+        parent below it is missing, whatever file is there. A parent that is missing
+        because a compaction raised the floor meanwhile (it rewrites the snapshot it
+        folds into as a full base, then retires the older ones) is no damage: the walk
+        starts again from the snapshot's new file. Otherwise only a damaged store has
+        one, since the snapshot at the floor is a full base. A parent must be an earlier
+        snapshot of the same chain (captures and compaction only make such links): any
+        other would make a restore read another chain, another process's memory."""
+        chain, _ = parse_snapshot_id(snapshot_id)
+        for _attempt in range(_WALK_ATTEMPTS):
+            floor = self.floor(chain)
+            meta = first()
+            out: list[_Walked] = []
+            seen: set[str] = set()
+            while True:
+                if meta.id in seen:
+                    raise CorruptStore(f"snapshot chain of {snapshot_id} loops at {meta.id}")
+                seen.add(meta.id)
+                out.append(meta)
+                if meta.kind == "full":
+                    out.reverse()
+                    return out
+                if meta.parent is None:
+                    raise CorruptStore(f"delta snapshot {meta.id} has no parent")
+                try:
+                    parent_chain, seq = parse_snapshot_id(meta.parent)
+                except UnknownSnapshot:
+                    raise CorruptStore(
+                        f"snapshot {meta.id} names {meta.parent[:80]!r} as its parent, "
+                        "which is not a snapshot id") from None
+                if parent_chain != chain or seq >= meta.seq:
+                    raise CorruptStore(
+                        f"snapshot {meta.id} names {meta.parent} as its parent, which is "
+                        f"not an earlier snapshot of chain {chain}")
+                try:
+                    if seq < floor:
+                        raise self._no_snapshot(meta.parent)
+                    meta = load(meta.parent)
+                except UnknownSnapshot:
+                    if self.floor(chain) > floor:
+                        break  # a compaction meanwhile: walk again
+                    raise CorruptStore(
+                        f"snapshot {meta.id} needs its parent {meta.parent}, which is "
+                        "missing") from None
+        raise CorruptStore(f"snapshot chain of {snapshot_id} kept changing while being read "
+                           f"({_WALK_ATTEMPTS} compactions meanwhile)")
 
     def data_path(self, meta: SnapshotData) -> Path:
         assert meta.data_file is not None
-        return self.chain_dir(meta.chain) / "data" / meta.data_file
+        name = meta.data_file
+        if "/" in name or name in (".", "..") or "\0" in name:
+            raise CorruptStore(f"snapshot {meta.id}: data_file {name[:80]!r} is not a file name")
+        return self.chain_dir(meta.chain) / "data" / name
 
     def snapshot_file(self, chain: str, snapshot_id: str) -> str:
         """snapshot_path as a string, for the per-round path (no Path objects)."""
@@ -595,6 +686,20 @@ class Store:
 def _alive(pid: str) -> bool:
     """Is the writer with this (decimal) pid still running? Its files stay."""
     return os.path.exists(f"/proc/{pid}")
+
+
+_Identified = TypeVar("_Identified", SnapshotMeta, SnapshotHead, SnapshotPages)
+
+
+def _check_identity(path: Path | str, snapshot_id: str, meta: _Identified) -> _Identified:
+    """The file of `snapshot_id` must describe that snapshot: its id, chain and seq.
+    Anything else (a file copied or renamed by hand, damage) is not that snapshot, and
+    would make a reader follow another chain's links, of another process."""
+    chain, seq = parse_snapshot_id(snapshot_id)
+    if meta.id != snapshot_id or meta.chain != chain or meta.seq != seq:
+        raise CorruptStore(f"{path}: describes snapshot {meta.id!r} of chain {meta.chain!r} "
+                           f"(seq {meta.seq}), not {snapshot_id}")
+    return meta
 
 
 def _parse_meta(path: Path | str, raw: bytes) -> SnapshotMeta:
