@@ -83,6 +83,11 @@ def test_example_config_matches_models() -> None:
          ["service.socket_group", "'no-such-group-here'", "no such group"]),
         (f'[service]\nsocket = "/run/{"s" * 104}"',
          ["service.socket", "at most 107 bytes", "has 109"]),
+        # Powers of 1000 or of 1024? Refused rather than guessed.
+        ('[defaults]\nmax_bytes_per_round = "64MB"',
+         ["defaults.max_bytes_per_round", "ambiguous", "64M or 64MiB"]),
+        ('[defaults.retention]\nmax_bytes = "2048T"',
+         ["defaults.retention.max_bytes", "too large"]),
     ],
 )
 def test_bad_config_one_line(text: str, expect: list[str]) -> None:
@@ -92,6 +97,14 @@ def test_bad_config_one_line(text: str, expect: list[str]) -> None:
     assert "\n" not in msg and msg.startswith("x.toml: ")
     for e in expect:
         assert e in msg
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("8192", 8192), ("512K", 512 << 10), ("512KiB", 512 << 10), ("64M", 64 << 20),
+    ("64mib", 64 << 20), ("1.5G", 3 << 29), ("1T", 1 << 40)])
+def test_sizes_are_powers_of_1024_as_on_the_command_line(text: str, size: int) -> None:
+    assert parse_config(f'[defaults]\nmax_bytes_per_round = "{text}"'
+                        ).defaults.max_bytes_per_round == size
 
 
 def test_units_and_overrides() -> None:

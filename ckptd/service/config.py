@@ -10,6 +10,7 @@ import grp
 import os
 import re
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,11 +35,12 @@ class ConfigError(UserError):
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}
+# K, M, G, T and KiB, MiB, GiB, TiB are the same powers of 1024, as in the sizes ckptd
+# prints and the command line takes. KB, MB, GB, TB are refused, not guessed: some read
+# them as powers of 1000 (and ckptd did, before 2026-11-27).
+_SIZE_SHIFT = {"": 0, "b": 0, "k": 10, "kib": 10, "m": 20, "mib": 20, "g": 30, "gib": 30,
+               "t": 40, "tib": 40}
+MAX_SIZE = 1 << 50  # 1024 TiB: more than any process's memory or any store's budget
 _NUM_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -54,16 +56,23 @@ def parse_duration(value: Any) -> Any:
 
 
 def parse_size(value: Any) -> Any:
-    """Bytes as an integer, or a string like "64MiB", "1GiB", "500k"."""
+    """Bytes as an integer, or a string like "64M" or "64MiB" (the same: powers of
+    1024), "1.5G", "512K"."""
     if isinstance(value, str):
         m = _NUM_UNIT.match(value)
         unit = m.group(2).lower() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise ValueError("expected bytes or a size like 512KiB, 64MiB, 2GiB")
-        size = float(m.group(1)) * _SIZE_UNITS[unit or ""]
-        if size == float("inf"):  # more digits than a float holds: int() would overflow
-            raise ValueError("too large")
-        return int(size)
+        if m is not None and unit in ("kb", "mb", "gb", "tb"):
+            u = unit[0].upper()
+            raise ValueError(f"{value!r} is ambiguous: write {m.group(1)}{u} or "
+                             f"{m.group(1)}{u}iB (powers of 1024)")
+        if m is None or unit not in _SIZE_SHIFT:
+            raise ValueError("expected bytes or a size like 512K, 64M, 2G (powers of 1024; "
+                             "KiB, MiB, GiB, TiB also)")
+        # Decimal, not float: exact for "1.5G", and a 400-digit number is not infinity.
+        size = int(Decimal(m.group(1)) * (1 << _SIZE_SHIFT[unit or ""]))
+        if size > MAX_SIZE:
+            raise ValueError("too large (at most 1024T)")
+        return size
     return value
 
 

@@ -150,8 +150,8 @@ class Store:
             return cls._open(root, create)
         except PermissionError as e:
             raise StorePermissionDenied(
-                f"no permission to use the store at {root} ({e.filename}): run as its owner "
-                "or choose another with --store DIR"
+                f"no permission to use the store at {root} ({e.filename}): run as its owner, "
+                "or use another store (--store DIR; for the service, service.store)"
             ) from e
         except (FileExistsError, NotADirectoryError) as e:
             # mkdir of the store, or of a directory in it, where a file is.
@@ -183,8 +183,13 @@ class Store:
         store = cls(root)
         store.version = raw["version"]
         if create or os.access(root, os.W_OK):
+            new_dirs = not (store.chains_dir.is_dir() and store.tmp_dir.is_dir())
             make_private_dir(store.chains_dir)
             make_private_dir(store.tmp_dir)
+            if new_dirs:
+                # Durable before the first chain is created in chains/ (create_chain
+                # fsyncs chains/, which alone does not keep chains/ itself).
+                fsync_dir(root)
         return store
 
     # --- chains -------------------------------------------------------------------------
