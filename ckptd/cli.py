@@ -27,7 +27,7 @@ from .service.config import parse_duration
 from .store import SnapshotMeta, Store, default_store_path
 from .store import reader as store_reader
 from .store.store import ROOT_STORE
-from .store.views import snapshot_summary
+from .store.views import page_map_view, snapshot_summary
 
 log = logging.getLogger("ckptd")
 
@@ -430,29 +430,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_json(src: object) -> str:
-    if isinstance(src, store_reader.DataRef):
-        return src.snapshot
-    return str(src)
-
-
 PageMapRows = list[dict[str, Any]]
 
 
 def _show_from_store(args: argparse.Namespace
                      ) -> tuple[SnapshotMeta, list[str], PageMapRows, list[list[int]]]:
-    store = _open_store(args)
-    meta, pm, lineage = store_reader.page_map(store, args.id)
-    merged: list[list[Any]] = []
-    for s, e, src in pm:
-        label = _source_json(src)
-        if merged and merged[-1][1] == s and merged[-1][2] == label:
-            merged[-1][1] = e
-        else:
-            merged.append([s, e, label])
-    rows = [{"start": s, "end": e, "source": src} for s, e, src in merged]
-    missing = [[s, e] for s, e in store_reader.unsourced(meta, pm)]
-    return meta, [m.id for m in lineage], rows, missing
+    # The service's `show` builds its reply with the same function: the same output.
+    view = page_map_view(_open_store(args), args.id)
+    return view.meta, view.lineage, view.page_map, view.unsourced
 
 
 def _meta_from_detail(detail: dict[str, Any]) -> SnapshotMeta:
@@ -468,7 +453,7 @@ def _show_from_service(client: Any, snapshot_id: str
                                   list[list[int]] | None]:
     with client:
         res = client.call("show", snapshot=snapshot_id)
-    # page_map and unsourced are None when the service does not send them.
+    # page_map and unsourced are None from a service older than them.
     return (_meta_from_detail(res["snapshot"]), list(res["lineage"]), res.get("page_map"),
             res.get("unsourced"))
 

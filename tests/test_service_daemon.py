@@ -8,6 +8,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -206,6 +207,10 @@ def test_retention_and_compaction_in_the_background(daemon: Daemon, tmp_path: Pa
         wait_for(settled, "retention applied")
         snaps = daemon.call("snapshots", pid=t.pid)["snapshots"]
         assert snaps[0]["kind"] == "full" and snaps[0]["seq"] > 1
+        # A job that ran on after the unregistration lets go of what it kept there.
+        chain = snaps[0]["chain"]
+        wait_for(lambda: not _spares(daemon.store, chain) and not _holds_dir(
+            daemon, daemon.store / "chains" / chain / "snapshots"), "the chain released")
         assert [s["seq"] for s in snaps] == list(range(snaps[0]["seq"], snaps[-1]["seq"] + 1))
         expect = bytearray(b"".join(pattern(1, p) for p in range(128)))
         for seed in range(2, 14):
@@ -220,7 +225,6 @@ def test_retention_and_compaction_in_the_background(daemon: Daemon, tmp_path: Pa
         # older files could bring one back (here a name holding the newest snapshot's
         # metadata), is not a snapshot for the service either.
         store = Store.open(daemon.store)
-        chain = snaps[0]["chain"]
         assert 1 < store.floor(chain) <= snaps[0]["seq"]
         stale = f"{chain}-{store.floor(chain) - 1}"
         (store.chain_dir(chain) / "snapshots" / f"{stale}.json").write_bytes(
@@ -1175,3 +1179,375 @@ def test_materialize_for_a_user_with_only_the_units_capabilities(open_tmp: Path)
         proc.kill()
         proc.wait()
         d.kill()
+
+
+# --- races between requests, exits and the shutdown ---------------------------------------
+
+
+class _Pending:
+    """One request on its own connection, sent from a thread: its reply is read when it
+    comes (a request that waits for a round in flight, say)."""
+
+    def __init__(self, d: Daemon, request: dict[str, Any]) -> None:
+        self.sent = threading.Event()
+        self._reply: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(120)
+        self._sock.connect(str(d.socket))
+        self._line = json.dumps({"id": 1, **request}).encode() + b"\n"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self.sent.wait(30), "request not sent"
+
+    def _run(self) -> None:
+        try:
+            self._sock.sendall(self._line)
+            self.sent.set()
+            buf = b""
+            while b"\n" not in buf:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the service closed the connection")
+                buf += chunk
+            self._reply = json.loads(buf.split(b"\n", 1)[0])
+        except BaseException as exc:  # handed to reply()
+            self._error = exc
+        finally:
+            self._sock.close()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def reply(self) -> dict[str, Any]:
+        self._thread.join(120)
+        assert not self._thread.is_alive(), "no reply"
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
+
+
+class _Conn:
+    """A connection opened now, to send requests on later (the service stops accepting
+    connections once it is stopping, and goes on serving the open ones)."""
+
+    def __init__(self, d: Daemon) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(60)
+        self._sock.connect(str(d.socket))
+        self._buf = b""
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._sock.sendall(json.dumps({"id": 1, **request}).encode() + b"\n")
+        while b"\n" not in self._buf:
+            chunk = self._sock.recv(65536)
+            assert chunk, "the service closed the connection"
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _long_first_round(d: Daemon) -> Target:
+    """A registered process whose first (full) round runs for a while (about 3 s here):
+    640 MiB of incompressible memory. Returns once that round is in flight."""
+    t = Target(pages=160 * 1024)
+    t.cmd(f"rand 0 {t.pages}")
+    d.call("register", pid=t.pid)
+    wait_for(lambda: d.call("status")["in_flight"] >= 1, "the first round in flight",
+             step=0.005)
+    return t
+
+
+def _request(op: str, **fields: Any) -> bytes:
+    return json.dumps({"id": 1, "op": op, **fields}).encode() + b"\n"
+
+
+def test_sigterm_refuses_new_work_and_waits_for_what_runs(tmp_path: Path) -> None:
+    """Once SIGTERM has come, requests that would use the engine or the store answer
+    `busy` on connections already open; a `snapshot` request that was waiting for the
+    process's timer round does not run after it (the shutdown closes the engine): it
+    answers `busy` too; a registered process that exits is not unregistered (the
+    registration is saved as it is, and dropped at the next start); the service exits
+    0 with nothing logged as failed."""
+    d = Daemon(tmp_path, config_extra='shutdown_grace = "120s"').start()
+    try:
+        with targets(1, 16) as (small,):
+            d.call("register", pid=small.pid)
+            wait_for(lambda: _rounds(d, small.pid) >= 1, "small's first round")
+            sid = d.call("snapshots", pid=small.pid)["snapshots"][-1]["id"]
+            chain = sid.rpartition("-")[0]
+            big = _long_first_round(d)
+            try:
+                conn = _Conn(d)
+                waiting = _Pending(d, {"op": "snapshot", "pid": big.pid})
+                time.sleep(0.3)  # for the service to read it: it waits for the round
+                assert d.call("status")["in_flight"] >= 1 and not waiting.done()
+                d.signal(signal.SIGTERM)
+                wait_for(lambda: "stop requested" in d.log(), "the stop noticed")
+                for op, fields in (("compact", {"chain": chain}),
+                                   ("unregister", {"pid": small.pid}),
+                                   ("snapshot", {"pid": small.pid}),
+                                   ("register", {"pid": small.pid}),
+                                   ("show", {"snapshot": sid})):
+                    r = conn.ask({"op": op, **fields})
+                    assert not r["ok"] and r["error"]["code"] == "busy", (op, r)
+                    assert r["error"]["message"] == "the service is stopping"
+                assert conn.ask({"op": "ping"})["ok"]
+                small.kill()  # exits while the service waits for big's round
+                time.sleep(0.2)  # for its pidfd to wake the loop
+                assert not waiting.done()  # big's round still runs
+                r = waiting.reply()
+                assert not r["ok"] and r["error"]["code"] == "busy", r
+                conn.close()
+                assert d.proc is not None and d.proc.wait(120) == 0
+            finally:
+                big.kill()
+        log = d.log()
+        for bad in ("Traceback", "failed", "internal", "unregistered", "abandoning"):
+            assert bad not in log, (bad, log)
+        saved = json.loads((d.store / "service" / "registrations.json").read_text())
+        assert {r["pid"] for r in saved["registrations"]} == {small.pid, big.pid}
+        # big has its timer round's snapshot only: the on-demand one never ran.
+        store = Store.open(d.store)
+        (big_chain,) = [c for c in store.chain_ids() if c.startswith(f"{big.pid}-")]
+        assert [(m.seq, m.kind) for m in store.chain_snapshots(big_chain)] == [(1, "full")]
+        d2 = Daemon(tmp_path).start()
+        try:
+            for t in (small, big):  # both exited: dropped at the start
+                assert f"registration of pid {t.pid} " in d2.log()
+            assert d2.call("list")["processes"] == []
+            v = d2.call("verify")
+            assert v["ok"], v["problems"]
+            assert d2.stop() == 0
+        finally:
+            d2.kill()
+    finally:
+        d.kill()
+
+
+def test_register_while_unregistering_is_busy(daemon: Daemon) -> None:
+    """`unregister` waits for the round in flight with the registration still listed:
+    a `register` of the PID meanwhile answers `busy` (it used to answer "updated", and
+    the registration was dropped right after), and so does a second `unregister`'s
+    not-found; the unregistration then completes."""
+    big = _long_first_round(daemon)
+    try:
+        leaving = _Pending(daemon, {"op": "unregister", "pid": big.pid})
+        time.sleep(0.3)  # for the service to read it: it waits for the round
+        r = _raw(daemon, _request("register", pid=big.pid, policy={"interval": "2h"}))
+        assert not leaving.done()  # the round still ran: the unregistration was under way
+        assert not r["ok"] and r["error"]["code"] == "busy", r
+        assert "being unregistered" in r["error"]["message"]
+        again = _raw(daemon, _request("unregister", pid=big.pid))
+        assert not again["ok"] and again["error"]["code"] == "not-found", again
+        assert "being unregistered" in again["error"]["message"]
+        u = leaving.reply()
+        assert u["ok"] and u["result"]["unregistered"] and u["result"]["rounds"] == 1, u
+        assert daemon.call("list")["processes"] == []
+        saved = json.loads((daemon.store / "service" / "registrations.json").read_text())
+        assert saved["registrations"] == []
+    finally:
+        big.kill()
+
+
+def _block_registry_write(d: Daemon) -> Path:
+    """A FIFO where the service writes its registry's temporary file: the next save
+    blocks in open() until the test reads the FIFO, and then fails (fsync of a FIFO is
+    EINVAL): a real failing write, at a moment the test chooses."""
+    assert d.proc is not None
+    fifo = d.store / "service" / f".registrations.json.{d.proc.pid}.tmp"
+    os.mkfifo(fifo, 0o600)
+    return fifo
+
+
+def _drain(fifo: Path) -> None:
+    with open(fifo, "rb") as f:  # blocks until the service opens it to write
+        f.read()
+
+
+def _pidfds(d: Daemon) -> int:
+    return _daemon_fds(d).count("anon_inode:[pidfd]")
+
+
+def test_registration_not_saved_is_undone(daemon: Daemon) -> None:
+    """A registration whose save fails is not kept (it used to stay listed and watched,
+    with no timer, and a second `register` answered "updated" and still took no
+    snapshot): one error, then nothing of it is left, and registering again works."""
+    with targets(1, 16) as (t,):
+        fifo = _block_registry_write(daemon)
+        pending = _Pending(daemon, {"op": "register", "pid": t.pid})
+        _drain(fifo)
+        r = pending.reply()
+        assert not r["ok"] and r["error"]["code"] == "internal", r
+        assert r["error"]["message"].startswith(f"CkptdError: PID {t.pid} not registered: "
+                                                "cannot save ")
+        assert daemon.call("list")["processes"] == []
+        assert _pidfds(daemon) == 0
+        assert daemon.call("status")["registered"] == 0
+        again = daemon.call("register", pid=t.pid)
+        assert again["updated"] is False
+        wait_for(lambda: _rounds(daemon, t.pid) >= 1, "the first round")
+        saved = json.loads((daemon.store / "service" / "registrations.json").read_text())
+        assert [r["pid"] for r in saved["registrations"]] == [t.pid]
+    assert "Traceback" not in daemon.log()
+
+
+def test_process_exiting_while_its_registration_is_saved(daemon: Daemon) -> None:
+    """A process that exits while its registration is being saved: the exit unregisters
+    it, and the `register` answers `gone` instead of starting a timer for a registration
+    that is no longer there. A policy change whose save fails is undone."""
+    with targets(2, 16) as (a, b):
+        daemon.call("register", pid=a.pid)
+        fifo = _block_registry_write(daemon)
+        # a's policy change saves first, and blocks in the FIFO holding the save lock;
+        # b's registration then waits for that lock.
+        update = _Pending(daemon, {"op": "register", "pid": a.pid,
+                                   "policy": {"interval": "2h"}})
+
+        def intervals() -> dict[int, float]:
+            return {p["pid"]: p["policy"]["interval"]
+                    for p in daemon.call("list")["processes"]}
+        wait_for(lambda: intervals().get(a.pid) == 7200.0, "a's update saving")
+        new = _Pending(daemon, {"op": "register", "pid": b.pid})
+        wait_for(lambda: b.pid in intervals(), "b's registration saving")
+        b.kill()
+        wait_for(lambda: b.pid not in intervals(), "b unregistered on its exit")
+        _drain(fifo)  # a's save fails; b's goes through
+        r = new.reply()
+        assert not r["ok"] and r["error"]["code"] == "gone", r
+        assert "exited while it was being registered" in r["error"]["message"]
+        u = update.reply()
+        assert not u["ok"] and u["error"]["code"] == "internal", u
+        assert "policy not changed" in u["error"]["message"]
+        assert intervals() == {a.pid: 3600.0}  # the old policy, as saved
+        wait_for(lambda: re.search(rf"pid {b.pid} \(.*\) unregistered: the process "
+                                   "exited", daemon.log()), "b's unregistration logged")
+        saved = json.loads((daemon.store / "service" / "registrations.json").read_text())
+        assert [(r["pid"], r["policy"]["interval"]) for r in saved["registrations"]] == [
+            (a.pid, None)]
+        assert _pidfds(daemon) == 1  # a's
+        assert daemon.call("snapshots", pid=b.pid)["snapshots"] == []
+        assert daemon.call("status")["registered"] == 1
+
+
+def _spares(store: Path, chain: str) -> list[str]:
+    return [n for n in os.listdir(store / "chains" / chain / "snapshots")
+            if n.startswith(".spare.")]
+
+
+def _holds_dir(d: Daemon, path: Path) -> bool:
+    return os.path.realpath(path) in _daemon_fds(d)
+
+
+def test_compacting_a_chain_nobody_snapshots_keeps_nothing_open(daemon: Daemon) -> None:
+    """Compaction keeps the files it retires as spares for the chain's next snapshots,
+    and the chain's snapshots/ directory open. For a chain no tracked process publishes
+    in any more (its process unregistered, or a one-off's process exited), the service
+    lets go of them after compacting: no spare files left, no descriptor held."""
+    with targets(2, 32) as (reg_t, once_t):
+        daemon.call("register", pid=reg_t.pid)
+        wait_for(lambda: _rounds(daemon, reg_t.pid) >= 1, "the first round")
+        for seed in range(2, 20):
+            reg_t.fill(seed, first=seed, count=2)
+            daemon.call("snapshot", pid=reg_t.pid)
+        for seed in range(2, 8):
+            once_t.fill(seed, first=seed, count=2)
+            daemon.call("snapshot", pid=once_t.pid)
+        assert daemon.call("unregister", pid=reg_t.pid)["rounds"] == 19
+        once_t.kill()
+        wait_for(lambda: not _holds(daemon, once_t.pid), "the one-off's tracking dropped")
+        for t, count in ((reg_t, 19), (once_t, 6)):
+            snaps = daemon.call("snapshots", pid=t.pid)["snapshots"]
+            assert len(snaps) == count
+            chain = snaps[0]["chain"]
+            snapdir = daemon.store / "chains" / chain / "snapshots"
+            assert not _holds_dir(daemon, snapdir)
+            res = daemon.call("compact", chain=chain)
+            assert f"removed {count - 1} older snapshot(s)" in res["result"], res
+            assert _spares(daemon.store, chain) == []
+            assert not _holds_dir(daemon, snapdir)
+            assert [s["id"] for s in daemon.call("snapshots", pid=t.pid)["snapshots"]] == [
+                snaps[-1]["id"]]
+        v = daemon.call("verify")
+        assert v["ok"], v["problems"]
+    # The unregistration's log line counts the rounds, not the ids kept in memory (16).
+    assert re.search(rf"pid {reg_t.pid} \(.*\) unregistered: .* \(19 round\(s\) this "
+                     r"run\)", daemon.log()), daemon.log()
+
+
+def test_a_process_that_has_exited_is_neither_registered_nor_snapshotted(
+        daemon: Daemon) -> None:
+    """A zombie's PID is still taken and its /proc entries answer the permission checks:
+    the service checks, after them, that the process it opened a pidfd for is alive (a
+    PID reused meanwhile would have passed the checks as another process)."""
+    z = subprocess.Popen([PYTHON, "-c", "pass"])
+    try:
+        wait_for(lambda: Path(f"/proc/{z.pid}/stat").read_text().split()[2] == "Z",
+                 "a zombie")
+        for op in ("register", "snapshot"):
+            r = _raw(daemon, _request(op, pid=z.pid))
+            assert not r["ok"] and r["error"]["code"] == "gone", (op, r)
+            assert r["error"]["message"] == (f"TargetGone: process {z.pid} exited during "
+                                             "the request; nothing was done")
+        assert daemon.call("list")["processes"] == []
+        assert daemon.call("snapshots", pid=z.pid)["snapshots"] == []
+        assert _pidfds(daemon) == 0
+    finally:
+        z.wait()
+
+
+def test_show_through_the_service_and_from_the_store_agree(daemon: Daemon) -> None:
+    """`ckptd show ID --json` prints the same through the service as from the store:
+    the service's reply carries the page map (merged ranges, source snapshot or zero)
+    and the unsourced ranges, built by the same function."""
+    env = {**os.environ, "CKPTD_SOCKET": str(daemon.socket)}
+
+    def show(*args: str) -> Any:
+        r = subprocess.run([PYTHON, "-m", "ckptd", "show", *args], env=env, text=True,
+                           capture_output=True, check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    with targets(1, 64) as (t,):
+        t.fill(1)
+        first = daemon.call("snapshot", pid=t.pid)
+        t.fill(2, first=10, count=5)
+        t.cmd("fill 0 30 1")  # pattern(0, 30): not a zero page
+        second = daemon.call("snapshot", pid=t.pid)
+    sid = second["id"]
+    reply = daemon.call("show", snapshot=sid)
+    assert reply["unsourced"] == []
+    sources = {r["source"] for r in reply["page_map"]}
+    assert {first["id"], sid} <= sources <= {first["id"], sid, "zero"}
+    rows = reply["page_map"]
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(rows))
+    assert not any(a["end"] == b["start"] and a["source"] == b["source"]
+                   for a, b in itertools.pairwise(rows))  # merged
+    via_service = json.loads(show(sid, "--json"))
+    via_store = json.loads(show(sid, "--json", "--store", str(daemon.store)))
+    assert via_service == via_store
+    assert via_service["page_map"] == rows and via_service["unsourced"] == []
+    text = show(sid)
+    assert text == show(sid, "--store", str(daemon.store))
+    assert "the service does not send it" not in text
+
+
+def test_register_bounds_durations_like_the_command_line(daemon: Daemon) -> None:
+    """An interval the timer cannot sleep (1e300 s is finite) is a bad request naming
+    the field, as `ckptd register --interval` refuses it: at most 365 days (keep_age at
+    most 36500 days)."""
+    with targets(1, 16) as (t,):
+        for policy, field in (({"interval": 1e300}, "policy.interval"),
+                              ({"interval": "366d"}, "policy.interval"),
+                              ({"retention": {"keep_age": 1e300}},
+                               "policy.retention.keep_age")):
+            r = _raw(daemon, _request("register", pid=t.pid, policy=policy))
+            assert not r["ok"] and r["error"]["code"] == "bad-request", r
+            assert r["error"]["message"].startswith(f"register: {field}: too long: at most")
+        assert daemon.call("list")["processes"] == []
+        ok = daemon.call("register", pid=t.pid, policy={"interval": "365d"})
+        assert ok["policy"]["interval"] == 365 * 86400.0

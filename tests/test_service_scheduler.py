@@ -16,7 +16,7 @@ import pytest
 
 from ckptd.service.config import Policy, PolicyOverride
 from ckptd.service.registry import Registration, RegistrationRecord
-from ckptd.service.scheduler import Scheduler, batched
+from ckptd.service.scheduler import Scheduler, Stopped, batched
 from ckptd.service.scheduler import _wake as scheduler_wake
 
 
@@ -582,6 +582,48 @@ def test_on_demand_round_waits_for_a_posted_timer_round() -> None:
         await s.stop(4)
         assert s.in_flight == 0
         await workers.wait_idle()
+        workers.shutdown()
+
+    asyncio.run(main())
+
+
+def test_on_demand_round_waiting_for_a_timer_round_does_not_start_after_shutdown() -> None:
+    """An on-demand round asked for before a shutdown, and waiting for the process's
+    timer round, does not run once that round ends if the scheduler is stopping by then
+    (the service would be closing the engine under it): it raises Stopped. Until it has
+    ended it is in `on_demand`, for the shutdown to wait for; a new one is refused at
+    once."""
+    from ckptd.service.workers import Workers
+
+    async def main() -> None:
+        probe = _Probe()
+        probe.hold(5)
+        workers = Workers(2, "t-sched")
+        s = Scheduler(probe.round, lambda r: Policy(interval=60), concurrency=2,
+                      post=workers.post)
+        reg = _reg(5)
+        slot = s.start(reg, first_delay=0.0)
+        await asyncio.to_thread(probe.entered[5].wait, 30)
+        ran: list[str] = []
+
+        async def on_demand() -> str:
+            ran.append("on-demand")
+            return "done"
+
+        demand = asyncio.create_task(s.run_exclusive(slot, on_demand))
+        await _until(lambda: len(s.on_demand) == 1, "the on-demand round tracked")
+        tracked = next(iter(s.on_demand))
+        await s.shutdown()
+        assert not tracked.done()  # still waiting for the timer round
+        probe.gates[5].set()
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(demand, 30)
+        assert ran == [] and tracked.done() and not s.on_demand
+        with pytest.raises(Stopped):
+            await s.run_exclusive(slot, on_demand)
+        assert ran == [] and probe.rounds(5) == 1
+        await workers.wait_idle()
+        assert s.in_flight == 0 and reg.in_flight == 0
         workers.shutdown()
 
     asyncio.run(main())

@@ -27,7 +27,7 @@ import stat
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +48,7 @@ from ..kernel.syscalls import name_os_thread
 from ..store import SnapshotMeta, Store, parse_snapshot_id
 from ..store import reader as store_reader
 from ..store.fsutil import Owner
+from ..store.views import page_map_view
 from . import aio, auth, fdlimit, maintenance, protocol
 from .auth import Peer
 from .config import ConfigError, Policy, PolicyOverride, ServiceConfig, load_config
@@ -55,8 +56,15 @@ from .logsetup import set_level, setup_logging
 from .metrics import CONTENT_TYPE, Metrics
 from .notify import Notifier
 from .protocol import ErrorCode, ProtocolError
-from .registry import REGISTRY_FILE, Registration, Registry, new_record, open_process
-from .scheduler import Scheduler, Slot
+from .registry import (
+    REGISTRY_FILE,
+    Registration,
+    Registry,
+    new_record,
+    open_process,
+    pidfd_exited,
+)
+from .scheduler import Scheduler, Slot, Stopped
 from .views import registration_view, snapshot_detail, snapshot_summary, status_line
 from .workers import Workers
 
@@ -70,6 +78,10 @@ READ_CHUNK = 1 << 16
 # fewer when registrations leave less room in the open-file limit; beyond that the least
 # recently snapshotted one is forgotten (its next snapshot starts a new tracking).
 ADHOC_MAX = 16
+# What a stopping service still answers: these touch neither the engine nor the store,
+# which the shutdown closes (every other op is refused with `busy`).
+OPS_WHILE_STOPPING = (protocol.PingReq, protocol.ListReq, protocol.StatusReq,
+                      protocol.MetricsReq)
 
 
 def error_code(exc: BaseException) -> ErrorCode:
@@ -122,6 +134,10 @@ class Service:
         self._server: asyncio.AbstractServer | None = None
         self._http: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Work that uses the engine or the store (unregistrations, compactions,
+        # maintenance jobs, ...): the shutdown waits for these (within its grace) before
+        # it closes them.
+        self._ops: set[asyncio.Task[Any]] = set()
         self.store: Store
         self.engine: Engine
         self.registry: Registry
@@ -140,6 +156,26 @@ class Service:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+
+    def _spawn_op(self, coro: Any, name: str) -> None:
+        """_spawn for work that uses the engine or the store: the shutdown waits for it."""
+        task = asyncio.create_task(coro, name=name)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+        task.add_done_callback(self._task_done)
+
+    async def _op(self, coro: Coroutine[Any, Any, T], name: str) -> T:
+        """Run a request's work that uses the engine or the store as an op (see _ops),
+        in its own task: a client going away does not cut it short."""
+        task = asyncio.create_task(coro, name=name)
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Nobody will see its outcome now: log a failure (_task_done).
+            task.add_done_callback(self._task_done)
+            raise
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -282,10 +318,16 @@ class Service:
         if not self.stopping:
             log.info("stop requested: finishing snapshots in flight")
             self.stopping = True
+            # At once, not when _shutdown gets to it: a `snapshot` request waiting for a
+            # timer round must not start its own round once that one has ended.
+            self.scheduler.stopping = True
             assert self._stop_event is not None
             self._stop_event.set()
 
     def _on_hup(self) -> None:
+        if self.stopping:  # a reload would resize the pools the shutdown closes
+            log.info("reload requested while stopping: ignored")
+            return
         self._spawn(self._reload_on_signal(), "reload")
 
     async def _reload_on_signal(self) -> None:
@@ -348,7 +390,11 @@ class Service:
         if self._http is not None:
             self._http.close()
         await self.scheduler.shutdown()
-        pending: list[asyncio.Future[Any]] = [f for f in self._busy if not f.done()]
+        # Nothing new starts now (requests that use the engine or the store are refused,
+        # exits are not turned into unregistrations, timers are stopped): what runs is
+        # in these, and what it starts is awaited by it.
+        pending: list[asyncio.Future[Any]] = [
+            f for f in (*self._busy, *self._ops, *self.scheduler.on_demand) if not f.done()]
         count = len(pending) + self.capture.jobs
         if self.capture.jobs:
             pending.append(asyncio.ensure_future(self.capture.wait_idle()))
@@ -375,10 +421,12 @@ class Service:
             reg.close()
         for fd in self._adhoc_pidfds.values():
             os.close(fd)
-        self.engine.close()
+        # The pools first: the engine closes its trackers, kept files and compression
+        # pool, and the store's kept directories, with no lock against a job using them.
         self.capture.shutdown(wait=True)
         for pool in (self.work_pool, self.maint_pool):
             pool.shutdown(wait=True)
+        self.engine.close()
         log.info("stopped")
         return 0
 
@@ -419,48 +467,134 @@ class Service:
                 asyncio.get_running_loop().remove_reader(fd)
 
     def _on_exit(self, pid: int) -> None:
+        reg = self.registry.get(pid)
         self._unwatch(pid)
-        if self.registry.get(pid) is not None:
-            self._spawn(self.unregister(pid, "the process exited"), f"exit-{pid}")
+        if self.stopping:
+            # Not turned into an unregistration, whose engine.forget would run while the
+            # shutdown closes the engine: the registration is saved as it is, and the
+            # next start drops it (its process is gone). A one-off's files are closed by
+            # the engine's close.
+            if reg is None:
+                self._forget_adhoc(pid)
+            return
+        if reg is not None:
+            if not reg.unregistering:
+                self._begin_unregister(reg, exited=True)
+                self._spawn_op(self._unregister(reg, "the process exited"), f"exit-{pid}")
         else:
             self._drop_adhoc(pid)
 
     # --- registrations ------------------------------------------------------------------
 
+    def _authorize(self, peer: Peer, pid: int) -> tuple[int, int, auth.Ownership]:
+        """Open a pidfd for `pid`, then check that `peer` may act on its process. Returns
+        (pidfd, start time, ownership); the caller owns the pidfd. The pidfd comes
+        first because the checks read /proc by PID: what they read is the pidfd's
+        process only if it has not exited by the end (then its PID was not reused)."""
+        pidfd, start = open_process(pid)
+        try:
+            own = auth.check_process(peer, pid)
+            if pidfd_exited(pidfd):
+                raise TargetGone(f"process {pid} exited during the request; nothing was done")
+        except BaseException:
+            os.close(pidfd)
+            raise
+        return pidfd, start, own
+
+    @staticmethod
+    def _stale(pid: int) -> ProtocolError:
+        # The registered (or tracked) process exited and its PID is another process's
+        # now: the exit is being handled (its pidfd polls readable), which takes a moment.
+        return ProtocolError("busy", f"the process registered as PID {pid} exited and the "
+                             "PID now belongs to another process: try again once its "
+                             "registration is dropped")
+
+    def _dropped_meanwhile(self, reg: Registration) -> Exception:
+        """What to answer a `register` of `reg` that was unregistered while it waited."""
+        if reg.exited:
+            return TargetGone(f"process {reg.pid} exited while it was being registered")
+        return ProtocolError("busy", f"PID {reg.pid} was unregistered while this request "
+                             "was being served: register it again")
+
     async def register(self, peer: Peer, req: protocol.RegisterReq) -> dict[str, Any]:
-        own = auth.check_process(peer, req.pid)
-        existing = self.registry.get(req.pid)
-        if existing is not None:
-            self.registry.update(req.pid, policy=req.policy)
-            self.scheduler.policies_changed()
-            await self._persist()
-            log.info("pid %d: policy updated by uid %d", req.pid, peer.uid)
-            return {"registered": True, "updated": True,
-                    **registration_view(existing, self.policy_of(existing))}
-        if len(self.registry) >= self.cfg.service.max_registrations:
-            raise UserError(f"already {len(self.registry)} registrations "
-                            "(service.max_registrations); unregister some first")
-        if len(self.registry) >= self.fds.registrations:
-            raise UserError(
-                f"already {len(self.registry)} registrations, all that the service's "
-                f"open-file limit ({self.fds.soft}) has room for: raise LimitNOFILE= in "
-                f"ckptd.service (each registration holds {fdlimit.FDS_PER_REGISTRATION})")
-        if req.pid == os.getpid():
+        pid = req.pid
+        if pid == os.getpid():
             raise UserError("ckptd cannot snapshot itself")
-        # One-off snapshots' processes hold files too: make room among them first.
-        self._trim_adhoc(max(0, self.fds.registrations - len(self.registry) - 1), req.pid)
-        pidfd, start = open_process(req.pid)
-        rec = new_record(req.pid, start, own.uids[0], peer.uid, req.policy)
+        pidfd, start, own = self._authorize(peer, pid)
+        existing = self.registry.get(pid)
+        if existing is not None:
+            os.close(pidfd)  # the registration has its own
+            return await self._update_registration(peer, existing, start, req.policy)
+        try:
+            if len(self.registry) >= self.cfg.service.max_registrations:
+                raise UserError(f"already {len(self.registry)} registrations "
+                                "(service.max_registrations); unregister some first")
+            if len(self.registry) >= self.fds.registrations:
+                raise UserError(
+                    f"already {len(self.registry)} registrations, all that the service's "
+                    f"open-file limit ({self.fds.soft}) has room for: raise LimitNOFILE= "
+                    f"in ckptd.service (each registration holds "
+                    f"{fdlimit.FDS_PER_REGISTRATION})")
+            # One-off snapshots' processes hold files too: make room among them first.
+            self._trim_adhoc(max(0, self.fds.registrations - len(self.registry) - 1), pid)
+            rec = new_record(pid, start, own.uids[0], peer.uid, req.policy)
+        except BaseException:
+            os.close(pidfd)
+            raise
         # A process we snapshotted ad hoc may have a watcher already: take it over.
-        self._forget_adhoc(req.pid)
-        reg = self.registry.add(rec, pidfd)
-        self._watch_exit(req.pid, pidfd)
-        await self._persist()
+        self._forget_adhoc(pid)
+        reg = self.registry.add(rec, pidfd)  # the registration owns the pidfd now
+        self._watch_exit(pid, pidfd)
         self.metrics.registered.set(len(self.registry))
-        self.scheduler.start(reg, first_delay=0.0)
-        log.info("pid %d (%s) registered by uid %d, interval %.3gs", req.pid, rec.comm,
+        try:
+            await self._persist()
+        except BaseException as exc:
+            # Not saved: undo it all. Kept, it would be listed and watched with no timer,
+            # and answer a second `register` with "updated".
+            if self.registry.get(pid) is reg:
+                self._unwatch(pid)
+                self.registry.remove(pid)
+                self.metrics.registered.set(len(self.registry))
+            if isinstance(exc, OSError):
+                raise CkptdError(f"PID {pid} not registered: cannot save "
+                                 f"{self.registry.path}: {exc.strerror or exc}") from exc
+            raise
+        if self.registry.get(pid) is not reg or reg.unregistering:
+            # It exited, or was unregistered, during the write: no timer for it.
+            raise self._dropped_meanwhile(reg)
+        if not self.stopping:  # else it is saved, and its rounds start at the next start
+            self.scheduler.start(reg, first_delay=0.0)
+        log.info("pid %d (%s) registered by uid %d, interval %.3gs", pid, rec.comm,
                  peer.uid, self.policy_of(reg).interval)
         return {"registered": True, "updated": False,
+                **registration_view(reg, self.policy_of(reg))}
+
+    async def _update_registration(self, peer: Peer, reg: Registration, start: int,
+                                   policy: PolicyOverride) -> dict[str, Any]:
+        pid = reg.pid
+        if reg.unregistering:
+            raise ProtocolError("busy", f"PID {pid} is being unregistered: register it "
+                                "again once that is done")
+        if reg.record.start_time != start:
+            raise self._stale(pid)
+        before = reg.record
+        self.registry.update(pid, policy=policy)
+        self.scheduler.policies_changed()
+        try:
+            await self._persist()
+        except BaseException as exc:
+            if self.registry.get(pid) is reg and reg.record.policy is policy:
+                # Not saved: the old policy stays, in memory too.
+                self.registry.update(pid, policy=before.policy)
+                self.scheduler.policies_changed()
+            if isinstance(exc, OSError):
+                raise CkptdError(f"PID {pid}'s policy not changed: cannot save "
+                                 f"{self.registry.path}: {exc.strerror or exc}") from exc
+            raise
+        if self.registry.get(pid) is not reg or reg.unregistering:
+            raise self._dropped_meanwhile(reg)
+        log.info("pid %d: policy updated by uid %d", pid, peer.uid)
+        return {"registered": True, "updated": True,
                 **registration_view(reg, self.policy_of(reg))}
 
     def _forget_adhoc(self, pid: int) -> None:
@@ -479,7 +613,7 @@ class Service:
         tracker state): it exited, or makes room for others."""
         self._forget_adhoc(pid)
         # In the work pool: forget waits for a round of the process in flight.
-        self._spawn(self._in(self.work_pool, self.engine.forget, pid), f"forget-{pid}")
+        self._spawn_op(self._in(self.work_pool, self.engine.forget, pid), f"forget-{pid}")
 
     def _trim_adhoc(self, keep: int, spare: int = 0) -> bool:
         """Drop the least recently used one-off snapshot processes until at most `keep`
@@ -490,27 +624,50 @@ class Service:
             if len(self._adhoc_slots) <= keep:
                 break
             slot = self._adhoc_slots[pid]
-            if pid == spare or slot.lock.locked() or (
-                    slot.current is not None and not slot.current.done()):
+            if pid == spare or self._adhoc_busy(slot):
                 continue
             log.debug("pid %d: forgetting its one-off snapshot tracking (at most %d kept)",
                       pid, keep)
             self._drop_adhoc(pid)
         return len(self._adhoc_slots) <= keep
 
+    @staticmethod
+    def _adhoc_busy(slot: Slot) -> bool:
+        return slot.lock.locked() or (slot.current is not None and not slot.current.done())
+
     async def unregister(self, pid: int, why: str) -> dict[str, Any]:
         reg = self.registry.get(pid)
         if reg is None:
             raise TargetNotFound(f"PID {pid} is not registered; see `ckptd ps`")
-        self._unwatch(pid)
+        if reg.unregistering:
+            raise TargetNotFound(f"PID {pid} is being unregistered already")
+        self._begin_unregister(reg)
+        return await self._unregister(reg, why)
+
+    def _begin_unregister(self, reg: Registration, exited: bool = False) -> None:
+        # Before the first await: a `register` of the PID meanwhile is refused instead of
+        # "updating" a registration about to be dropped.
+        reg.unregistering = True
+        reg.exited = exited
+        self._unwatch(reg.pid)
+
+    async def _unregister(self, reg: Registration, why: str) -> dict[str, Any]:
+        pid = reg.pid
         await self.scheduler.stop(pid)
-        self.registry.remove(pid)
         self._tallies.pop(pid, None)
         await self._in(self.work_pool, self.engine.forget, pid)
-        await self._persist()
+        if self.registry.get(pid) is reg:
+            self.registry.remove(pid)
+        reg.close()
         self.metrics.registered.set(len(self.registry))
-        log.info("pid %d (%s) unregistered: %s; %d snapshot(s) taken this run are kept",
-                 pid, reg.record.comm, why, len(reg.snapshot_ids))
+        try:
+            await self._persist()
+        except OSError as exc:
+            raise CkptdError(f"PID {pid} unregistered, but {self.registry.path} could not "
+                             f"be saved ({exc.strerror or exc}): the registration comes "
+                             "back if the service restarts before it is saved") from exc
+        log.info("pid %d (%s) unregistered: %s; its snapshots are kept (%d round(s) this "
+                 "run)", pid, reg.record.comm, why, reg.rounds)
         return {"unregistered": True, "pid": pid, "rounds": reg.rounds,
                 "last_snapshot": reg.snapshot_ids[-1] if reg.snapshot_ids else None}
 
@@ -534,6 +691,10 @@ class Service:
         scheduler, which logs it."""
         if self.stopping or reg.closed:
             return
+        if pidfd_exited(reg.pidfd):
+            # Its exit watcher drops the registration. The PID may be another process's
+            # already: the engine would snapshot that one.
+            return
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
         self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages)
@@ -544,19 +705,29 @@ class Service:
         with m.lock:
             m.overruns.inc()
 
-    async def _capture(self, pid: int, reg: Registration | None, *, tracker: str,
-                       fuzzy: bool, max_pages: int) -> SnapshotMeta:
-        # Not through _in: shutdown waits for these through self.capture's job count.
-        return await self.capture.submit(self._capture_job, pid, reg, tracker, fuzzy,
-                                         max_pages)
-
-    def _capture_job(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
+    def _capture_job(self, pid: int, reg: Registration | None, holder: Registration,
+                     pidfd: int, start: int, tracker: str, fuzzy: bool,
                      max_pages: int) -> SnapshotMeta:
-        """In a capture worker: an on-demand round. A failure is raised to the client
-        once it has been logged and counted."""
+        """In a capture worker: an on-demand round of the process the request was
+        authorized for (`pidfd`, started at `start`); `holder` is its registration, or
+        the slot's stand-in for a one-off. A failure is raised to the client once it has
+        been logged and counted."""
+        if pidfd_exited(pidfd):
+            # The PID may be another process's already: the engine would snapshot it.
+            raise TargetGone(f"process {pid} exited; nothing was stored")
         meta = self._attempt(pid, reg, tracker, fuzzy, max_pages)
         if isinstance(meta, Exception):
             raise meta
+        holder.chain = meta.chain
+        # Alive after the round: the PID was its all along. Exited: the engine may have
+        # found another process with that PID (it identifies by PID and start time, and
+        # takes a new start time for a new process); the chain says which it captured.
+        if pidfd_exited(pidfd) and self.store.chain_info(meta.chain).start_time != start:
+            log.error("pid %d: the process exited during a snapshot and its PID was reused: "
+                      "%s is of the new process", pid, meta.id)
+            raise TargetGone(f"process {pid} exited during the snapshot and its PID now "
+                             f"belongs to another process, which {meta.id} holds; take a "
+                             "snapshot of that one only if it is the one you meant")
         return meta
 
     def _attempt(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
@@ -606,6 +777,7 @@ class Service:
             reg.last_snapshot_at = now
             reg.last_duration = elapsed
             reg.last_error = None
+            reg.chain = meta.chain
             ids = reg.snapshot_ids
             ids.append(meta.id)
             if len(ids) > 16:
@@ -620,48 +792,74 @@ class Service:
 
     def _gone(self, reg: Registration, why: str) -> None:
         # On the loop. The registration may have been dropped or replaced meanwhile, or
-        # be on its way out (the pidfd saw the exit first: no longer watched).
-        if self.registry.get(reg.pid) is reg and reg.pid in self._watched:
-            self._spawn(self.unregister(reg.pid, why), f"gone-{reg.pid}")
+        # be on its way out (the pidfd saw the exit first). Not while stopping: see
+        # _on_exit.
+        if self.registry.get(reg.pid) is reg and not reg.unregistering and not self.stopping:
+            self._begin_unregister(reg, exited=True)
+            self._spawn_op(self._unregister(reg, why), f"gone-{reg.pid}")
 
     async def snapshot_now(self, peer: Peer, req: protocol.SnapshotNowReq) -> dict[str, Any]:
-        auth.check_process(peer, req.pid)
-        if self.stopping:
-            raise ProtocolError("busy", "the service is stopping", req.id)
-        reg = self.registry.get(req.pid)
-        if reg is not None:
-            pol = self.policy_of(reg)
-            slot = self.scheduler.slots.get(req.pid)
-            default_pages = (-(-pol.max_bytes_per_round // PAGE_SIZE)
-                             if pol.max_bytes_per_round else 0)
-            tracker = req.tracker or pol.tracker
-            fuzzy = pol.consistency == "fuzzy" if req.fuzzy is None else req.fuzzy
-        else:
-            slot = self._adhoc_slot(req.pid)
-            default_pages, tracker = 0, req.tracker or "auto"
-            fuzzy = bool(req.fuzzy)
-        if slot is None:
-            raise TargetNotFound(f"PID {req.pid} is being unregistered")
-        max_pages = default_pages if req.max_pages is None else req.max_pages
-        meta = await self.scheduler.run_exclusive(
-            slot, lambda: self._capture(req.pid, reg, tracker=tracker, fuzzy=fuzzy,
-                                        max_pages=max_pages))
-        return snapshot_summary(meta)
+        pid = req.pid
+        pidfd, start, _ = self._authorize(peer, pid)
+        try:
+            reg = self.registry.get(pid)
+            if reg is not None:
+                if reg.unregistering:
+                    raise TargetNotFound(f"PID {pid} is being unregistered")
+                if reg.record.start_time != start:
+                    raise self._stale(pid)
+                slot = self.scheduler.slots.get(pid)
+                if slot is None:  # its registration is being saved; the timer comes next
+                    raise ProtocolError("busy", f"PID {pid} is being registered: try again")
+                pol = self.policy_of(reg)
+                default_pages = (-(-pol.max_bytes_per_round // PAGE_SIZE)
+                                 if pol.max_bytes_per_round else 0)
+                tracker = req.tracker or pol.tracker
+                fuzzy = pol.consistency == "fuzzy" if req.fuzzy is None else req.fuzzy
+            else:
+                slot = self._adhoc_slot(pid, pidfd, start)
+                default_pages, tracker = 0, req.tracker or "auto"
+                fuzzy = bool(req.fuzzy)
+            max_pages = default_pages if req.max_pages is None else req.max_pages
+            holder = slot.reg
 
-    def _adhoc_slot(self, pid: int) -> Slot:
+            async def capture() -> SnapshotMeta:
+                # Not through _in: shutdown waits for these through self.capture's jobs.
+                return await self.capture.submit(self._capture_job, pid, reg, holder, pidfd,
+                                                 start, tracker, fuzzy, max_pages)
+
+            task = self.scheduler.start_exclusive(slot, capture)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        # The round checks the pidfd to its end, even if this request goes away first.
+        task.add_done_callback(lambda _: os.close(pidfd))
+        # Stopped (it waited for a round of the process past the start of a stop) is
+        # answered `busy` by dispatch.
+        return snapshot_summary(await asyncio.shield(task))
+
+    def _adhoc_slot(self, pid: int, pidfd: int, start: int) -> Slot:
+        """The slot of an unregistered process, whose `pidfd` and `start` the request
+        was authorized for."""
         slot = self._adhoc_slots.get(pid)
         if slot is not None:
-            self._adhoc_slots.move_to_end(pid)
-            return slot
+            if slot.reg.record.start_time == start:
+                self._adhoc_slots.move_to_end(pid)
+                return slot
+            # The process kept under this PID exited (its exit is on its way to us).
+            if self._adhoc_busy(slot):
+                raise ProtocolError("busy", f"a snapshot of the process that had PID {pid} "
+                                    "before is running: try again")
+            self._drop_adhoc(pid)
         # Registrations come first in the open-file budget; one is always allowed.
         keep = max(1, min(ADHOC_MAX, self.fds.registrations - len(self.registry)))
         if not self._trim_adhoc(keep - 1):
             raise ProtocolError("busy", f"{len(self._adhoc_slots)} snapshots of unregistered "
                                 "processes are running, all that the service keeps: try "
                                 "again when one has ended, or register the process")
-        pidfd, start = open_process(pid)
-        self._adhoc_pidfds[pid] = pidfd
-        self._watch_exit(pid, pidfd)
+        watch = os.dup(pidfd)  # the slot's own: the request's is closed when it ends
+        self._adhoc_pidfds[pid] = watch
+        self._watch_exit(pid, watch)
         rec = new_record(pid, start, -1, -1, PolicyOverride())
         slot = Slot(Registration(record=rec, pidfd=-1, closed=True))
         self._adhoc_slots[pid] = slot
@@ -690,7 +888,7 @@ class Service:
         if reg.closed or self.stopping or chain in self._maint_running:
             return
         self._maint_running.add(chain)
-        self._spawn(self._maintain(chain, self.policy_of(reg), tally), f"maint-{chain}")
+        self._spawn_op(self._maintain(chain, self.policy_of(reg), tally), f"maint-{chain}")
 
     async def _maintain(self, chain: str, pol: Policy, tally: maintenance.ChainTally
                         ) -> None:
@@ -706,6 +904,37 @@ class Service:
                       exc_info=not isinstance(exc, CkptdError))
         finally:
             self._maint_running.discard(chain)
+        # Its process may have exited or been unregistered meanwhile (engine.forget let go
+        # of the chain before this compaction kept spares there).
+        await self._release_if_unused(chain)
+
+    async def _compact(self, chain: str, upto: str | None) -> dict[str, Any]:
+        try:
+            result = await self._in(self.maint_pool, maintenance.compact_now, self.store,
+                                    chain, upto)
+        finally:  # also after a failure: it may have got as far as keeping spares
+            await self._release_if_unused(chain)
+        return {"chain": chain, "result": result}
+
+    def _chain_in_use(self, chain: str) -> bool:
+        """Whether a registration, or a one-off process still tracked, publishes in
+        `chain`: what the engine keeps for publishing there is then released by
+        engine.forget (or close), when it stops tracking that process."""
+        pid = int(chain.partition("-")[0])
+        reg = self.registry.get(pid)
+        if reg is not None and not reg.unregistering and reg.chain == chain:
+            return True
+        slot = self._adhoc_slots.get(pid)
+        return slot is not None and slot.reg.chain == chain
+
+    async def _release_if_unused(self, chain: str) -> None:
+        """After compacting `chain`: compaction keeps the files it retires as spares for
+        the chain's next snapshots (up to 64), and the chain's snapshots/ directory open;
+        only engine.forget and engine.close let go of them, for the chains of processes
+        the engine tracks. For any other chain (an old one, or one whose process exited
+        or was unregistered during the compaction) nothing else ever would."""
+        if not self._chain_in_use(chain):
+            await self._in(self.maint_pool, maintenance.release_chain, self.store, chain)
 
     # --- store queries ------------------------------------------------------------------
 
@@ -763,6 +992,12 @@ class Service:
                 "files": len(vmas) if isinstance(vmas, list) else 0,
                 "index": os.path.join(out, "index.json")}
 
+    def _show(self, peer: Peer, snapshot_id: str) -> dict[str, Any]:
+        self._get_visible(peer, snapshot_id)
+        view = page_map_view(self.store, snapshot_id)
+        return {"snapshot": snapshot_detail(view.meta), "lineage": view.lineage,
+                "page_map": view.page_map, "unsourced": view.unsourced}
+
     def _verify(self) -> dict[str, Any]:
         count, problems = store_reader.verify(self.store)
         return {"snapshots": count, "problems": problems, "ok": not problems}
@@ -779,6 +1014,8 @@ class Service:
             result = await self.handle(req, peer)
         except ProtocolError as exc:
             return protocol.encode_error(req.id, exc.code, exc.message)
+        except Stopped as exc:  # an on-demand round that had not started
+            return protocol.encode_error(req.id, "busy", str(exc))
         except UserError as exc:
             log.info("uid %d: %s refused: %s", peer.uid, req.op, exc)
             return protocol.encode_error(req.id, error_code(exc), str(exc))
@@ -803,16 +1040,18 @@ class Service:
         if isinstance(req, protocol.PingReq):
             return {"protocol": protocol.PROTOCOL_VERSION, "version": __version__,
                     "pid": os.getpid(), "your_uid": peer.uid}
+        if self.stopping and not isinstance(req, OPS_WHILE_STOPPING):
+            # The shutdown waits for what runs, then closes the engine and the store.
+            raise ProtocolError("busy", "the service is stopping")
         if isinstance(req, protocol.RegisterReq):
-            if self.stopping:
-                raise ProtocolError("busy", "the service is stopping")
-            return await self.register(peer, req)
+            return await self._op(self.register(peer, req), f"register-{req.pid}")
         if isinstance(req, protocol.UnregisterReq):
             reg = self.registry.get(req.pid)
             if reg is None:
                 raise TargetNotFound(f"PID {req.pid} is not registered; see `ckptd ps`")
             self._require_owner(peer, reg)
-            return await self.unregister(req.pid, f"requested by uid {peer.uid}")
+            return await self._op(self.unregister(req.pid, f"requested by uid {peer.uid}"),
+                                  f"unregister-{req.pid}")
         if isinstance(req, protocol.ListReq):
             regs = [registration_view(r, self.policy_of(r))
                     for r in self.registry.by_pid.values()
@@ -827,10 +1066,7 @@ class Service:
                                    req.chain)
             return {"snapshots": snaps}
         if isinstance(req, protocol.ShowReq):
-            meta = await self._in(self.work_pool, self._get_visible, peer, req.snapshot)
-            lineage = await self._in(self.work_pool, self.store.lineage, req.snapshot)
-            return {"snapshot": snapshot_detail(meta),
-                    "lineage": [m.id for m in lineage]}
+            return await self._in(self.work_pool, self._show, peer, req.snapshot)
         if isinstance(req, protocol.MaterializeReq):
             return await self._in(self.work_pool, self._materialize, peer, req.snapshot,
                                   req.out_dir)
@@ -841,9 +1077,7 @@ class Service:
             # Also for root: a chain that does not exist is not-found, not "no snapshots".
             if self._chain_uid(req.chain) != peer.uid and not peer.is_root:
                 raise PermissionDenied(f"chain {req.chain} is not yours")
-            result = await self._in(self.maint_pool, maintenance.compact_now, self.store,
-                                    req.chain, req.upto)
-            return {"chain": req.chain, "result": result}
+            return await self._op(self._compact(req.chain, req.upto), f"compact-{req.chain}")
         if isinstance(req, protocol.ReloadReq):
             self._require_root(peer, "reload")
             return await self.reload()

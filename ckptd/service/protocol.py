@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..store.store import CHAIN_NAME, SNAPSHOT_ID
-from .config import PolicyOverride
+from .config import Duration, PolicyOverride, RetentionOverride
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes per request line, newline excluded
@@ -66,10 +66,37 @@ class PingReq(_Req):
     op: Literal["ping"]
 
 
+# The bounds `ckptd register` puts on the same options (ckptd/cli.py): the socket takes
+# no more than the command line. An interval of 1e300 s is finite, but the timer cannot
+# sleep that long (and it never comes due).
+MAX_INTERVAL = 365 * 86400.0
+MAX_AGE = 100 * 365 * 86400.0
+
+
+def _at_most(limit: float, text: str) -> AfterValidator:
+    def check(value: float | None) -> float | None:
+        if value is not None and value > limit:
+            raise ValueError(f"too long: at most {text} ({limit:.0f} s)")
+        return value
+    return AfterValidator(check)
+
+
+class RegisterRetention(RetentionOverride):
+    keep_age: Annotated[Duration | None, _at_most(MAX_AGE, "36500d")] = None
+
+
+class RegisterPolicy(PolicyOverride):
+    """A PolicyOverride as `register` takes it: with the command line's bounds."""
+
+    interval: Annotated[Duration | None, _at_most(MAX_INTERVAL, "365d")] = Field(
+        default=None, gt=0)
+    retention: RegisterRetention = Field(default_factory=lambda: RegisterRetention())
+
+
 class RegisterReq(_Req):
     op: Literal["register"]
     pid: int = Field(gt=0)
-    policy: PolicyOverride = Field(default_factory=lambda: PolicyOverride())
+    policy: RegisterPolicy = Field(default_factory=lambda: RegisterPolicy())
 
 
 class UnregisterReq(_Req):

@@ -66,8 +66,11 @@ def read_comm(pid: int) -> str:
 
 def open_process(pid: int, expect_start: int | None = None) -> tuple[int, int]:
     """Open a pidfd for `pid` and return (pidfd, start_time). The start time is read
-    after the pidfd is open, so the two describe the same process. With `expect_start`,
-    raise TargetNotFound when the PID now belongs to another process."""
+    after the pidfd is open, by PID: it is the pidfd's process's if that process has not
+    exited by the time the caller checks `pidfd_exited` (a PID is reused only once its
+    process has exited and been reaped). Anything else read by PID in between is that
+    process's too. With `expect_start`, raise TargetNotFound when the PID now belongs to
+    another process."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -112,6 +115,11 @@ class Registration:
                                                                         repr=False)
     next_due: float | None = None  # wall clock
     closed: bool = False
+    # Set, on the loop, when an unregistration starts: a `register` of the PID is then
+    # refused (busy) instead of updating a registration about to be dropped.
+    unregistering: bool = False
+    exited: bool = False  # ... because its process exited
+    chain: str | None = None  # the chain of its latest snapshot (set by the round)
     snapshot_ids: list[str] = field(default_factory=list)
 
     @property

@@ -64,6 +64,10 @@ RoundFn = Callable[[Registration], Any]
 PostFn = Callable[..., None]
 
 
+class Stopped(Exception):
+    """An on-demand round was refused: the scheduler is stopping."""
+
+
 @dataclass(eq=False)
 class Slot:
     reg: Registration
@@ -130,6 +134,10 @@ class Scheduler:
         self.in_flight = 0
         self._mutex = threading.Lock()  # slots' round state and the in-flight counts
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Refuse on-demand rounds that have not started (see the rules). Set on the loop.
+        self.stopping = False
+        # On-demand rounds not over yet (their tasks), for a shutdown to wait for.
+        self.on_demand: set[asyncio.Task[Any]] = set()
 
     def set_concurrency(self, n: int) -> None:
         """Rounds already holding the old semaphore release it; new rounds use this one.
@@ -295,6 +303,11 @@ class Scheduler:
         async with slot.lock:
             await self._round_over(slot)  # the timer cannot start one while we hold the lock
             async with self.sem:
+                # Checked here, not only when the round was asked for: it may have waited
+                # for a timer round or a free slot past the start of a shutdown, which
+                # then closes what the round would use.
+                if self.stopping:
+                    raise Stopped("the service is stopping")
                 reg = slot.reg
                 with self._mutex:
                     self._count_in(reg)
@@ -307,10 +320,19 @@ class Scheduler:
     async def run_exclusive(self, slot: Slot, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` as a round of slot's process: under its lock and the global limit.
         The round runs in its own task, so cancelling the caller never cuts it short."""
+        return await asyncio.shield(self.start_exclusive(slot, fn))
+
+    def start_exclusive(self, slot: Slot, fn: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """run_exclusive's round, started: its task, for a caller that must act once the
+        round is over, whether or not it still waits for it. Stopped if stopping."""
         self._loop = asyncio.get_running_loop()
+        if self.stopping:
+            raise Stopped("the service is stopping")
         task = asyncio.create_task(self._exclusive(slot, fn), name=f"round-{slot.reg.pid}")
         slot.current = task
-        return await asyncio.shield(task)
+        self.on_demand.add(task)
+        task.add_done_callback(self.on_demand.discard)
+        return task
 
     async def _timer(self, slot: Slot, first_delay: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -376,7 +398,9 @@ class Scheduler:
                 _wake(slot.sleeping, False)
 
     async def shutdown(self) -> None:
-        """Stop all timers. Rounds in flight run to their end; the caller waits for them
-        (with its grace) through what they run in its worker threads."""
+        """Stop all timers and refuse on-demand rounds not started yet. Rounds in flight
+        run to their end; the caller waits for them (with its grace) through what they
+        run in its worker threads, and through `on_demand`."""
+        self.stopping = True
         for slot in self.slots.values():
             self._halt(slot)
