@@ -90,7 +90,7 @@ def identify(pid: int, known: Identity | None = None,
         raise PermissionDenied(
             f"no permission to trace PID {pid}: run ckptd as root or as the process's owner"
         ) from None
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it exited meanwhile
         raise TargetNotFound(f"no process with PID {pid}") from None
     if not maps:
         raise UserError(f"PID {pid} is a kernel thread: it has no user memory to snapshot")
@@ -98,8 +98,12 @@ def identify(pid: int, known: Identity | None = None,
         exe: str | None = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = None
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        cmdline = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetNotFound(f"no process with PID {pid}") from None
     return Identity(
         pid=pid,
         start_time=start,
@@ -107,7 +111,7 @@ def identify(pid: int, known: Identity | None = None,
         comm=fields[1],
         exe=exe,
         cmdline=cmdline,
-        uid=os.stat(f"/proc/{pid}").st_uid,
+        uid=uid,
         _maps=maps,
     )
 

@@ -8,22 +8,20 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .errors import CkptdError, CorruptStore, TargetGone, UserError
+from .errors import CkptdError, CorruptStore, TargetBusy, TargetGone, UserError
 from .intervals import clip_to, normalize, total
 from .kernel.abi import PAGE_SIZE
 from .progress import Progress, human_bytes
 from .service.client import try_service
-from .service.config import parse_duration
+from .service.config import parse_duration, size_from_text
 from .store import SnapshotMeta, Store, default_store_path
 from .store import reader as store_reader
 from .store.store import ROOT_STORE
@@ -35,11 +33,11 @@ EXIT_PROBLEMS = 1  # verify found problems
 EXIT_USAGE = 2
 EXIT_TARGET_GONE = 3
 EXIT_CORRUPT = 4
+EXIT_TRY_AGAIN = 75  # EX_TEMPFAIL: the target could not be frozen now (TargetBusy)
 EXIT_INTERNAL = 70
 
 # Bounds on option values: beyond them a value is a typo (or "inf"), and passing it on
 # only moves the failure somewhere less clear (time.sleep, int(), the scheduler).
-MAX_SIZE = 1 << 50  # 1024 TiB: more than any process's memory or any store's budget
 MAX_INTERVAL = 365 * 86400.0
 MAX_AGE = 100 * 365 * 86400.0
 
@@ -147,32 +145,13 @@ def count_arg(text: str) -> int:
     return int(text)
 
 
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*")
-# K, M, G, T and KiB, MiB, GiB, TiB are the same powers of 1024, as in the sizes ckptd
-# prints. KB/MB/GB/TB are refused rather than guessed: some read them as powers of 1000.
-_SIZE_SHIFT = {"": 0, "b": 0, "k": 10, "kib": 10, "m": 20, "mib": 20, "g": 30, "gib": 30,
-               "t": 40, "tib": 40}
-
-
 def size_arg(text: str) -> int:
     """Bytes: a number with an optional suffix K, M, G, T (or KiB, MiB, GiB, TiB), all
-    powers of 1024. '64M' and '64MiB' are 64 MiB."""
-    m = _SIZE.fullmatch(text)
-    unit = m.group(2).lower() if m else ""
-    if m is not None and unit in ("kb", "mb", "gb", "tb"):
-        u = unit[0].upper()
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is ambiguous: write {m.group(1)}{u} or {m.group(1)}{u}iB "
-            "(powers of 1024)")
-    if m is None or unit not in _SIZE_SHIFT:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (bytes, or e.g. 64M or 64MiB: K, M, G, T are powers "
-            "of 1024)")
-    # Decimal, not float: exact for "1.5G", and a 400-digit number is not infinity.
-    value = int(Decimal(m.group(1)) * (1 << _SIZE_SHIFT[unit]))
-    if value > MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"{text!r} is too large (at most 1024T)")
-    return value
+    powers of 1024, as in the config file. '64M' and '64MiB' are 64 MiB."""
+    try:
+        return int(size_from_text(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def duration_arg(zero_ok: bool = False, limit: float = MAX_INTERVAL,
@@ -388,12 +367,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     print(f"ckptd: process {args.pid} exited; {taken} snapshots taken",
                           file=sys.stderr)
                     return 0 if taken else EXIT_TARGET_GONE
-                if taken == 0 and not args.json:
-                    # After the first snapshot: a failed watch prints its error alone.
-                    print(_WATCH_HEADER, flush=True)
-                taken += 1
-                print(json.dumps(snapshot_summary(meta)) if args.json else watch_line(meta),
-                      flush=True)
+                except TargetBusy as e:
+                    # Nothing stored this time; the next round tries again.
+                    print(f"ckptd: {e}", file=sys.stderr)
+                else:
+                    if taken == 0 and not args.json:
+                        # After the first snapshot: a failed watch prints its error alone.
+                        print(_WATCH_HEADER, flush=True)
+                    taken += 1
+                    print(json.dumps(snapshot_summary(meta)) if args.json
+                          else watch_line(meta), flush=True)
                 next_at += args.interval
                 delay = next_at - time.monotonic()
                 if delay < 0:
@@ -573,6 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetGone as e:
         print(f"ckptd: error: {e}", file=sys.stderr)
         return EXIT_TARGET_GONE
+    except TargetBusy as e:
+        print(f"ckptd: error: {e}", file=sys.stderr)
+        return EXIT_TRY_AGAIN
     except CorruptStore as e:
         print(f"ckptd: error: store is damaged: {e} (run `ckptd verify`)", file=sys.stderr)
         return EXIT_CORRUPT

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
-from .errors import AddressSpaceReplaced, TrackerUnavailable, UserError
+from .errors import AddressSpaceReplaced, TargetGone, TrackerUnavailable, UserError
 from .kernel import procfs
 from .kernel.syscalls import name_os_thread
 from .store import ChainInfo, SnapshotMeta, Store
@@ -188,7 +188,12 @@ class Engine:
         max_pages: int = 0,
         on_frozen: FrozenHook | None = None,
         progress: Callable[[int], None] | None = None,
+        start_time: int | None = None,
     ) -> SnapshotMeta:
+        """Snapshot process `pid`. `start_time` (clock ticks since boot, from
+        /proc/PID/stat): the process the caller means, where it checked who that is
+        before (the service authorizes a client for a process): if `pid` is another
+        process's now, TargetGone, and nothing is stored."""
         if tracker not in TRACKERS:
             raise UserError(f"unknown tracker {tracker!r}: choose one of {', '.join(TRACKERS)}")
         if max_pages < 0:
@@ -199,7 +204,11 @@ class Engine:
             if proc.files is None:
                 proc.files = procfs.ProcFiles(pid)
             known = proc.ident
-            ident = proc.ident = identify(pid, known, proc.files)
+            ident = identify(pid, known, proc.files)
+            if start_time is not None and ident.start_time != start_time:
+                raise TargetGone(f"process {pid} exited, and its PID now belongs to another "
+                                 "process; nothing was stored")
+            proc.ident = ident
             if known is not None and (ident.start_time, ident.mm_fingerprint) != (
                     known.start_time, known.mm_fingerprint):
                 proc.files.reset()  # another process or address space: other files

@@ -36,8 +36,9 @@ class TargetGone(CkptdError):
 
 
 class TargetBusy(CkptdError):
-    """The target could not be frozen now (a thread stayed in uninterruptible sleep);
-    nothing was published, and the next round tries again."""
+    """Refused now, may work later: the target could not be frozen (a thread stayed in
+    uninterruptible sleep; nothing was published, and the next round tries again), or
+    the service answered `busy`."""
 
 
 class AddressSpaceReplaced(CkptdError):

@@ -131,3 +131,18 @@ def test_forget_unregisters_the_targets_memory(store: Store, tmp_path: Path) -> 
         assert any("uw" in flags for _, _, flags in procfs.uffd_vma_flags(t.pid))
         assert again.counts.pages_read >= again.counts.pages_present > PAGES
         assert_materializes_to(store, again.id, truth.last, tmp_path / "m")
+
+
+def test_a_snapshot_for_another_start_time_is_refused(store: Store) -> None:
+    """The service authorizes a client for a process, then asks the engine for a
+    snapshot by PID: if the PID is another process's by then (its start time differs),
+    nothing is stored, and no chain is made for that other process."""
+    from ckptd.errors import TargetGone
+    from ckptd.kernel import procfs
+
+    with Target.python(WRITER) as t, Engine(store) as engine:
+        start = procfs.start_time(t.pid)
+        with pytest.raises(TargetGone, match="another process"):
+            engine.snapshot(t.pid, start_time=start + 1)
+        assert store.chain_ids() == []
+        assert engine.snapshot(t.pid, start_time=start).kind == "full"

@@ -290,6 +290,45 @@ def test_target_exiting_mid_snapshot_leaves_no_half_snapshot(engine: Engine,
         engine.snapshot(t.pid)
 
 
+KILLS_HELD_TARGET = """
+import os, signal, sys, time
+from pathlib import Path
+from ckptd.engine import Engine
+from ckptd.errors import TargetGone
+from ckptd.kernel import procfs
+from ckptd.store import Store
+eng = Engine(Store.open(Path(sys.argv[1]), create=True))
+pid = int(sys.argv[2])
+eng.snapshot(pid)
+def kill_it(pid, vmas):
+    os.kill(pid, signal.SIGKILL)
+    while procfs.process_state(pid) not in ("Z", "X"):
+        time.sleep(0.01)
+try:
+    eng.snapshot(pid, on_frozen=kill_it)
+except TargetGone:
+    print("gone", flush=True)
+time.sleep(60)  # the tracer thread lives on, as the service's capture thread does
+"""
+
+
+def test_a_target_killed_while_held_can_be_reaped_by_its_parent(tmp_path: Path) -> None:
+    """A tracee's exit goes to its tracer first: a freezer that did not collect it kept
+    the killed target a zombie that its own parent's wait() could not reap (the
+    parent hung) for as long as ckptd's capture thread lived."""
+    with Target.python(READER) as t:
+        time.sleep(0.1)
+        ckptd = subprocess.Popen(
+            [sys.executable, "-c", KILLS_HELD_TARGET, str(tmp_path / "store"), str(t.pid)],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert ckptd.stdout is not None and ckptd.stdout.readline().strip() == "gone"
+            assert t.proc.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            ckptd.kill()
+            ckptd.wait()
+
+
 CKPTD_DIES = """
 import os, signal, sys
 from pathlib import Path

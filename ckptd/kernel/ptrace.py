@@ -155,6 +155,8 @@ class Freezer:
             except OSError as e:
                 if e.errno != errno.ESRCH:
                     errors.append(e)
+                else:
+                    _reap_traced_exit(th.tid)
         self.threads.clear()
         if errors:
             raise errors[0]
@@ -252,6 +254,27 @@ class Freezer:
             # instruction ran: go on.
         raise RuntimeError(f"injected syscall in {th.tid} did not complete "
                            f"(last status {status:#x})")
+
+
+def _reap_traced_exit(tid: int) -> None:
+    """A tracee that cannot be detached (ESRCH) was killed while held: its exit is
+    reported to us, its tracer, first, and until we collect it the process stays a
+    zombie that its own parent cannot reap. Collect it; SIGKILL makes the exit prompt,
+    but not instant."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            got, status = os.waitpid(tid, abi.WAIT_ALL_THREADS | abi.WNOHANG)
+        except ChildProcessError:
+            return  # collected already, or not ours to collect
+        if got == tid and os.WIFSTOPPED(status):
+            # Not dead after all, and stopped now: let it go.
+            with contextlib.suppress(ProcessLookupError):
+                ptrace(abi.PTRACE_DETACH, tid, 0, 0)
+            return
+        if got == tid or time.monotonic() >= deadline:
+            return
+        time.sleep(0.001)
 
 
 class ThreadBlocked(Exception):

@@ -10,7 +10,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..errors import CkptdError, PermissionDenied, TargetGone, TargetNotFound, UserError
+from ..errors import (
+    CkptdError,
+    PermissionDenied,
+    TargetBusy,
+    TargetGone,
+    TargetNotFound,
+    UserError,
+)
 from . import protocol
 from .config import DEFAULT_SOCKET
 
@@ -33,6 +40,8 @@ def _raise_for(code: str, message: str) -> None:
         raise PermissionDenied(message)
     if code == "gone":
         raise TargetGone(message)
+    if code == "busy":
+        raise TargetBusy(message)  # refused now, may work later (the CLI exits 75)
     if code == "internal":
         raise CkptdError(f"the service failed: {message} (see its log)")
     raise UserError(message)

@@ -55,25 +55,29 @@ def parse_duration(value: Any) -> Any:
     return value
 
 
+def size_from_text(text: str) -> int:
+    """Bytes from "8192", "512K", "64M" or "64MiB" (the same: powers of 1024), "1.5G",
+    "1T". ValueError, saying what is wrong, for anything else: the command line and the
+    config file read sizes alike."""
+    m = _NUM_UNIT.match(text)
+    unit = m.group(2).lower() if m else None
+    if m is not None and unit in ("kb", "mb", "gb", "tb"):
+        u = unit[0].upper()
+        raise ValueError(f"{text!r} is ambiguous: write {m.group(1)}{u} or "
+                         f"{m.group(1)}{u}iB (powers of 1024)")
+    if m is None or unit not in _SIZE_SHIFT:
+        raise ValueError(f"{text!r} is not a size (bytes, or e.g. 64M or 64MiB: K, M, G, "
+                         "T are powers of 1024)")
+    # Decimal, not float: exact for "1.5G", and a 400-digit number is not infinity.
+    size = int(Decimal(m.group(1)) * (1 << _SIZE_SHIFT[unit or ""]))
+    if size > MAX_SIZE:
+        raise ValueError(f"{text[:40]!r} is too large (at most 1024T)")
+    return size
+
+
 def parse_size(value: Any) -> Any:
-    """Bytes as an integer, or a string like "64M" or "64MiB" (the same: powers of
-    1024), "1.5G", "512K"."""
-    if isinstance(value, str):
-        m = _NUM_UNIT.match(value)
-        unit = m.group(2).lower() if m else None
-        if m is not None and unit in ("kb", "mb", "gb", "tb"):
-            u = unit[0].upper()
-            raise ValueError(f"{value!r} is ambiguous: write {m.group(1)}{u} or "
-                             f"{m.group(1)}{u}iB (powers of 1024)")
-        if m is None or unit not in _SIZE_SHIFT:
-            raise ValueError("expected bytes or a size like 512K, 64M, 2G (powers of 1024; "
-                             "KiB, MiB, GiB, TiB also)")
-        # Decimal, not float: exact for "1.5G", and a 400-digit number is not infinity.
-        size = int(Decimal(m.group(1)) * (1 << _SIZE_SHIFT[unit or ""]))
-        if size > MAX_SIZE:
-            raise ValueError("too large (at most 1024T)")
-        return size
-    return value
+    """Bytes as an integer, or a string as size_from_text reads it."""
+    return size_from_text(value) if isinstance(value, str) else value
 
 
 # inf or nan would pass ge=0 (nan compares false both ways) and break the scheduler.

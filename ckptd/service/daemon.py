@@ -38,6 +38,7 @@ from ..errors import (
     CkptdError,
     CorruptStore,
     PermissionDenied,
+    TargetBusy,
     TargetGone,
     TargetNotFound,
     UnknownSnapshot,
@@ -93,6 +94,8 @@ def error_code(exc: BaseException) -> ErrorCode:
         return "user-error"
     if isinstance(exc, TargetGone):
         return "gone"
+    if isinstance(exc, TargetBusy):
+        return "busy"
     return "internal"
 
 
@@ -697,7 +700,8 @@ class Service:
             return
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
-        self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages)
+        self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages,
+                      reg.record.start_time)
 
     def _count_overrun(self, reg: Registration) -> None:
         # In the capture worker that ended the round.
@@ -715,7 +719,7 @@ class Service:
         if pidfd_exited(pidfd):
             # The PID may be another process's already: the engine would snapshot it.
             raise TargetGone(f"process {pid} exited; nothing was stored")
-        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages)
+        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages, start)
         if isinstance(meta, Exception):
             raise meta
         holder.chain = meta.chain
@@ -731,15 +735,17 @@ class Service:
         return meta
 
     def _attempt(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
-                 max_pages: int) -> SnapshotMeta | Exception:
-        """In a capture worker: one snapshot and its bookkeeping. The engine's failure
-        is logged and counted here, and returned."""
+                 max_pages: int, start_time: int) -> SnapshotMeta | Exception:
+        """In a capture worker: one snapshot of the process `pid` that started at
+        `start_time` (the engine refuses another process with that PID), and its
+        bookkeeping. The engine's failure is logged and counted here, and returned."""
         m = self.metrics
         with m.lock:
             m.in_flight.add(1)
         t0 = time.monotonic()
         try:
-            meta = self.engine.snapshot(pid, tracker=tracker, fuzzy=fuzzy, max_pages=max_pages)
+            meta = self.engine.snapshot(pid, tracker=tracker, fuzzy=fuzzy, max_pages=max_pages,
+                                        start_time=start_time)
         except Exception as exc:
             reason = failure_reason(exc)
             with m.lock:
@@ -754,6 +760,8 @@ class Service:
                     self._loop.call_soon_threadsafe(self._gone, reg, str(exc))
             elif isinstance(exc, UserError):
                 log.warning("pid %d: snapshot refused: %s", pid, exc)
+            elif isinstance(exc, TargetBusy):
+                log.warning("pid %d: %s", pid, exc)
             elif isinstance(exc, CkptdError):
                 log.error("pid %d: snapshot failed: %s", pid, exc)
             else:
