@@ -549,19 +549,15 @@ class Service:
         reg = self.registry.add(rec, pidfd)  # the registration owns the pidfd now
         self._watch_exit(pid, pidfd)
         self.metrics.registered.set(len(self.registry))
-        try:
-            await self._persist()
-        except BaseException as exc:
-            # Not saved: undo it all. Kept, it would be listed and watched with no timer,
-            # and answer a second `register` with "updated".
+        def undo() -> None:
+            # Kept unsaved, it would be listed and watched with no timer, and answer a
+            # second `register` with "updated".
             if self.registry.get(pid) is reg:
                 self._unwatch(pid)
                 self.registry.remove(pid)
                 self.metrics.registered.set(len(self.registry))
-            if isinstance(exc, OSError):
-                raise CkptdError(f"PID {pid} not registered: cannot save "
-                                 f"{self.registry.path}: {exc.strerror or exc}") from exc
-            raise
+
+        await self._persist_or_undo(undo, f"PID {pid} not registered")
         if self.registry.get(pid) is not reg or reg.unregistering:
             # It exited, or was unregistered, during the write: no timer for it.
             raise self._dropped_meanwhile(reg)
@@ -571,6 +567,18 @@ class Service:
                  peer.uid, self.policy_of(reg).interval)
         return {"registered": True, "updated": False,
                 **registration_view(reg, self.policy_of(reg))}
+
+    async def _persist_or_undo(self, undo: Callable[[], None], what: str) -> None:
+        """Save the registry; if that fails, `undo` the change in memory too, and say
+        `what` did not happen (an OSError, such as a full disk, as one line)."""
+        try:
+            await self._persist()
+        except BaseException as exc:
+            undo()
+            if isinstance(exc, OSError):
+                raise CkptdError(f"{what}: cannot save {self.registry.path}: "
+                                 f"{exc.strerror or exc}") from exc
+            raise
 
     async def _update_registration(self, peer: Peer, reg: Registration, start: int,
                                    policy: PolicyOverride) -> dict[str, Any]:
@@ -583,17 +591,14 @@ class Service:
         before = reg.record
         self.registry.update(pid, policy=policy)
         self.scheduler.policies_changed()
-        try:
-            await self._persist()
-        except BaseException as exc:
+
+        def undo() -> None:
             if self.registry.get(pid) is reg and reg.record.policy is policy:
-                # Not saved: the old policy stays, in memory too.
+                # The old policy stays, in memory too.
                 self.registry.update(pid, policy=before.policy)
                 self.scheduler.policies_changed()
-            if isinstance(exc, OSError):
-                raise CkptdError(f"PID {pid}'s policy not changed: cannot save "
-                                 f"{self.registry.path}: {exc.strerror or exc}") from exc
-            raise
+
+        await self._persist_or_undo(undo, f"PID {pid}'s policy not changed")
         if self.registry.get(pid) is not reg or reg.unregistering:
             raise self._dropped_meanwhile(reg)
         log.info("pid %d: policy updated by uid %d", pid, peer.uid)
