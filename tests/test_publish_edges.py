@@ -146,3 +146,23 @@ def test_a_snapshot_for_another_start_time_is_refused(store: Store) -> None:
             engine.snapshot(t.pid, start_time=start + 1)
         assert store.chain_ids() == []
         assert engine.snapshot(t.pid, start_time=start).kind == "full"
+
+
+def test_a_snapshot_file_without_a_format_version_is_damaged(store: Store) -> None:
+    """Every reader refuses it the same way: not taken as the current version by one
+    and failing with a raw validation error in another."""
+    import json as json_module
+
+    from ckptd.errors import CorruptStore
+
+    with Target.python(WRITER) as t, Engine(store) as engine:
+        meta = engine.snapshot(t.pid)
+    path = store.snapshot_path(meta.id)
+    doc = json_module.loads(path.read_bytes())
+    del doc["format_version"]
+    path.write_text(json_module.dumps(doc))
+    for read in (store.get, store.head, store.pages):
+        with pytest.raises(CorruptStore, match="no format version"):
+            read(meta.id)
+    _, problems = store_reader.verify(store)
+    assert any("no format version" in p for p in problems), problems

@@ -89,6 +89,10 @@ def default_store_path() -> Path:
 
 
 def _check_version(kind: str, where: Path | str, version: object) -> None:
+    if version is None:
+        # Every writer records it: a file without one was not written by ckptd whole.
+        raise CorruptStore(f"{where} records no format version, which every file "
+                           "ckptd writes does: it is damaged (run `ckptd verify`)")
     if version not in READABLE_VERSIONS:
         known = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise StoreError(
@@ -351,10 +355,13 @@ class Store:
         doc = b"{" + raw[len(skip):] if skip and raw.startswith(skip) else raw
         try:
             sub = model.model_validate_json(doc)
-        except ValidationError:
+        except ValidationError as e:
             _parse_meta(path, raw)  # raises the precise error (version, corruption)
-            raise
-        _check_version("a snapshot of", path, sub.format_version)
+            raise CorruptStore(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}"
+                               ) from e
+        # The models default format_version (for writers); a file must carry it.
+        _check_version("a snapshot of", path, sub.format_version
+                       if b'"format_version"' in raw else None)
         return _check_identity(path, snapshot_id, sub)
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
@@ -724,7 +731,8 @@ def _parse_versioned(model: type[_Versioned], kind: str, path: Path | str, raw: 
         parsed: _Versioned | None = model.model_validate_json(raw)
     except ValidationError:
         parsed = None  # parsed again below, for the precise error
-    if parsed is not None:
+    # The models default format_version (for writers); a file must carry it.
+    if parsed is not None and b'"format_version"' in raw:
         _check_version(kind, path, parsed.format_version)
         return parsed
     try:
