@@ -114,18 +114,7 @@ class Engine:
                     t.release()
                 p.close()
                 if p.chain is not None:
-                    self._release_chain(p.chain.chain)
-
-    def _release_chain(self, chain: str) -> None:
-        """Let go of what this process kept for publishing in `chain` (its spares and
-        its snapshots/ directory fd), under the chain lock: a compaction in another
-        thread may be publishing there with that fd, and a closed fd number that is
-        reused meanwhile would make its directory fsync sync another file."""
-        try:
-            with self.store.lock_chain(chain):
-                self.store.drop_spares(chain)
-        except FileNotFoundError:
-            self.store.drop_spares(chain)  # the chain was deleted: nobody publishes there
+                    self.store.release_chain(p.chain.chain)
 
     def uffd_probe(self) -> tuple[bool, str]:
         if self._uffd_probe is None:
@@ -143,7 +132,7 @@ class Engine:
         if c is not None:
             # This process publishes nothing more in its old chain (an exec, or another
             # process with its PID): let go of what it kept for publishing there.
-            self._release_chain(c.chain)
+            self.store.release_chain(c.chain)
         chains = self.store.find_chain(ident.pid, ident.start_time)
         reason = None
         if chains:

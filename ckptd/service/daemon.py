@@ -947,7 +947,7 @@ class Service:
         the engine tracks. For any other chain (an old one, or one whose process exited
         or was unregistered during the compaction) nothing else ever would."""
         if not self._chain_in_use(chain):
-            await self._in(self.maint_pool, maintenance.release_chain, self.store, chain)
+            await self._in(self.maint_pool, self.store.release_chain, chain)
 
     # --- store queries ------------------------------------------------------------------
 

@@ -317,16 +317,3 @@ def compact_now(store: Store, chain: str, upto: str | None) -> str:
             return "chain has no snapshots"
         upto = latest.id
     return compact_chain(store, chain, upto)
-
-
-def release_chain(store: Store, chain: str) -> None:
-    """Let go of what this process keeps for publishing in `chain` (its spares and its
-    snapshots/ directory fd), once nothing will publish there. Under the chain lock, as
-    Engine._release_chain does: a round or a compaction in another thread may be
-    publishing there with that fd, and a closed fd number reused meanwhile would make its
-    directory fsync sync another file."""
-    try:
-        with store.lock_chain(chain):
-            store.drop_spares(chain)
-    except FileNotFoundError:
-        store.drop_spares(chain)  # the chain was deleted: nobody publishes there

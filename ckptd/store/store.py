@@ -600,6 +600,18 @@ class Store:
         except FileNotFoundError:
             pass  # already gone (another ckptd compacted it)
 
+    def release_chain(self, chain: str) -> None:
+        """Let go of what this process keeps for publishing in `chain` (its spares and
+        its snapshots/ directory fd), once nothing of this process will publish there.
+        Under the chain lock: a round or a compaction in another thread may be
+        publishing there with that fd, and a closed fd number reused meanwhile would
+        make its directory fsync sync another file."""
+        try:
+            with self.lock_chain(chain):
+                self.drop_spares(chain)
+        except FileNotFoundError:
+            self.drop_spares(chain)  # the chain was deleted: nobody publishes there
+
     def drop_spares(self, chain: str | None = None) -> None:
         """Delete this process's spares of `chain` (of every chain if None): when it will
         publish nothing more there (the process was unregistered, or the engine closes).
