@@ -18,7 +18,15 @@ from concurrent.futures import Executor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from .errors import PermissionDenied, TargetBusy, TargetGone, TargetNotFound, UserError
+from .errors import (
+    PermissionDenied,
+    StoreFull,
+    TargetBusy,
+    TargetGone,
+    TargetNotFound,
+    UserError,
+    is_out_of_space,
+)
 from .intervals import Span, intersect, normalize, subtract, total
 from .kernel import abi, memread, procfs
 from .kernel.ptrace import Freezer, ThreadBlocked
@@ -242,6 +250,8 @@ def take_snapshot(
         estimate = tracker.estimate(ctx, lambda: ident.maps, full)
     except OSError:
         estimate = 0  # only sizes the buffer; the snapshot itself will report problems
+    if not full:
+        _check_room(store, chain.chain, pid, (estimate + ROOM_SLACK_PAGES) * abi.PAGE_SIZE)
     buffers.ensure((estimate + 256) * abi.PAGE_SIZE)
     tracker.begin(ctx)
     t_prepared = time.perf_counter()
@@ -345,7 +355,7 @@ def take_snapshot(
         )
         publishing = True
         store.publish(meta, from_maps.models_json)
-    except BaseException:
+    except BaseException as e:
         if publishing and os.path.exists(store.snapshot_file(chain.chain, snapshot_id)):
             # The metadata was renamed into place, and only what follows the rename
             # (the directory fsync) failed or was interrupted: the snapshot is listed,
@@ -355,6 +365,11 @@ def take_snapshot(
         else:
             writer.abort()
             tracker.abandon(ctx)
+            if isinstance(e, OSError) and is_out_of_space(e):
+                raise StoreFull(
+                    f"the store {store.root} is out of space ({e.strerror}): nothing was "
+                    f"stored for process {pid}; free space there or lower retention, and "
+                    "the next round stores what this one could not") from e
         raise
     finally:
         buffers.release()
@@ -362,6 +377,25 @@ def take_snapshot(
     for note in harvest.notes:
         log.info("snapshot %s: %s", snapshot_id, note)
     return meta
+
+
+# A delta is refused before its get-and-clear unless the store's filesystem has room for
+# its estimated pages uncompressed plus this (the metadata file, a burst of writes).
+ROOM_SLACK_PAGES = 256
+
+
+def _check_room(store: Store, chain: str, pid: int, needed: int) -> None:
+    """Refuse a delta the store has no room for while that costs nothing: a delta that
+    fails for lack of space after the get-and-clear has taken pages from the kernel's
+    tracking that no snapshot holds, so the next round must be full, which needs more
+    room still. Counts the space unprivileged users may use: ckptd leaves the
+    filesystem's reserve to the system."""
+    free = store.free_bytes(chain)
+    if free < needed:
+        raise StoreFull(
+            f"the store {store.root} is out of space ({free >> 20} MiB free, a snapshot of "
+            f"process {pid} may need {-(-needed >> 20)} MiB): nothing was taken; free "
+            "space there or lower retention, and the next round stores what changed")
 
 
 def _drop_pages(runs: list[Span], keep: list[bool] | None, gone: list[Span]) -> list[bool]:

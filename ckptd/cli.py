@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .errors import CkptdError, CorruptStore, TargetBusy, TargetGone, UserError
+from .errors import CkptdError, CorruptStore, StoreFull, TargetBusy, TargetGone, UserError
 from .intervals import clip_to, normalize, total
 from .kernel.abi import PAGE_SIZE
 from .progress import Progress, human_bytes
@@ -33,6 +33,7 @@ EXIT_PROBLEMS = 1  # verify found problems
 EXIT_USAGE = 2
 EXIT_TARGET_GONE = 3
 EXIT_CORRUPT = 4
+EXIT_STORE_FULL = 74  # EX_IOERR: the store's filesystem is out of space (StoreFull)
 EXIT_TRY_AGAIN = 75  # EX_TEMPFAIL: the target could not be frozen now (TargetBusy)
 EXIT_INTERNAL = 70
 
@@ -367,8 +368,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     print(f"ckptd: process {args.pid} exited; {taken} snapshots taken",
                           file=sys.stderr)
                     return 0 if taken else EXIT_TARGET_GONE
-                except TargetBusy as e:
-                    # Nothing stored this time; the next round tries again.
+                except (TargetBusy, StoreFull) as e:
+                    # Nothing stored this time; the next round tries again (a full disk
+                    # may get room: retention, an operator).
                     print(f"ckptd: {e}", file=sys.stderr)
                 else:
                     if taken == 0 and not args.json:
@@ -559,6 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TargetBusy as e:
         print(f"ckptd: error: {e}", file=sys.stderr)
         return EXIT_TRY_AGAIN
+    except StoreFull as e:
+        print(f"ckptd: error: {e}", file=sys.stderr)
+        return EXIT_STORE_FULL
     except CorruptStore as e:
         print(f"ckptd: error: store is damaged: {e} (run `ckptd verify`)", file=sys.stderr)
         return EXIT_CORRUPT

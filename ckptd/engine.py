@@ -16,7 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
-from .errors import AddressSpaceReplaced, TargetGone, TrackerUnavailable, UserError
+from .errors import (
+    AddressSpaceReplaced,
+    StoreFull,
+    TargetGone,
+    TrackerUnavailable,
+    UserError,
+    is_out_of_space,
+)
 from .kernel import procfs
 from .kernel.syscalls import name_os_thread
 from .store import ChainInfo, SnapshotMeta, Store
@@ -187,6 +194,21 @@ class Engine:
             raise UserError(f"unknown tracker {tracker!r}: choose one of {', '.join(TRACKERS)}")
         if max_pages < 0:
             raise UserError("the page budget must be 0 (unbounded) or positive")
+        try:
+            return self._snapshot(pid, tracker, fuzzy, max_pages, on_frozen, progress,
+                                  start_time)
+        except OSError as e:
+            if not is_out_of_space(e):
+                raise
+            # Outside a round's storing (which says more itself): a new chain, the
+            # tracker's state file.
+            raise StoreFull(f"the store {self.store.root} is out of space ({e.strerror}): "
+                            f"the snapshot of process {pid} failed; free space there or "
+                            "lower retention") from e
+
+    def _snapshot(self, pid: int, tracker: str, fuzzy: bool, max_pages: int,
+                  on_frozen: FrozenHook | None, progress: Callable[[int], None] | None,
+                  start_time: int | None) -> SnapshotMeta:
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
         with proc.lock:

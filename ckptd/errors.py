@@ -4,6 +4,11 @@ with its context."""
 
 from __future__ import annotations
 
+import errno
+
+# errnos saying the store's filesystem has no room left: space, or the user's quota.
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class CkptdError(Exception):
     """Base for errors ckptd raises on purpose."""
@@ -39,6 +44,17 @@ class TargetBusy(CkptdError):
     """Refused now, may work later: the target could not be frozen (a thread stayed in
     uninterruptible sleep; nothing was published, and the next round tries again), or
     the service answered `busy`."""
+
+
+class StoreFull(CkptdError):
+    """The store's filesystem ran out of space or quota. Nothing half-written became
+    visible, and the next round that can write stores everything the failed one did not
+    (a full snapshot, if the tracker lost track). An operational condition, not a bug:
+    reported in one line, and a watch or the service goes on trying."""
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE
 
 
 class AddressSpaceReplaced(CkptdError):

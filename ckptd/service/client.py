@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import (
     CkptdError,
     PermissionDenied,
+    StoreFull,
     TargetBusy,
     TargetGone,
     TargetNotFound,
@@ -42,6 +43,8 @@ def _raise_for(code: str, message: str) -> None:
         raise TargetGone(message)
     if code == "busy":
         raise TargetBusy(message)  # refused now, may work later (the CLI exits 75)
+    if code == "store-full":
+        raise StoreFull(message)  # the CLI exits 74
     if code == "internal":
         raise CkptdError(f"the service failed: {message} (see its log)")
     raise UserError(message)

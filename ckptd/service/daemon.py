@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ from ..errors import (
     CkptdError,
     CorruptStore,
     PermissionDenied,
+    StoreFull,
     TargetBusy,
     TargetGone,
     TargetNotFound,
@@ -96,6 +98,8 @@ def error_code(exc: BaseException) -> ErrorCode:
         return "gone"
     if isinstance(exc, TargetBusy):
         return "busy"
+    if isinstance(exc, StoreFull):
+        return "store-full"
     return "internal"
 
 
@@ -123,6 +127,10 @@ class Service:
         self.notifier = Notifier.from_env()
         self.started = time.time()
         self.last_snapshot_at: float | None = None
+        # Rounds failed for lack of space since the last round that stored: a full store
+        # fails every round, and one log line (and the STATUS line) says so, not each.
+        self.full_store_rounds = 0
+        self._full_store_lock = threading.Lock()
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop  # set by run(); capture workers call into it
@@ -439,7 +447,8 @@ class Service:
             await aio.atomic_write(self.registry.path, self.registry.to_bytes())
 
     def _status_text(self) -> str:
-        return status_line(len(self.registry), self.last_snapshot_at, time.time())
+        return status_line(len(self.registry), self.last_snapshot_at, time.time(),
+                           self.full_store_rounds)
 
     async def _ticker(self) -> None:
         interval = self.notifier.watchdog_interval or 5.0
@@ -767,6 +776,8 @@ class Service:
                 log.warning("pid %d: snapshot refused: %s", pid, exc)
             elif isinstance(exc, TargetBusy):
                 log.warning("pid %d: %s", pid, exc)
+            elif isinstance(exc, StoreFull):
+                self._note_store_full(pid, exc)
             elif isinstance(exc, CkptdError):
                 log.error("pid %d: snapshot failed: %s", pid, exc)
             else:
@@ -785,6 +796,8 @@ class Service:
             if meta.truncated:
                 m.truncated.inc()
         self.last_snapshot_at = now
+        if self.full_store_rounds:
+            self._store_has_room()
         if reg is not None:
             reg.rounds += 1
             reg.last_snapshot_at = now
@@ -902,6 +915,23 @@ class Service:
             return
         self._maint_running.add(chain)
         self._spawn_op(self._maintain(chain, self.policy_of(reg), tally), f"maint-{chain}")
+
+    def _note_store_full(self, pid: int, exc: StoreFull) -> None:
+        with self._full_store_lock:
+            self.full_store_rounds += 1
+            first = self.full_store_rounds == 1
+        if first:
+            log.error("pid %d: %s (until a round stores again, rounds failing for lack of "
+                      "space are counted in metrics, not logged)", pid, exc)
+        else:
+            log.debug("pid %d: %s", pid, exc)
+
+    def _store_has_room(self) -> None:
+        with self._full_store_lock:
+            failed, self.full_store_rounds = self.full_store_rounds, 0
+        if failed:
+            log.warning("the store has room again: %d round(s) failed for lack of space",
+                        failed)
 
     async def _maintain(self, chain: str, pol: Policy, tally: maintenance.ChainTally
                         ) -> None:

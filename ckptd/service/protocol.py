@@ -33,6 +33,7 @@ ErrorCode = Literal[
     "user-error",      # any other mistake the client can fix
     "gone",            # the process exited during the operation
     "busy",            # refused now, may work later (e.g. shutting down)
+    "store-full",      # the store's filesystem is out of space or quota
     "internal",        # a bug or an environment failure; logged by the service
 ]
 

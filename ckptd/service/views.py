@@ -65,8 +65,13 @@ def human_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def status_line(registered: int, last_snapshot_at: float | None, now: float) -> str:
-    """The STATUS= text systemd shows: "3 processes, last snapshot 2 s ago"."""
+def status_line(registered: int, last_snapshot_at: float | None, now: float,
+                full_store_rounds: int = 0) -> str:
+    """The STATUS= text systemd shows: "3 processes, last snapshot 2 s ago", and how many
+    rounds failed since the store ran out of space, while it is."""
     noun = "process" if registered == 1 else "processes"
     age = None if last_snapshot_at is None else now - last_snapshot_at
-    return f"{registered} {noun}, last snapshot {human_age(age)}"
+    line = f"{registered} {noun}, last snapshot {human_age(age)}"
+    if full_store_rounds:
+        line += f"; STORE FULL, {full_store_rounds} round(s) failed"
+    return line

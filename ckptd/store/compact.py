@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import UserError
+from ..errors import StoreFull, UserError, is_out_of_space
 from ..intervals import IntervalMap
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import name_os_thread
@@ -53,6 +53,14 @@ def compact_chain(store: Store, chain: str, upto: str) -> str:
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one compaction per chain at a time
         return _compact(store, chain, upto)
+    except OSError as e:
+        if not is_out_of_space(e):
+            raise
+        # Whichever step failed, the chain is restorable (the steps above are ordered for
+        # any failure, not only crashes): only the room for the new base is missing.
+        raise StoreFull(f"the store {store.root} is out of space ({e.strerror}): the "
+                        f"compaction of chain {chain} needs room for the new base; free "
+                        "space there") from e
     finally:
         os.close(lock_fd)
 

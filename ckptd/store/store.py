@@ -576,6 +576,12 @@ class Store:
                 fd = kept
         return fd
 
+    def free_bytes(self, chain: str) -> int:
+        """Bytes an unprivileged user may still write on the filesystem of `chain` (one
+        fstatvfs on a kept directory: cheap enough for every round)."""
+        st = os.fstatvfs(self._snapshots_dir_fd(chain))
+        return st.f_bavail * st.f_frsize
+
     def retire_snapshot(self, chain: str, snapshot_id: str) -> None:
         """Remove the file of a snapshot below the chain's floor (compaction), with no
         directory fsync: the floor already keeps it out of the listing. If a power loss
