@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -76,9 +78,83 @@ def test_injection_leaves_registers_code_and_fds_as_they_were(engine: Engine) ->
         assert {fd: fds_after[fd] for fd in fds_before} == fds_before
         (uffd_fd,) = extra
         assert procfs.fd_flags(t.pid, uffd_fd) & os.O_CLOEXEC
+        # With its standard streams open, the lowest free number (as the kernel gives it).
+        assert uffd_fd == min(set(range(3, max(fds_before) + 2)) - set(fds_before))
         # And it still computes correct results.
         for msg in ("hello", "x" * 5000, "after the snapshot"):
             assert t.send(msg) == hashlib.sha256((msg + "\n").encode()).hexdigest()
+
+
+# Talks over its stdin/stdout pipes moved to fds 10 and 11, then closes fds 0, 1 and 2,
+# as a daemon does. "open" makes it open /dev/null and answer with the fd it got (a
+# daemon expects 0 there); any other line is answered with its sha256.
+NO_STDIO = """
+import hashlib, os
+inp = os.fdopen(os.dup2(0, 10), 'r')
+out = os.fdopen(os.dup2(1, 11), 'w')
+for fd in (0, 1, 2):
+    os.close(fd)
+out.write('ready\\n'); out.flush()
+for line in inp:
+    if line == 'open\\n':
+        fd = os.open('/dev/null', os.O_WRONLY)
+        os.write(fd, b'to /dev/null')
+        out.write(f'{fd}\\n')
+    else:
+        out.write(hashlib.sha256(line.encode()).hexdigest() + '\\n')
+    out.flush()
+"""
+
+
+def test_userfaultfd_never_takes_a_closed_standard_stream(store: Store,
+                                                          engine: Engine) -> None:
+    """The kernel gives userfaultfd() the lowest free fd, 0 in a process that closed its
+    standard streams; ckptd moves it above 2 before the process runs again."""
+    with Target.python(NO_STDIO) as t:
+        time.sleep(0.1)
+        fds_before = _fds(t.pid)
+        assert not {0, 1, 2} & set(fds_before) and {10, 11} <= set(fds_before)
+        first = engine.snapshot(t.pid, tracker="uffd-wp")
+        assert first.tracker == "uffd-wp" and first.kind == "full"
+        fds_after = _fds(t.pid)
+        extra = {fd: link for fd, link in fds_after.items() if fd not in fds_before}
+        assert list(extra.values()) == ["anon_inode:[userfaultfd]"], fds_after
+        (uffd_fd,) = extra
+        assert uffd_fd >= 3
+        assert not {0, 1, 2} & set(fds_after)
+        assert {fd: fds_after[fd] for fd in fds_before} == fds_before
+        flags = procfs.fd_flags(t.pid, uffd_fd)
+        assert flags & os.O_CLOEXEC and flags & os.O_NONBLOCK
+        # The process gets fd 0 back for its next open, and runs on.
+        assert t.send("open") == "0"
+        for msg in ("hello", "x" * 5000):
+            assert t.send(msg) == hashlib.sha256((msg + "\n").encode()).hexdigest()
+        # The tracker's record names the fd where it is now: another engine (as a new
+        # ckptd process would) recognises it and takes a delta.
+        with Engine(store) as again:
+            second = again.snapshot(t.pid, tracker="uffd-wp")
+        assert second.kind == "delta" and second.parent == first.id, second.full_reason
+        assert procfs.userfaultfd_fds(t.pid) == [uffd_fd]
+        assert t.send("bye") == hashlib.sha256(b"bye\n").hexdigest()
+
+
+def test_userfaultfd_that_cannot_move_off_a_standard_stream_is_closed(
+        engine: Engine) -> None:
+    """With RLIMIT_NOFILE at 3, the userfaultfd gets fd 0 and cannot be moved to 3 or
+    above (fcntl fails with EINVAL): ckptd closes it again, leaves the fds as they were,
+    and auto falls back to the hash tracker."""
+    with Target.python(NO_STDIO) as t:
+        time.sleep(0.1)
+        resource.prlimit(t.pid, resource.RLIMIT_NOFILE, (3, 3))
+        fds_before = _fds(t.pid)
+        with pytest.raises(UserError, match="cannot move the target's userfaultfd off fd 0"):
+            engine.snapshot(t.pid, tracker="uffd-wp")
+        assert _fds(t.pid) == fds_before
+        meta = engine.snapshot(t.pid)
+        assert meta.tracker == "hash" and "cannot move" in (meta.tracker_reason or "")
+        assert _fds(t.pid) == fds_before
+        assert t.send("open") == "0"
+        assert t.send("still") == hashlib.sha256(b"still\n").hexdigest()
 
 
 def test_target_blocked_in_read_comes_through(engine: Engine) -> None:
@@ -145,6 +221,31 @@ def test_signals_during_freeze_are_delivered(engine: Engine) -> None:
         engine.snapshot(t.pid, on_frozen=send_signal)
         assert wait_for(lambda: t.send("count") == "1", timeout=5)
 
+
+
+def test_one_injection_session_runs_several_syscalls() -> None:
+    """Several syscalls in one session, the registers written back once at the end; a
+    signal that arrives between two of them is delivered with the thread's own
+    registers, and the next syscall still runs."""
+    with Target.python(SIGUSR1_COUNTER) as t:
+        time.sleep(0.1)  # settle into read()
+        regs_before = _regs(t.pid)
+        with ptrace.Freezer(t.pid) as fz, fz.injection() as inj:
+            assert inj.syscall(39) == t.pid  # getpid()
+            assert inj.syscall(abi.SYS_fcntl, 10_000, abi.F_DUPFD_CLOEXEC, 0) == -errno.EBADF
+            assert inj.syscall(39) == t.pid
+        time.sleep(0.1)  # back into read() (frozen at once, it would not be there yet)
+        regs_after = _regs(t.pid)
+        for name, _ in abi.UserRegs._fields_:
+            assert getattr(regs_after, name) == getattr(regs_before, name), name
+        assert t.send("count") == "0"
+        with ptrace.Freezer(t.pid) as fz, fz.injection() as inj:
+            assert inj.syscall(39) == t.pid
+            # Pending from now on: the thread takes it on its way to the next syscall.
+            os.kill(t.pid, signal.SIGUSR1)
+            assert inj.syscall(39) == t.pid
+        assert wait_for(lambda: t.send("count") == "1", timeout=5)
+        assert t.alive()
 
 class _SignalBeforeInterrupt(ptrace.Freezer):
     """A Freezer that sends SIGUSR1 after seizing each thread and before interrupting

@@ -21,8 +21,14 @@ SYS_userfaultfd = 323
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 SYS_kcmp = 312
+SYS_close = 3
+SYS_fcntl = 72
 
 KCMP_FILE = 0
+
+# fcntl(2) (linux/fcntl.h): the lowest free fd >= arg, sharing the open file, with
+# FD_CLOEXEC set on the new fd.
+F_DUPFD_CLOEXEC = 1030
 
 # --- PAGEMAP_SCAN (linux/fs.h, shipped in 6.7) ------------------------------------------
 PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)

@@ -1,4 +1,4 @@
-"""ptrace: freeze every thread of a process, and inject one syscall into it.
+"""ptrace: freeze every thread of a process, and inject syscalls into it.
 
 Only PTRACE_SEIZE is used: if ckptd dies, the kernel detaches and every thread resumes
 (a thread that was in group-stop before stays stopped). A signal that reaches a held
@@ -163,65 +163,18 @@ class Freezer:
 
     # --- syscall injection -----------------------------------------------------------
 
+    def injection(self, tid: int | None = None) -> Injection:
+        """A session that runs syscalls in one held thread (the main thread by default),
+        as many as the caller needs: `with fz.injection() as inj: inj.syscall(...)`. The
+        thread's own registers are read once, at the start, and written back once, at
+        the end; see Injection."""
+        return Injection(self, tid or self.pid)
+
     def inject_syscall(self, number: int, *args: int, tid: int | None = None) -> int:
         """Run one syscall in the target (its main thread by default) and return its raw
-        result (negative errno on failure). The thread goes on afterwards exactly as if it
-        had only been stopped: an interrupted syscall restarts.
-
-        The syscall runs between two syscall stops (PTRACE_SYSCALL), never by a single
-        step: a step ends in a SIGTRAP signal-delivery stop, and if ckptd died there the
-        kernel's detach would deliver that SIGTRAP and kill the target. A syscall stop
-        reports SIGTRAP|0x80 (PTRACE_O_TRACESYSGOOD, set at seize), which the kernel
-        cannot send as a signal, and detach clears syscall tracing. What remains unsafe
-        is ckptd dying between setting the injected registers and restoring the thread's
-        own, a few system calls long: catchable signals are held off meanwhile
-        (docs/kernel.md, known limitations)."""
-        tid = tid or self.pid
-        th = self.threads[tid]
-        for _ in range(16):
-            saved = abi.UserRegs()
-            ptrace(abi.PTRACE_GETREGS, tid, 0, saved)
-            if _inside_rseq_critical_section(tid, saved.rip):
-                raise InjectionDeferred(f"thread {tid} is inside an rseq critical section")
-            insn_addr = _syscall_instruction(self.pid)
-            regs = abi.UserRegs()
-            ctypes.memmove(ctypes.byref(regs), ctypes.byref(saved), ctypes.sizeof(regs))
-            regs.rip = insn_addr
-            regs.rax = number
-            # orig_rax = -1: the kernel's syscall-restart logic must leave these registers
-            # alone when the thread leaves this stop.
-            regs.orig_rax = _NO_SYSCALL
-            for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args,
-                                   strict=False):
-                setattr(regs, name, ctypes.c_ulong(value).value)
-            with signals_held():
-                ptrace(abi.PTRACE_SETREGS, tid, 0, regs)
-                try:
-                    result, interrupted_by = self._run_syscall(th)
-                except BaseException:
-                    with contextlib.suppress(OSError):  # the thread may be gone
-                        ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
-                    raise
-                if interrupted_by is None:
-                    # At the syscall-exit stop: outside the signal path, so the kernel
-                    # will not apply the restart decision that was pending at the
-                    # interrupt. Apply it here, as the kernel would have.
-                    ptrace(abi.PTRACE_SETREGS, tid, 0, _restarted(saved))
-                    return result
-                # At a signal-delivery stop, before the instruction ran: inside the
-                # signal path, where the thread's own registers, restart code included,
-                # are handled as if nothing had happened.
-                ptrace(abi.PTRACE_SETREGS, tid, 0, saved)
-            # Deliver the signal, then stop the thread again and retry. The interrupt goes
-            # first, so the thread stops before it runs any of its own code (a handler
-            # included) with seccomp possibly suspended.
-            th.stopped = False
-            ptrace(abi.PTRACE_INTERRUPT, tid)
-            ptrace(abi.PTRACE_CONT, tid, 0, interrupted_by)
-            self._wait_stop(th)
-            if tid not in self.threads:
-                raise TargetGone(f"thread {tid} exited during injection")
-        raise RuntimeError(f"signals kept interrupting the injected syscall in {tid}")
+        result (negative errno on failure): an injection session of one syscall."""
+        with self.injection(tid) as inj:
+            return inj.syscall(number, *args)
 
     def _run_syscall(self, th: _Thread) -> tuple[int, int | None]:
         """Let the thread run the `syscall` instruction its registers point at, from
@@ -254,6 +207,112 @@ class Freezer:
             # instruction ran: go on.
         raise RuntimeError(f"injected syscall in {th.tid} did not complete "
                            f"(last status {status:#x})")
+
+
+class Injection:
+    """Syscalls run in one held thread of a frozen target (see Freezer.injection). The
+    thread goes on afterwards exactly as if it had only been stopped: an interrupted
+    syscall restarts.
+
+    Each syscall runs between two syscall stops (PTRACE_SYSCALL), never by a single step:
+    a step ends in a SIGTRAP signal-delivery stop, and if ckptd died there the kernel's
+    detach would deliver that SIGTRAP and kill the target. A syscall stop reports
+    SIGTRAP|0x80 (PTRACE_O_TRACESYSGOOD, set at seize), which the kernel cannot send as a
+    signal, and detach clears syscall tracing. The next syscall of the session starts
+    from the previous one's exit stop. The thread's own registers are read when the
+    session starts and written back when it ends (or before a signal is delivered to
+    it, see syscall). What remains unsafe is ckptd dying while the injected registers
+    are in place, from the first syscall of a session to its end, a few system calls
+    per syscall: catchable signals are held off for the whole session (docs/kernel.md,
+    known limitations), so callers run their syscalls back to back and do other work
+    outside it."""
+
+    def __init__(self, fz: Freezer, tid: int) -> None:
+        self._fz = fz
+        self._tid = tid
+        self._th = fz.threads[tid]
+        self._own = abi.UserRegs()  # the thread's own registers
+        self._insn = 0  # a `syscall` instruction in the target
+        # Where the thread is: "own" (an event stop, with its own registers), "exit" (the
+        # exit stop of an injected syscall, with injected registers) or "unknown" (an
+        # injected syscall failed part way).
+        self._where = "own"
+        self._signals = contextlib.ExitStack()
+
+    def __enter__(self) -> Injection:
+        self._own = self._read_own()
+        if _inside_rseq_critical_section(self._tid, self._own.rip):
+            # Checked once: until the session ends the thread runs none of its own
+            # instructions, only the injected syscalls and, for a signal that arrives
+            # meanwhile, the kernel's signal delivery, which takes it out of any section.
+            raise InjectionDeferred(f"thread {self._tid} is inside an rseq critical section")
+        self._insn = _syscall_instruction(self._fz.pid)
+        self._signals.enter_context(signals_held())
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if self._where == "exit":
+                # At the syscall-exit stop: outside the signal path, so the kernel will
+                # not apply the restart decision that was pending at the interrupt.
+                # Apply it here, as the kernel would have.
+                self._set_regs(_restarted(self._own), quiet=exc_type is not None)
+            elif self._where == "unknown":
+                self._set_regs(self._own, quiet=True)  # the thread may be gone
+            self._where = "own"
+        finally:
+            self._signals.close()  # held signals arrive now, with the registers back
+
+    def syscall(self, number: int, *args: int) -> int:
+        """Run one syscall in the thread and return its raw result (negative errno on
+        failure)."""
+        tid = self._tid
+        for _ in range(16):
+            regs = abi.UserRegs()
+            ctypes.memmove(ctypes.byref(regs), ctypes.byref(self._own), ctypes.sizeof(regs))
+            regs.rip = self._insn
+            regs.rax = number
+            # orig_rax = -1: the kernel's syscall-restart logic must leave these registers
+            # alone when the thread leaves this stop.
+            regs.orig_rax = _NO_SYSCALL
+            for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args,
+                                   strict=False):
+                setattr(regs, name, ctypes.c_ulong(value).value)
+            self._where = "unknown"
+            ptrace(abi.PTRACE_SETREGS, tid, 0, regs)
+            result, interrupted_by = self._fz._run_syscall(self._th)
+            if interrupted_by is None:
+                self._where = "exit"
+                return result
+            # At a signal-delivery stop, before the instruction ran: inside the signal
+            # path, where the thread's own registers, restart code included, are handled
+            # as if nothing had happened (the syscalls run before in this session left
+            # no trace in them).
+            ptrace(abi.PTRACE_SETREGS, tid, 0, self._own)
+            self._where = "own"
+            # Deliver the signal, then stop the thread again and retry. The interrupt goes
+            # first, so the thread stops before it runs any of its own code (a handler
+            # included) with seccomp possibly suspended.
+            self._th.stopped = False
+            ptrace(abi.PTRACE_INTERRUPT, tid)
+            ptrace(abi.PTRACE_CONT, tid, 0, interrupted_by)
+            self._fz._wait_stop(self._th)
+            if tid not in self._fz.threads:
+                raise TargetGone(f"thread {tid} exited during injection")
+            self._own = self._read_own()  # as the signal delivery left them
+        raise RuntimeError(f"signals kept interrupting the injected syscall in {tid}")
+
+    def _read_own(self) -> abi.UserRegs:
+        regs = abi.UserRegs()
+        ptrace(abi.PTRACE_GETREGS, self._tid, 0, regs)
+        return regs
+
+    def _set_regs(self, regs: abi.UserRegs, quiet: bool) -> None:
+        if quiet:
+            with contextlib.suppress(OSError):
+                ptrace(abi.PTRACE_SETREGS, self._tid, 0, regs)
+        else:
+            ptrace(abi.PTRACE_SETREGS, self._tid, 0, regs)
 
 
 def _reap_traced_exit(tid: int) -> None:

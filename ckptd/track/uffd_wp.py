@@ -1,13 +1,14 @@
 """uffd-wp: async userfaultfd write-protect + PAGEMAP_SCAN get-and-clear.
 
-The target is made to create a userfaultfd (one injected syscall, see kernel/ptrace.py).
+The target is made to create a userfaultfd (an injected syscall, see kernel/ptrace.py;
+two more move it off fds 0-2 if it lands there).
 The fd stays open in the target, close-on-exec, so registration (which lives as long as
 any copy of the fd is open) survives ckptd exiting and restarting; ckptd takes its own
 copy with pidfd_getfd whenever it works. An exec closes the fd and gives a new address
 space; ckptd then starts a new chain with a full snapshot.
 
-What the target can observe: one extra fd (anon_inode:[userfaultfd], O_CLOEXEC), and the
-first write to each page after a snapshot costing a minor fault.
+What the target can observe: one extra fd (anon_inode:[userfaultfd], O_CLOEXEC, never
+0, 1 or 2), and the first write to each page after a snapshot costing a minor fault.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ class UffdWpTracker(Tracker):
         log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
 
     def _inject_frozen(self, pid: int, suspend: bool) -> int:
-        """Freeze, make the target call userfaultfd(), take a copy of the new fd and
+        """Freeze, make the target create a userfaultfd, take a copy of the new fd and
         thaw. Returns the fd's number in the target."""
         with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
             if not suspend and procfs.read_status(pid).get("Seccomp", "0") != "0":
@@ -287,15 +288,8 @@ class UffdWpTracker(Tracker):
                 # the injected call.
                 raise TrackerUnavailable("the target started using seccomp; "
                                          "write-protect tracking was not set up")
-            ret = fz.inject_syscall(
-                abi.SYS_userfaultfd,
-                abi.O_CLOEXEC | abi.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY,
-            )
-            if ret < 0:
-                raise TrackerUnavailable(
-                    f"userfaultfd() in the target failed: {os.strerror(-ret)}"
-                )
-            target_fd = ret
+            with fz.injection() as inj:
+                target_fd = _new_userfaultfd(pid, inj)
             try:
                 with _pidfd(pid) as pidfd:
                     self.fd = syscalls.pidfd_getfd(pidfd, target_fd)
@@ -305,7 +299,7 @@ class UffdWpTracker(Tracker):
                 if self.fd >= 0:
                     os.close(self.fd)
                     self.fd = -1
-                fz.inject_syscall(3, target_fd)  # close(2)
+                fz.inject_syscall(abi.SYS_close, target_fd)
                 raise TrackerUnavailable(f"cannot set up write-protect tracking: {e}") \
                     from e
             return target_fd
@@ -681,6 +675,56 @@ class UffdWpTracker(Tracker):
         self._unchanged.clear()
         self._round_present = []
         self._close_state()
+
+
+def _new_userfaultfd(pid: int, inj: ptrace.Injection) -> int:
+    """Make the target create a userfaultfd, numbered _LOWEST_TARGET_FD or above, and
+    return its number there. The kernel gives the lowest free number, which is 0, 1 or 2
+    in a process that closed its standard streams; such a process may count on its next
+    open() getting that number back (a daemon reopening /dev/null as its stdout would
+    write into our fd). The fd is then moved up in the same injection session, with the
+    thread still held: duplicated with F_DUPFD_CLOEXEC (the copy is close-on-exec, and
+    shares the open file and its O_NONBLOCK), and the low number closed. On any failure
+    the fds made in the target are closed again before the error goes up."""
+    made: list[int] = []  # fds open in the target because of us
+    try:
+        fd = inj.syscall(abi.SYS_userfaultfd,
+                         abi.O_CLOEXEC | abi.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY)
+        if fd < 0:
+            raise TrackerUnavailable(f"userfaultfd() in the target failed: {os.strerror(-fd)}")
+        made.append(fd)
+        if fd >= _LOWEST_TARGET_FD:
+            return fd
+        moved = inj.syscall(abi.SYS_fcntl, fd, abi.F_DUPFD_CLOEXEC, _LOWEST_TARGET_FD)
+        if moved < 0:
+            raise TrackerUnavailable(f"cannot move the target's userfaultfd off fd {fd} "
+                                     f"(fcntl F_DUPFD_CLOEXEC: {os.strerror(-moved)})")
+        made.append(moved)
+        closed = inj.syscall(abi.SYS_close, fd)
+        # close() frees the number whatever it returns, except EBADF, which would mean
+        # that something else (a process sharing the fd table) closed it: either way it
+        # is no longer ours to close.
+        made.remove(fd)
+        if closed < 0:
+            raise TrackerUnavailable(f"closing fd {fd} in the target after moving the "
+                                     f"userfaultfd failed: {os.strerror(-closed)}")
+        log.debug("pid %d: userfaultfd moved from fd %d to fd %d", pid, fd, moved)
+        return moved
+    except BaseException as e:
+        if isinstance(e, ptrace.TargetGone):
+            raise  # its fds went with it
+        for n in reversed(made):
+            try:
+                inj.syscall(abi.SYS_close, n)
+            except Exception as why:  # the original error matters more
+                log.warning("pid %d: could not close fd %d in the target: %s", pid, n, why)
+                break
+        raise
+
+
+# The first fd above the standard streams (stdin, stdout, stderr): the userfaultfd never
+# takes one of theirs.
+_LOWEST_TARGET_FD = 3
 
 
 _INJECT_ATTEMPTS = 20  # freezes to find the thread outside an rseq critical section
