@@ -85,7 +85,8 @@ class Engine:
         self._buffers = threading.local()
         self._retain_buffer_bytes = retain_buffer_bytes
         self.privileged = privileged()
-        store.clean_tmp()
+        for name in store.clean_tmp():
+            log.info("removed tmp/%s, left by a ckptd that is gone", name)
         self._procs: dict[int, _Process] = {}
         self._lock = threading.Lock()
         self._uffd_probe: tuple[bool, str] | None = None
@@ -95,7 +96,7 @@ class Engine:
             p.close()
         self._procs.clear()
         self.executor.shutdown(wait=True)
-        self.store.drop_spares()
+        self.store.close()
 
     def __enter__(self) -> Engine:
         return self

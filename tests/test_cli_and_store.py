@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -352,6 +356,138 @@ def test_data_left_by_a_crash_before_publish_is_cleaned(store: Store) -> None:
     assert not orphan.exists()
     assert {m.id for m in store.list_snapshots()} == {meta.id, nxt.id}
     assert store_reader.verify(store) == (2, [])
+
+
+# Pid 1 of a new PID namespace (`unshare --pid --fork`): starts the writer (argv[3])
+# with the pid argv[2] in this namespace, a pid no process has in the test's.
+NAMESPACE_INIT = """
+import subprocess, sys
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(int(sys.argv[2]) - 1))
+sys.exit(subprocess.run([sys.executable, "-c", sys.argv[3], sys.argv[1]]).returncode)
+"""
+# A writer in the middle of a round: its data is in tmp/, written through the real
+# SnapshotWriter; it prints its pid as it sees it and as the test's namespace does (this
+# /proc was mounted there), and waits.
+HALF_WRITTEN = """
+import os, sys, zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from ckptd.store import Store
+from ckptd.store.writer import SnapshotWriter
+store = Store.open(Path(sys.argv[1]))
+frame = os.urandom(1 << 17)  # more than goes inline: a data file in tmp/
+w = SnapshotWriter(store, "1-1", "1-1-1", ThreadPoolExecutor(1))
+w.append_frame([(1 << 20, 32)], frame, zlib.crc32(frame))
+print("ready", os.getpid(), os.readlink("/proc/self"), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _pid_nobody_has() -> int:
+    top = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    return next(p for p in range(top, 300, -1) if not os.path.exists(f"/proc/{p}"))
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_tmp_of_a_writer_in_another_pid_namespace_stays_until_it_dies(store: Store) -> None:
+    """A ckptd in a container and one on the host share a store: each sees the other's
+    pid as something else. A writer's temporary file stays while the writer lives,
+    whatever its pid means here, and goes with its lock file once it is killed."""
+    ns_pid = _pid_nobody_has()
+    with Target(["unshare", "--pid", "--fork", sys.executable, "-c", NAMESPACE_INIT,
+                 str(store.root), str(ns_pid), HALF_WRITTEN], ready="") as t:
+        word, seen_as, host_pid = t.readline().split()
+        assert word == "ready" and int(seen_as) == ns_pid and int(host_pid) != ns_pid
+        assert not os.path.exists(f"/proc/{ns_pid}")  # here, that pid is nobody's
+        written = sorted(os.listdir(store.tmp_dir))
+        assert [n for n in written if n.endswith(".zst")], written
+        Engine(store).close()  # an engine start cleans tmp/
+        store.clean_tmp()
+        assert sorted(os.listdir(store.tmp_dir)) == written
+        os.kill(int(host_pid), signal.SIGKILL)
+        assert t.proc.wait(30) != 0
+    assert sorted(store.clean_tmp()) == written
+    assert os.listdir(store.tmp_dir) == []
+
+
+def test_tmp_files_of_older_releases_follow_the_pid_rule(store: Store) -> None:
+    """Files named after their writer's pid (ckptd before owner locks) stay while that
+    pid runs and go once it does not; an owner's file whose lock file is gone, and a
+    lock file nobody holds, go with it; names ckptd never writes, and directories, stay."""
+    done = subprocess.Popen(["true"])  # its pid: one that has just ended
+    done.wait()
+    tmp = store.tmp_dir
+    live_old = f"{os.getpid()}.1-1-1.0123abcd.zst"
+    dead_old = f"{done.pid}.1-1-2.0123abcd.zst"
+    ownerless = "00112233445566ff.1-1-3.0123abcd.zst"
+    unlocked_lock = "owner.8899aabbccddeeff.lock"
+    unlocked_file = "8899aabbccddeeff.1-1-4.0123abcd.zst"
+    foreign = ["notes.txt", "owner.xyz.lock", "ABCDEF0123456789.x.zst"]
+    for name in [live_old, dead_old, ownerless, unlocked_lock, unlocked_file, *foreign]:
+        (tmp / name).write_bytes(b"x")
+    (tmp / "5.a-directory").mkdir()
+    assert not os.path.exists(f"/proc/{done.pid}")
+    assert sorted(store.clean_tmp()) == sorted([dead_old, ownerless, unlocked_lock,
+                                                unlocked_file])
+    assert sorted(os.listdir(tmp)) == sorted([live_old, "5.a-directory", *foreign])
+
+
+def test_an_owner_whose_lock_file_was_removed_owns_anew(store: Store) -> None:
+    """A lock file removed behind its owner's back (by hand, or by an older ckptd's
+    cleanup) protects nothing: the owner's next file gets a new token and lock file.
+    A cleanup in the owner's own process keeps the owner's files."""
+    first = Path(store.tmp_file("1-1-1.00000000.zst"))
+    first.write_bytes(b"x")
+    token = first.name.split(".")[0]
+    lock = store.tmp_dir / f"owner.{token}.lock"
+    assert store.tmp_file("1-1-2.00000000.zst") == f"{store.tmp_dir}/{token}.1-1-2.00000000.zst"
+    assert store.clean_tmp() == [] and first.exists() and lock.exists()
+    lock.unlink()
+    second = Path(store.tmp_file("1-1-3.00000000.zst"))
+    second.write_bytes(b"x")
+    new_token = second.name.split(".")[0]
+    assert new_token != token and (store.tmp_dir / f"owner.{new_token}.lock").exists()
+    assert store.clean_tmp() == [first.name]  # the file nobody owns any more
+    store.close()
+    assert store.clean_tmp() == [second.name]
+    assert os.listdir(store.tmp_dir) == []
+
+
+@needs_root
+def test_one_owner_lock_per_store_not_per_round(engine: Engine, store: Store) -> None:
+    """The owner lock is taken by the first round with a data file and kept: rounds
+    after it add no lock file, no flock, no descriptor; closing the engine gives it up.
+    A round whose data goes inline never takes it."""
+    def locks() -> list[str]:
+        return [n for n in os.listdir(store.tmp_dir) if n.startswith("owner.")]
+
+    def fds_on(name: str) -> int:
+        target, n = str(store.tmp_dir / name), 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the fd of the listing itself
+                n += os.readlink(f"/proc/self/fd/{fd}") == target
+        return n
+
+    with Target.python(WRITER) as t:
+        assert engine.snapshot(t.pid).data_file is not None  # the full base
+        assert len(locks()) == 1
+        store.close()  # gives it up; the engine goes on with the store as before
+        assert locks() == []
+        assert t.send("3") == "ok"
+        assert engine.snapshot(t.pid).data_file is None
+        assert locks() == []  # its data went inline: tmp/ untouched, no owner taken
+        seen = set()
+        for _ in range(3):
+            assert t.send("4000") == "ok"
+            assert engine.snapshot(t.pid).data_file is not None
+            seen.add(tuple(locks()))
+    assert len(seen) == 1 and len(lock := next(iter(seen))) == 1, seen
+    assert fds_on(lock[0]) == 1
+    assert [n for n in os.listdir(store.tmp_dir) if not n.startswith("owner.")] == []
+    engine.close()
+    assert os.listdir(store.tmp_dir) == []
 
 
 def test_metadata_with_kept_vma_json_is_the_same_document() -> None:

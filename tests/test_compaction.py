@@ -437,6 +437,7 @@ def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store, tmp_pat
         assert store_reader.verify(s) == (3, [])
         assert s.floor(chain) == s.get(upto).seq
         assert json.loads((root / "STORE.json").read_text())["version"] == 3
+        s.close()  # its own owner lock (from the compaction above) goes too
         s.clean_tmp()
         assert os.listdir(s.tmp_dir) == []
         shutil.rmtree(root)

@@ -2,7 +2,8 @@
 
 Layout (docs/store-format.md is the full description):
   STORE.json                        store identity and format version
-  tmp/                              files being written; anything here is garbage
+  tmp/                              files being written, and their writers' owner locks
+                                    (tmpfiles.py); garbage once the owner is gone
   chains/<chain>/CHAIN.json         the process this chain belongs to
   chains/<chain>/FLOOR.json         snapshots below this seq are retired (after compaction)
   chains/<chain>/snapshots/<id>.json  published snapshot metadata (the commit point)
@@ -44,6 +45,7 @@ from .format import (
     vmas_json,
 )
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
+from .tmpfiles import TmpOwner, pid_running, remove_leftovers
 
 # Names that come from outside (requests, the command line) and become paths in the
 # store: nothing else may reach a path, so a name like '../../tmp/x-1' cannot lead the
@@ -130,6 +132,8 @@ class Store:
         self.root = root
         self.chains_dir = root / "chains"
         self.tmp_dir = root / "tmp"
+        # Taken by the first temporary file this Store writes, kept until close().
+        self._tmp_owner = TmpOwner(str(self.tmp_dir))
         self._chain_dirs: dict[str, Path] = {}  # paths are built often, and never change
         self._state_dirs: dict[str, Path] = {}
         # The per-round path uses plain strings: Path objects cost more than the syscalls.
@@ -649,14 +653,14 @@ class Store:
             m = _LEFTOVER.fullmatch(name)
             if m is None:
                 continue
-            if _alive(m.group(1) or m.group(2)):
+            if pid_running(m.group(1) or m.group(2)):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{d}/{name}")
                 removed.append(name)
         for name in os.listdir(cdir):
             m = _FLOOR_LEFTOVER.fullmatch(name)
-            if m is not None and not _alive(m.group(1)):
+            if m is not None and not pid_running(m.group(1)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{cdir}/{name}")
                     removed.append(name)
@@ -704,18 +708,23 @@ class Store:
             fsync_dir(data_dir)
         return removed
 
-    def clean_tmp(self) -> None:
-        """Remove leftovers of writers that died (only files no live writer holds)."""
-        for p in self.tmp_dir.glob("*"):
-            pid = p.name.split(".")[0]
-            if pid.isdigit() and _alive(pid):
-                continue
-            p.unlink(missing_ok=True)
+    def tmp_file(self, name: str) -> str:
+        """The path of a new temporary file `name` in tmp/, named after this Store's
+        owner lock (taken here the first time): cleanup keeps it while the Store is
+        open, in whatever process or PID namespace the cleaner runs."""
+        return self._tmp_owner.path_for(name)
 
+    def clean_tmp(self) -> list[str]:
+        """Remove the leftovers of writers that are gone from tmp/ (see tmpfiles.py);
+        the names removed."""
+        return remove_leftovers(str(self.tmp_dir))
 
-def _alive(pid: str) -> bool:
-    """Is the writer with this (decimal) pid still running? Its files stay."""
-    return os.path.exists(f"/proc/{pid}")
+    def close(self) -> None:
+        """Let go of what this Store keeps: spares and kept directories (drop_spares),
+        and its ownership of tmp/ files. Call when nothing of this process writes
+        through it any more; a later write takes a new ownership."""
+        self.drop_spares()
+        self._tmp_owner.release()
 
 
 _Identified = TypeVar("_Identified", SnapshotMeta, SnapshotHead, SnapshotPages)

@@ -10,6 +10,7 @@ its data on disk.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import threading
 import time
@@ -17,7 +18,6 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from pathlib import Path
 
 import zstandard
 from pydantic import TypeAdapter
@@ -113,6 +113,7 @@ class SnapshotWriter:
         self.executor = executor
         self.data_name = f"{snapshot_id}.{os.urandom(4).hex()}.zst"
         self.fd = -1  # opened once the data outgrows INLINE_MAX_BYTES
+        self.tmp_path: str | None = None  # the file's path in tmp/, once it is made
         self.offset = 0
         self._held: list[bytes] = []  # compressed data not (yet) in a file
         self._file_made = False
@@ -301,6 +302,9 @@ class SnapshotWriter:
             if self.offset + len(blob) <= INLINE_MAX_BYTES:
                 self._held.append(blob)
                 return
+            # Named by the store's owner lock, taken on the first such file: the
+            # rounds whose data goes inline never touch tmp/.
+            self.tmp_path = self.store.tmp_file(self.data_name)
             self.fd = open_private(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             self._file_made = True
             held, self._held = b"".join(self._held), []
@@ -335,6 +339,7 @@ class SnapshotWriter:
             return  # inline, or empty: nothing to move
         t = time.perf_counter()
         data_dir = self.store.chain_dir(self.chain) / "data"
+        assert self.tmp_path is not None
         os.rename(self.tmp_path, data_dir / self.data_name)
         # data/ only: the new name must be durable before the metadata names it. If the
         # old name in tmp/ survives a crash, it is one more link to the same file, which
@@ -354,10 +359,7 @@ class SnapshotWriter:
             os.close(self.fd)
             self.fd = -1
         if self._file_made:
-            self.tmp_path.unlink(missing_ok=True)
+            assert self.tmp_path is not None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
             (self.store.chain_dir(self.chain) / "data" / self.data_name).unlink(missing_ok=True)
-
-    @property
-    def tmp_path(self) -> Path:
-        # Built on use: most small snapshots never have a data file.
-        return self.store.tmp_dir / f"{os.getpid()}.{self.data_name}"
