@@ -80,7 +80,9 @@ def fill(mnt: Path) -> Path:
 
 
 def tmp_leftovers(store: Store) -> list[str]:
-    return sorted(p.name for p in store.tmp_dir.iterdir())
+    """Files in tmp/ other than the open Store's own owner lock."""
+    return sorted(p.name for p in store.tmp_dir.iterdir()
+                  if not (p.name.startswith("owner.") and p.name.endswith(".lock")))
 
 
 def start_chain(engine: Engine, t: Target) -> None:
