@@ -12,6 +12,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -177,3 +178,44 @@ def test_out_of_space_is_recognised_for_quota_too() -> None:
     assert is_out_of_space(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)))
     assert not is_out_of_space(OSError(errno.EIO, os.strerror(errno.EIO)))
     assert not is_out_of_space(ValueError("x"))
+
+
+def test_the_service_says_once_that_the_store_is_full_and_goes_on(tmp_path: Path) -> None:
+    """A full store fails every round: the service logs the first failure and the
+    recovery, not each round, counts them (metrics, STATUS), and its rounds store again
+    once there is room."""
+    from test_service_support import Daemon, wait_for
+    from test_service_support import Target as ServiceTarget
+
+    store_dir = tmp_path / "store"  # the daemon's store: a small filesystem of its own
+    store_dir.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs",
+                    str(store_dir)], check=True)
+    d = Daemon(tmp_path).start()
+    t = ServiceTarget(pages=256)
+    try:
+        def proc() -> dict[str, Any]:
+            return next(p for p in d.call("list")["processes"] if p["pid"] == t.pid)
+
+        d.call("register", pid=t.pid, policy={"interval": 0.2, "jitter": 0})
+        wait_for(lambda: int(proc()["rounds"]) >= 2, "rounds before the store fills")
+        filler = fill(store_dir)
+        wait_for(lambda: int(proc()["failures"]) >= 5, "rounds failing")
+        assert "out of space" in str(proc()["last_error"])
+        assert "STORE FULL" in d.call("status")["status"]
+        assert 'ckptd_snapshot_failures_total{reason="store_full"}' in \
+            d.call("metrics")["text"]
+        rounds = int(proc()["rounds"])
+        filler.unlink()
+        t.fill(5)
+        wait_for(lambda: int(proc()["rounds"]) >= rounds + 2, "rounds once there is room")
+        assert "STORE FULL" not in d.call("status")["status"]
+        log = d.log()
+        said = [line for line in log.splitlines() if "ERROR" in line and "out of space" in line]
+        assert len(said) == 1, said
+        assert "the store has room again" in log
+        assert d.call("verify")["problems"] == []
+    finally:
+        t.kill()
+        d.kill()
+        subprocess.run(["umount", "-l", str(store_dir)], check=True)

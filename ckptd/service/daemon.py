@@ -131,6 +131,7 @@ class Service:
         # fails every round, and one log line (and the STATUS line) says so, not each.
         self.full_store_rounds = 0
         self._full_store_lock = threading.Lock()
+        self._compactions_out_of_space: set[str] = set()  # chains; on the loop only
         self.stopping = False
         self._stop_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop  # set by run(); capture workers call into it
@@ -941,6 +942,14 @@ class Service:
             if result is not None:
                 self.metrics.compactions.inc(result="ok")
                 log.info("chain %s: %s", chain, result)
+                self._compactions_out_of_space.discard(chain)
+        except StoreFull as exc:
+            # Tried again after every round while the store stays full: said once.
+            self.metrics.compactions.inc(result="failed")
+            if chain not in self._compactions_out_of_space:
+                self._compactions_out_of_space.add(chain)
+                log.error("chain %s: retention/compaction failed: %s (retried after each "
+                          "round, logged again once it has worked)", chain, exc)
         except Exception as exc:
             self.metrics.compactions.inc(result="failed")
             log.error("chain %s: retention/compaction failed: %s", chain, exc,
