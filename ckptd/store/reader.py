@@ -410,6 +410,8 @@ def _write(meta: SnapshotMeta, pm: IntervalMap[Source], reader: FrameReader, dfd
     done = 0
     index_vmas: list[dict[str, object]] = []
     missing = unsourced(meta, pm)
+    # No later than the freeze: `created` is taken at the end of the round.
+    taken = meta.created - meta.timings.total_ms / 1e3
     for v in captured:
         name = _vma_file_name(v)
         sourced = [(s, e) for s, e, _ in pm.clip(v.start, v.end)]
@@ -419,13 +421,13 @@ def _write(meta: SnapshotMeta, pm: IntervalMap[Source], reader: FrameReader, dfd
         try:
             os.ftruncate(fd, v.end - v.start)
             if v.inode and v.path and not_held:
-                file_status = _fill_from_file(fd, v, not_held, owner)
+                file_status = _fill_from_file(fd, v, not_held, owner, taken)
             for s, e, src in pm.clip(v.start, v.end):
                 if isinstance(src, DataRef):
                     frame = reader.frame(src.snapshot, src.frame)
                     off = s + src.delta
                     os.pwrite(fd, frame[off : off + (e - s)], s - v.start)
-                elif file_status == "filled":
+                elif file_status is not None and file_status.startswith("filled"):
                     os.pwrite(fd, bytes(e - s), s - v.start)
             os.fsync(fd)
         finally:
@@ -485,9 +487,11 @@ def _open_backing(v: Vma, owner: Owner | None) -> tuple[int, os.stat_result]:
         os.close(pfd)
 
 
-def _fill_from_file(fd: int, v: Vma, spans: list[Span], owner: Owner | None) -> str:
+def _fill_from_file(fd: int, v: Vma, spans: list[Span], owner: Owner | None,
+                    taken: float) -> str:
     """Copy the mapped file's content for pages the snapshot does not hold. Returns
-    "filled", or why not ("not filled: ..."). For `owner`, a file that user may not read
+    "filled", "filled, but ..." when the file was modified after `taken` (the snapshot's
+    time), or why not ("not filled: ..."). For `owner`, a file that user may not read
     (now: it may have mapped it through a descriptor it was given, or before its
     permissions changed) is not read."""
     assert v.path is not None
@@ -507,6 +511,13 @@ def _fill_from_file(fd: int, v: Vma, spans: list[Span], owner: Owner | None) -> 
                 os.pwrite(fd, data, lo - v.start)
     finally:
         os.close(src)
+    if st.st_mtime > taken:
+        # The snapshot does not hold these pages, only the file does, and it changed
+        # since (same inode): say so rather than pass the new content off as the old.
+        # (File times come from a coarse clock: a change within a clock tick, a few ms,
+        # after the snapshot may go unnoticed.)
+        return (f"filled, but {v.path} was modified after the snapshot: these pages are "
+                "its content now, which may differ from the memory at the snapshot")
     return "filled"
 
 
