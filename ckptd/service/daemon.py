@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from .. import __version__
 from ..engine import Engine
 from ..errors import (
+    AccessRevoked,
     CkptdError,
     CorruptStore,
     PermissionDenied,
@@ -540,7 +541,7 @@ class Service:
                     f"{fdlimit.FDS_PER_REGISTRATION})")
             # One-off snapshots' processes hold files too: make room among them first.
             self._trim_adhoc(max(0, self.fds.registrations - len(self.registry) - 1), pid)
-            rec = new_record(pid, start, own.uids[0], peer.uid, req.policy)
+            rec = new_record(pid, start, own.uids[0], peer.uid, req.policy, peer.gid)
         except BaseException:
             os.close(pidfd)
             raise
@@ -705,8 +706,9 @@ class Service:
             return
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
+        rec = reg.record
         self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages,
-                      reg.record.start_time)
+                      rec.start_time, auth.still_allowed(rec.registered_by, rec.registered_gid))
 
     def _count_overrun(self, reg: Registration) -> None:
         # In the capture worker that ended the round.
@@ -716,15 +718,17 @@ class Service:
 
     def _capture_job(self, pid: int, reg: Registration | None, holder: Registration,
                      pidfd: int, start: int, tracker: str, fuzzy: bool,
-                     max_pages: int) -> SnapshotMeta:
+                     max_pages: int, peer: Peer) -> SnapshotMeta:
         """In a capture worker: an on-demand round of the process the request was
-        authorized for (`pidfd`, started at `start`); `holder` is its registration, or
-        the slot's stand-in for a one-off. A failure is raised to the client once it has
-        been logged and counted."""
+        authorized for (`pidfd`, started at `start`; `peer` is checked again once the
+        process is frozen); `holder` is its registration, or the slot's stand-in for a
+        one-off. A failure is raised to the client once it has been logged and
+        counted."""
         if pidfd_exited(pidfd):
             # The PID may be another process's already: the engine would snapshot it.
             raise TargetGone(f"process {pid} exited; nothing was stored")
-        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages, start)
+        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages, start,
+                             auth.still_allowed(peer.uid, peer.gid))
         if isinstance(meta, Exception):
             raise meta
         holder.chain = meta.chain
@@ -740,17 +744,19 @@ class Service:
         return meta
 
     def _attempt(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
-                 max_pages: int, start_time: int) -> SnapshotMeta | Exception:
+                 max_pages: int, start_time: int,
+                 authorize: Callable[[int], None] | None = None) -> SnapshotMeta | Exception:
         """In a capture worker: one snapshot of the process `pid` that started at
         `start_time` (the engine refuses another process with that PID), and its
-        bookkeeping. The engine's failure is logged and counted here, and returned."""
+        bookkeeping; `authorize`: auth.still_allowed for the client. The engine's
+        failure is logged and counted here, and returned."""
         m = self.metrics
         with m.lock:
             m.in_flight.add(1)
         t0 = time.monotonic()
         try:
             meta = self.engine.snapshot(pid, tracker=tracker, fuzzy=fuzzy, max_pages=max_pages,
-                                        start_time=start_time)
+                                        start_time=start_time, authorize=authorize)
         except Exception as exc:
             reason = failure_reason(exc)
             with m.lock:
@@ -763,6 +769,11 @@ class Service:
                 log.info("pid %d: %s", pid, exc)
                 if reg is not None:
                     self._loop.call_soon_threadsafe(self._gone, reg, str(exc))
+            elif isinstance(exc, AccessRevoked):
+                # Its user may not ptrace it any more: no further round may capture it.
+                log.warning("pid %d: %s; unregistering it", pid, exc)
+                if reg is not None:
+                    self._loop.call_soon_threadsafe(self._gone, reg, str(exc), False)
             elif isinstance(exc, UserError):
                 log.warning("pid %d: snapshot refused: %s", pid, exc)
             elif isinstance(exc, TargetBusy):
@@ -803,12 +814,12 @@ class Service:
                   meta.timings.total_ms)
         return meta
 
-    def _gone(self, reg: Registration, why: str) -> None:
+    def _gone(self, reg: Registration, why: str, exited: bool = True) -> None:
         # On the loop. The registration may have been dropped or replaced meanwhile, or
         # be on its way out (the pidfd saw the exit first). Not while stopping: see
-        # _on_exit.
+        # _on_exit. `exited` False: dropped because its user lost the right to it.
         if self.registry.get(reg.pid) is reg and not reg.unregistering and not self.stopping:
-            self._begin_unregister(reg, exited=True)
+            self._begin_unregister(reg, exited=exited)
             self._spawn_op(self._unregister(reg, why), f"gone-{reg.pid}")
 
     async def snapshot_now(self, peer: Peer, req: protocol.SnapshotNowReq) -> dict[str, Any]:
@@ -839,7 +850,7 @@ class Service:
             async def capture() -> SnapshotMeta:
                 # Not through _in: shutdown waits for these through self.capture's jobs.
                 return await self.capture.submit(self._capture_job, pid, reg, holder, pidfd,
-                                                 start, tracker, fuzzy, max_pages)
+                                                 start, tracker, fuzzy, max_pages, peer)
 
             task = self.scheduler.start_exclusive(slot, capture)
         except BaseException:

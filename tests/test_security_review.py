@@ -1,0 +1,175 @@
+"""Security review: what an unprivileged user can make the root service or root's CLI do.
+Real processes, real files, real users (nobody, and setuid binaries); no mocks. Most
+tests need root: they skip without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_service_support import (
+    NOT_ROOT_REASON,
+    PYTHON,
+    ROOT,
+    Daemon,
+    as_user,
+    wait_for,
+)
+
+from ckptd.service.client import Client
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(not ROOT, reason=NOT_ROOT_REASON)
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary directory other users can traverse (pytest's tmp_path is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="ckptd-sec-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _as_nobody(d: Daemon, op: str, **fields: Any) -> Any:
+    def call() -> Any:
+        with Client(d.socket) as c:
+            return c.call(op, **fields)
+    return as_user(NOBODY, NOBODY, call)
+
+
+# --- a registered process that its user can no longer ptrace ---------------------------
+
+# A set-uid root program: says "ready", holds a secret only root should see, and waits
+# for a line on stdin.
+SUID_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static char secret[8192];
+int main(void) {
+    if (geteuid() != 0) { puts("not-root"); fflush(stdout); return 1; }
+    memset(secret, 'S', sizeof secret - 1);
+    puts("ready"); fflush(stdout);
+    char line[64];
+    if (!fgets(line, sizeof line, stdin)) return 0;
+    return 0;
+}
+"""
+
+# Started as root, becomes `uid` (and dumpable again, so that uid may register it); then
+# on "nodump" it makes itself non-dumpable (as ssh-agent and gpg-agent do), on "exec" it
+# execs the program in argv[2]. Answers each command with a line.
+DROPPER = r"""
+import ctypes, os, sys
+uid = int(sys.argv[1])
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+libc = ctypes.CDLL(None)
+libc.prctl(4, 1, 0, 0, 0)
+buf = bytearray(b"D" * (64 << 10))
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "nodump":
+        libc.prctl(4, 0, 0, 0, 0)
+        print("done", flush=True)
+    elif cmd == "exec":
+        os.execv(sys.argv[2], [sys.argv[2]])
+"""
+
+
+def _compile_suid(where: Path) -> Path:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    src, exe = where / "suid.c", where / "suid"
+    src.write_text(SUID_C)
+    subprocess.run(["cc", "-O0", "-o", str(exe), str(src)], check=True)
+    os.chown(exe, 0, 0)
+    os.chmod(exe, 0o4755)
+    return exe
+
+
+def _chains_of(store: Path, pid: int) -> list[dict[str, Any]]:
+    out = []
+    for c in sorted((store / "chains").glob(f"{pid}-*")):
+        info = json.loads((c / "CHAIN.json").read_text())
+        info["snapshots"] = sorted(p.name for p in (c / "snapshots").glob("*.json"))
+        out.append(info)
+    return out
+
+
+@needs_root
+@pytest.mark.parametrize("change", ["nodump", "exec-setuid"])
+def test_rounds_stop_when_the_registrant_could_no_longer_ptrace(open_tmp: Path,
+                                                                change: str) -> None:
+    """A user registers its own process; the process then becomes one the user may not
+    ptrace (non-dumpable, or set-uid root by exec). The root service must capture nothing
+    of it from then on: no round, no chain of the new image."""
+    suid = _compile_suid(open_tmp)
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    proc = subprocess.Popen([PYTHON, "-c", DROPPER, str(NOBODY), str(suid)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        r = _as_nobody(d, "register", pid=proc.pid, policy={"interval": "100ms"})
+        assert "ok" in r, r
+        wait_for(lambda: _chains_of(d.store, proc.pid)
+                 and len(_chains_of(d.store, proc.pid)[0]["snapshots"]) >= 2, "rounds")
+        if change == "nodump":
+            proc.stdin.write("nodump\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+        else:
+            proc.stdin.write("exec\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "ready"  # now euid 0
+        before = _chains_of(d.store, proc.pid)
+        time.sleep(1.5)  # 15 intervals
+        after = _chains_of(d.store, proc.pid)
+        # The first chain is the user's own process before the change; nothing after.
+        assert len(after) == 1, after
+        assert len(after[0]["snapshots"]) <= len(before[0]["snapshots"]) + 1, (before, after)
+        time.sleep(0.5)
+        assert _chains_of(d.store, proc.pid)[0]["snapshots"] == after[0]["snapshots"]
+        # The registration is dropped, and the log says why.
+        wait_for(lambda: not _as_nobody(d, "list")["ok"]["processes"], "registration dropped")
+        assert "may not ptrace" in d.log() or "not dumpable" in d.log()
+    finally:
+        proc.kill()
+        proc.wait()
+        d.kill()
+
+
+@needs_root
+def test_root_snapshot_of_a_non_dumpable_process_is_not_the_users(open_tmp: Path) -> None:
+    """Root snapshots a process of nobody's that made itself non-dumpable (as ssh-agent
+    does, to keep its keys from its own user). The chain is root's: nobody must not
+    list, show or materialize it. /proc/PID itself keeps the owner it had when first
+    looked up, so reading the owner there recorded the chain as nobody's."""
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    proc = subprocess.Popen([PYTHON, "-c", DROPPER, str(NOBODY), "/bin/true"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        os.stat(f"/proc/{proc.pid}")  # looked up while dumpable, as `ps` would
+        proc.stdin.write("nodump\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        snap = d.call("snapshot", pid=proc.pid)["id"]
+        assert _chains_of(d.store, proc.pid)[0]["uid"] == 0
+        assert _as_nobody(d, "snapshots")["ok"]["snapshots"] == []
+        assert _as_nobody(d, "show", snapshot=snap)["error"] == "TargetNotFound"
+    finally:
+        proc.kill()
+        proc.wait()
+        d.kill()
