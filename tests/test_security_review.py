@@ -173,3 +173,83 @@ def test_root_snapshot_of_a_non_dumpable_process_is_not_the_users(open_tmp: Path
         proc.kill()
         proc.wait()
         d.kill()
+
+
+# --- a store root's CLI does not own ----------------------------------------------------
+
+
+def _hostile_store(where: Path, victim: Path) -> Path:
+    """A store made by nobody, whose chains/ and tmp/ are symlinks to `victim`."""
+    from ckptd.store import Store
+
+    real = Store.open(where / "model", create=True)
+    store = where / "x"
+    store.mkdir()
+    shutil.copy(real.root / "STORE.json", store / "STORE.json")
+    os.symlink(victim, store / "chains")
+    os.symlink(victim, store / "tmp")
+    for p in (store, store / "STORE.json", store / "chains", store / "tmp"):
+        os.lchown(p, NOBODY, NOBODY)
+    return store
+
+
+@needs_root
+def test_root_cli_does_not_write_to_a_store_another_user_owns(open_tmp: Path) -> None:
+    from helpers import run_cli
+
+    victim = open_tmp / "victim"
+    victim.mkdir(mode=0o755)
+    os.chmod(victim, 0o755)
+    (victim / "precious").write_text("keep me")
+    store = _hostile_store(open_tmp, victim)
+    # Reading is allowed (root may inspect a user's store), and changes nothing.
+    r = run_cli("list", "--store", str(store))
+    assert r.returncode == 0, r.stderr
+    assert victim.stat().st_mode & 0o777 == 0o755, "root chmodded through the symlink"
+    # Writing (a snapshot) is refused: the store is not root's.
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        r = run_cli("snapshot", str(target.pid), "--store", str(store))
+    finally:
+        target.kill()
+        target.wait()
+    assert r.returncode != 0
+    assert "owned by uid 65534" in r.stderr, r.stderr
+    assert (victim / "precious").read_text() == "keep me"
+    assert victim.stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in victim.iterdir()) == ["precious"]
+
+
+def test_atomic_write_never_follows_a_planted_temporary(tmp_path: Path) -> None:
+    """atomic_write's temporary name is predictable (.NAME.PID.tmp): a symlink planted
+    there must not make it write through to the link's target."""
+    from ckptd.store.fsutil import atomic_write
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    d = tmp_path / "d"
+    d.mkdir()
+    os.symlink(victim, d / f".f.{os.getpid()}.tmp")
+    atomic_write(d / "f", b"new")
+    assert victim.read_bytes() == b"precious"
+    assert (d / "f").read_bytes() == b"new"
+    assert (d / "f").stat().st_mode & 0o777 == 0o600
+
+
+def test_directories_ckptd_creates_are_private_under_any_umask(tmp_path: Path) -> None:
+    """Missing parents of a new store and of a materialize out_dir were made with the
+    caller's umask (0777 under umask 0): anyone could then rename the store or the
+    output away and put their own in its place."""
+    from ckptd.store import Store
+    from ckptd.store.reader import _open_out_dir
+
+    old = os.umask(0)
+    try:
+        Store.open(tmp_path / "a" / "b" / "store", create=True)
+        fd, _ = _open_out_dir(str(tmp_path / "o" / "p" / "out"), None)
+        os.close(fd)
+    finally:
+        os.umask(old)
+    for d in ("a", "a/b", "a/b/store", "a/b/store/chains", "a/b/store/tmp", "o", "o/p",
+              "o/p/out"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o700, d
