@@ -4,11 +4,14 @@ tests need root: they skip without it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +256,95 @@ def test_directories_ckptd_creates_are_private_under_any_umask(tmp_path: Path) -
     for d in ("a", "a/b", "a/b/store", "a/b/store/chains", "a/b/store/tmp", "o", "o/p",
               "o/p/out"):
         assert (tmp_path / d).stat().st_mode & 0o777 == 0o700, d
+
+
+# --- the socket, connections, metrics ---------------------------------------------------
+
+
+@needs_root
+def test_socket_directory_other_users_may_write_is_refused(open_tmp: Path) -> None:
+    """In a directory others may write, a user can plant a socket of its own at the path
+    (a fake service, or one that makes ours refuse to start), or swap ours for a symlink
+    between bind() and chmod()/chown(), which followed it (chmod 0660 of any file)."""
+    pub = open_tmp / "pub"
+    pub.mkdir()
+    os.chmod(pub, 0o1777)
+    d = Daemon(open_tmp)
+    d.socket = pub / "ckptd.sock"
+    from test_service_support import write_config
+    write_config(d.config, d.store, d.socket)
+    d.start(wait=False)
+    try:
+        assert d.proc is not None
+        rc = d.proc.wait(60)
+        assert rc == 2, d.log()
+        assert "other users may write" in d.log(), d.log()
+        assert not d.socket.exists()
+    finally:
+        d.kill()
+
+
+@needs_root
+def test_one_user_cannot_take_every_connection(open_tmp: Path) -> None:
+    """Connections are limited to 128; one unprivileged user holding them all (idle, or
+    half a request each) locked every other client out, root included."""
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    try:
+        results: list[Any] = []
+        t = threading.Thread(target=lambda: results.append(
+            as_user(NOBODY, NOBODY, _hold_connections(d.socket, 140, 4.0))))
+        t.start()
+        time.sleep(2.0)  # the hog holds its connections now
+        assert d.call("ping")["your_uid"] == 0
+        t.join()
+        assert results and results[0]["ok"]["refused"] > 0, results
+    finally:
+        d.kill()
+
+
+def _hold_connections(path: Path, n: int, hold: float) -> Any:
+    """A function for as_user: open `n` connections with half a request each, hold
+    them `hold` seconds; returns how many the service refused (busy, or closed)."""
+    def fn() -> dict[str, int]:
+        held = []
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(path))
+            s.sendall(b'{"op": "pi')
+            held.append(s)
+        time.sleep(hold)
+        refused = 0
+        for s in held:
+            s.setblocking(False)
+            try:
+                data = s.recv(4096)
+                refused += data == b"" or b"busy" in data
+            except BlockingIOError:
+                pass
+            s.close()
+        return {"refused": refused}
+    return fn
+
+
+@needs_root
+def test_metrics_http_connections_are_bounded(open_tmp: Path) -> None:
+    """metrics.listen is a TCP port any local user (or, bound wider, anyone) may
+    connect to. An idle connection was held forever, with no limit on how many: a
+    user could exhaust the root service's open files."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = Daemon(open_tmp, config_extra=f'[metrics]\nlisten = "127.0.0.1:{port}"').start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        time.sleep(0.5)
+        closed = 0
+        deadline = time.monotonic() + 15
+        for s in idle:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(OSError):
+                closed += s.recv(1) == b""
+            s.close()
+        assert closed == len(idle), f"only {closed} of {len(idle)} idle connections closed"
+    finally:
+        d.kill()

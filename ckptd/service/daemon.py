@@ -74,6 +74,14 @@ log = logging.getLogger("ckptd.service")
 T = TypeVar("T")
 
 MAX_CLIENTS = 128
+# Connections of one non-root user at once: one user must not hold every connection
+# (idle, or with half a request each) and lock the others out. Root's connections are
+# never refused, so root can always reach a service other users keep busy.
+MAX_CLIENTS_PER_USER = 32
+# The metrics HTTP listener: at most this many connections at once, each given this long
+# to send its request head. Any local user (or anyone, if it listens wider) can connect.
+MAX_HTTP_CLIENTS = 16
+HTTP_TIMEOUT = 5.0
 READ_CHUNK = 1 << 16
 # Unregistered processes snapshotted with `snapshot` whose tracking (a pidfd, the
 # engine's open files, tracker state) is kept for their next one: at most this many,
@@ -134,6 +142,8 @@ class Service:
         self._maint_running: set[str] = set()
         self._tallies: dict[int, maintenance.ChainTally] = {}  # by pid: its current chain
         self._clients = 0
+        self._clients_of: dict[int, int] = {}  # open connections per uid
+        self._http_clients = 0
         self._busy: set[asyncio.Future[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._http: asyncio.AbstractServer | None = None
@@ -302,14 +312,15 @@ class Service:
             raise ConfigError(f"service.socket = '{path}': cannot listen there: "
                               f"{exc.strerror or exc}") from None
         try:
-            os.chmod(path, 0o660)
+            # Mode 0660 came from the umask at bind(): no chmod, which would follow a
+            # symlink; the directory is writable by no other user (_prepare_socket_path).
             if svc.socket_group:
                 try:
                     gid = grp.getgrnam(svc.socket_group).gr_gid
                 except KeyError:
                     raise ConfigError(
                         f"service.socket_group = {svc.socket_group!r}: no such group") from None
-                os.chown(path, -1, gid)
+                os.chown(path, -1, gid, follow_symlinks=False)
         except BaseException:
             sock.close()
             _unlink_socket(path)
@@ -1149,11 +1160,16 @@ class Service:
             log.warning("cannot read peer credentials, closing: %s", exc)
             writer.close()
             return
-        if self._clients >= MAX_CLIENTS:
+        mine = self._clients_of.get(peer.uid, 0)
+        if not peer.is_root and (self._clients >= MAX_CLIENTS
+                                 or mine >= MAX_CLIENTS_PER_USER):
+            log.info("uid %d pid %d: connection refused: %d open, %d of this uid",
+                     peer.uid, peer.pid, self._clients, mine)
             writer.write(protocol.encode_error(None, "busy", "too many clients"))
             writer.close()
             return
         self._clients += 1
+        self._clients_of[peer.uid] = mine + 1
         decoder = protocol.FrameDecoder()
         try:
             while True:
@@ -1175,14 +1191,34 @@ class Service:
             log.debug("uid %d pid %d: client went away: %s", peer.uid, peer.pid, exc)
         finally:
             self._clients -= 1
+            left = self._clients_of[peer.uid] - 1
+            if left:
+                self._clients_of[peer.uid] = left
+            else:
+                del self._clients_of[peer.uid]
             writer.close()
 
     async def _http_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
+        # Bounded: anyone who can reach the port could otherwise hold connections (and
+        # the root service's open files) for ever.
+        if self._http_clients >= MAX_HTTP_CLIENTS:
+            writer.close()
+            return
+        self._http_clients += 1
+        try:
+            await asyncio.wait_for(self._http_reply(reader, writer), HTTP_TIMEOUT)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._http_clients -= 1
+            writer.close()
+
+    async def _http_reply(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.close()
             return
         line = head.split(b"\r\n", 1)[0].split()
         if len(line) >= 2 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
@@ -1194,9 +1230,7 @@ class Service:
         writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype +
                      b"\r\nContent-Length: " + str(len(body)).encode() +
                      b"\r\nConnection: close\r\n\r\n" + body)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+        await writer.drain()
 
 
 def _private_dir(path: Path) -> None:
@@ -1209,9 +1243,17 @@ def _prepare_socket_path(path: Path) -> None:
     stale socket left by a crash."""
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = os.stat(path.parent)
     except OSError as exc:
         raise ConfigError(f"service.socket = '{path}': cannot create its directory "
                           f"{exc.filename or path.parent}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        # Another user could plant a socket there (a fake service, or one that keeps
+        # ours from starting), or swap ours for a symlink that chown would follow.
+        raise ConfigError(
+            f"service.socket = '{path}': other users may write to its directory "
+            f"{path.parent} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
+            "use a directory only root may write, such as /run/ckptd")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
