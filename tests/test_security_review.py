@@ -348,3 +348,25 @@ def test_metrics_http_connections_are_bounded(open_tmp: Path) -> None:
         assert closed == len(idle), f"only {closed} of {len(idle)} idle connections closed"
     finally:
         d.kill()
+
+
+# --- what a non-root client learns about others -----------------------------------------
+
+
+@needs_root
+def test_compact_does_not_reveal_other_users_chains(open_tmp: Path) -> None:
+    """`show` and `materialize` answer another user's snapshot as if it did not exist;
+    `compact` answered `permission` for another user's chain and `not-found` for a
+    missing one, telling which chains (processes snapshotted) exist."""
+    d = Daemon(open_tmp, config_extra='socket_group = "nogroup"').start()
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        chain = d.call("snapshot", pid=target.pid)["chain"]
+        theirs = _as_nobody(d, "compact", chain=chain)
+        missing = _as_nobody(d, "compact", chain="999999-1")
+        assert theirs["error"] == missing["error"] == "TargetNotFound", (theirs, missing)
+        assert chain not in theirs["message"] or "999999-1" in missing["message"]
+    finally:
+        target.kill()
+        target.wait()
+        d.kill()

@@ -1111,7 +1111,9 @@ class Service:
         if isinstance(req, protocol.CompactReq):
             # Also for root: a chain that does not exist is not-found, not "no snapshots".
             if self._chain_uid(req.chain) != peer.uid and not peer.is_root:
-                raise PermissionDenied(f"chain {req.chain} is not yours")
+                # As for a missing chain (show, materialize): do not reveal that another
+                # user's process was snapshotted.
+                raise UnknownSnapshot(f"no chain {req.chain!r}; see `ckptd list`")
             return await self._op(self._compact(req.chain, req.upto), f"compact-{req.chain}")
         if isinstance(req, protocol.ReloadReq):
             self._require_root(peer, "reload")
