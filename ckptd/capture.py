@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from .errors import (
+    AccessRevoked,
     PermissionDenied,
     StoreFull,
     TargetBusy,
@@ -109,7 +110,10 @@ def identify(pid: int, known: Identity | None = None,
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
-        uid = os.stat(f"/proc/{pid}").st_uid
+        # Who may see the chain: the euid, or root for a non-dumpable process (set-uid,
+        # PR_SET_DUMPABLE 0). Read from a file in /proc/PID: the directory itself keeps
+        # the owner it had when first looked up (see service.auth.read_ownership).
+        uid = os.stat(f"/proc/{pid}/status").st_uid
     except (FileNotFoundError, ProcessLookupError):
         raise TargetNotFound(f"no process with PID {pid}") from None
     return Identity(
@@ -221,9 +225,12 @@ def take_snapshot(
     on_frozen: FrozenHook | None = None,
     progress: Callable[[int], None] | None = None,
     proc_files: procfs.ProcFiles | None = None,
+    authorize: Callable[[int], None] | None = None,
 ) -> SnapshotMeta:
     """`proc_files`: the process's kept /proc files (see procfs.ProcFiles), if the
-    caller keeps them between rounds."""
+    caller keeps them between rounds. `authorize`: see TrackContext; checked once the
+    target is frozen, before its pages are scanned or read (and, fuzzy, after the read
+    too: unfrozen, the process may change meanwhile)."""
     pid = ident.pid
     t_start = time.perf_counter()
     # Without a parent: 1, or the chain's floor if compaction raised it (a chain whose
@@ -240,6 +247,7 @@ def take_snapshot(
         max_pages=max_pages,
         privileged=privileged,
         start_time=ident.start_time,
+        authorize=authorize,
     )
     armed = tracker.arm(ctx)
     full_reason = full_reason or armed.full_reason
@@ -262,6 +270,8 @@ def take_snapshot(
         t_freeze = time.perf_counter()
         with freeze_ctx:
             t_frozen = time.perf_counter()
+            if authorize is not None:
+                authorize(pid)
             vmas = proc_files.maps() if proc_files is not None else procfs.read_maps(pid)
             harvest = tracker.harvest(ctx, vmas, full)
             t_scanned = time.perf_counter()
@@ -275,6 +285,11 @@ def take_snapshot(
             reader.read_runs(to_read, buf, from_maps.unreadable)
             t_read = time.perf_counter()
         t_thawed = time.perf_counter()
+        if fuzzy and authorize is not None:
+            authorize(pid)
+    except AccessRevoked:
+        tracker.abandon(ctx)
+        raise
     except (PtraceTargetGone, ProcessLookupError) as e:
         tracker.abandon(ctx)
         raise TargetGone(f"process {pid} exited during the snapshot; nothing was stored") from e

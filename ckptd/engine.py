@@ -186,18 +186,22 @@ class Engine:
         on_frozen: FrozenHook | None = None,
         progress: Callable[[int], None] | None = None,
         start_time: int | None = None,
+        authorize: Callable[[int], None] | None = None,
     ) -> SnapshotMeta:
         """Snapshot process `pid`. `start_time` (clock ticks since boot, from
         /proc/PID/stat): the process the caller means, where it checked who that is
         before (the service authorizes a client for a process): if `pid` is another
-        process's now, TargetGone, and nothing is stored."""
+        process's now, TargetGone, and nothing is stored. `authorize(pid)`: raises if
+        the round may not go on (the service's client could no longer ptrace the
+        process); checked for a new identity (before a chain is made for it) and while
+        the process is frozen (see capture.take_snapshot)."""
         if tracker not in TRACKERS:
             raise UserError(f"unknown tracker {tracker!r}: choose one of {', '.join(TRACKERS)}")
         if max_pages < 0:
             raise UserError("the page budget must be 0 (unbounded) or positive")
         try:
             return self._snapshot(pid, tracker, fuzzy, max_pages, on_frozen, progress,
-                                  start_time)
+                                  start_time, authorize)
         except OSError as e:
             if not is_out_of_space(e):
                 raise
@@ -209,7 +213,8 @@ class Engine:
 
     def _snapshot(self, pid: int, tracker: str, fuzzy: bool, max_pages: int,
                   on_frozen: FrozenHook | None, progress: Callable[[int], None] | None,
-                  start_time: int | None) -> SnapshotMeta:
+                  start_time: int | None, authorize: Callable[[int], None] | None
+                  ) -> SnapshotMeta:
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
         with proc.lock:
@@ -220,9 +225,12 @@ class Engine:
             if start_time is not None and ident.start_time != start_time:
                 raise TargetGone(f"process {pid} exited, and its PID now belongs to another "
                                  "process; nothing was stored")
+            new_image = known is None or (ident.start_time, ident.mm_fingerprint) != (
+                known.start_time, known.mm_fingerprint)
+            if authorize is not None and new_image:
+                authorize(pid)  # an exec of a set-uid program: not even a new chain
             proc.ident = ident
-            if known is not None and (ident.start_time, ident.mm_fingerprint) != (
-                    known.start_time, known.mm_fingerprint):
+            if known is not None and new_image:
                 proc.files.reset()  # another process or address space: other files
             known_chain = proc.chain
             chain, chain_reason = self._chain_for(proc, ident)
@@ -238,7 +246,8 @@ class Engine:
                 chosen, reason = self._choose(proc, tracker, ident)
                 try:
                     proc.last = self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
-                                           max_pages, chain_reason, on_frozen, progress)
+                                           max_pages, chain_reason, on_frozen, progress,
+                                           authorize)
                     return proc.last
                 except TrackerUnavailable as e:
                     if tracker != "auto" or chosen.name == "hash":
@@ -248,7 +257,8 @@ class Engine:
                                 pid, e)
                     proc.last = self._take(proc, ident, chain, parent, proc.tracker("hash"),
                                            f"auto: uffd-wp unavailable: {e}", fuzzy,
-                                           max_pages, chain_reason, on_frozen, progress)
+                                           max_pages, chain_reason, on_frozen, progress,
+                                           authorize)
                     return proc.last
 
     def _choose(self, proc: _Process, tracker: str, ident: Identity) -> tuple[Tracker, str]:
@@ -265,7 +275,8 @@ class Engine:
               parent: SnapshotHead | SnapshotMeta | None, tracker: Tracker, reason: str,
               fuzzy: bool,
               max_pages: int, chain_reason: str | None, on_frozen: FrozenHook | None,
-              progress: Callable[[int], None] | None) -> SnapshotMeta:
+              progress: Callable[[int], None] | None,
+              authorize: Callable[[int], None] | None = None) -> SnapshotMeta:
         full_reason = chain_reason
         if parent is not None and parent.tracker != tracker.name:
             full_reason = full_reason or f"tracker changed from {parent.tracker} to {tracker.name}"
@@ -275,6 +286,7 @@ class Engine:
                 fuzzy=fuzzy, max_pages=max_pages, privileged=self.privileged,
                 buffers=self.buffers, executor=self.executor, full_reason=full_reason,
                 on_frozen=on_frozen, progress=progress, proc_files=proc.files,
+                authorize=authorize,
             )
 
         try:

@@ -28,6 +28,12 @@ class PermissionDenied(UserError):
     exit_code = 13
 
 
+class AccessRevoked(PermissionDenied):
+    """The process was authorized for a non-root client, but that client could no longer
+    ptrace it (it became non-dumpable, or set-uid/set-gid by exec): nothing of it may be
+    captured on that client's behalf any more."""
+
+
 class StoreError(UserError):
     """The store is missing, of an unknown version, or not usable."""
 

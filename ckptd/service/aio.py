@@ -9,13 +9,15 @@ from pathlib import Path
 import aiofiles
 import aiofiles.os
 
-from ..store.fsutil import FILE_MODE
+from ..store.fsutil import create_temp
 
 _fsync = aiofiles.os.wrap(os.fsync)
 
 
 def _private_opener(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+    # A new file, never through a symlink (see fsutil.create_temp); "wb" adds O_TRUNC,
+    # which a new file makes moot.
+    return create_temp(path, flags & ~(os.O_CREAT | os.O_TRUNC))
 
 
 async def atomic_write(path: Path, data: bytes) -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import PermissionDenied, TargetNotFound
+from ..errors import AccessRevoked, PermissionDenied, TargetNotFound
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 
@@ -56,10 +57,14 @@ class Ownership:
 def read_ownership(pid: int) -> Ownership:
     """Read a process's credentials from /proc. Raises TargetNotFound if it is gone."""
     try:
-        st = os.stat(f"/proc/{pid}")
         uids: tuple[int, ...] = ()
         gids: tuple[int, ...] = ()
         with open(f"/proc/{pid}/status") as f:
+            # The owner of a file in /proc/PID, not of /proc/PID itself: the kernel
+            # refreshes the files' owners at each lookup, while the directory keeps the
+            # owner it had when first looked up (Linux 6.18: still the user's after
+            # PR_SET_DUMPABLE 0, so a non-dumpable process looked dumpable).
+            st = os.fstat(f.fileno())
             for line in f:
                 if line.startswith("Uid:"):
                     uids = tuple(int(x) for x in line.split()[1:5])
@@ -70,7 +75,7 @@ def read_ownership(pid: int) -> Ownership:
         raise TargetNotFound(f"no process with PID {pid}") from None
     if len(uids) != 4 or len(gids) != 4:
         raise TargetNotFound(f"PID {pid} has no credentials in /proc (a kernel thread?)")
-    # A non-dumpable process's /proc/PID entries belong to root (the kernel's
+    # A non-dumpable process's /proc/PID files belong to root (the kernel's
     # task_dump_owner), so the owner differing from the euid means "not dumpable".
     dumpable = st.st_uid == uids[1]
     return Ownership(pid, (uids[0], uids[1], uids[2], uids[3]),
@@ -103,3 +108,27 @@ def check_process(peer: Peer, pid: int) -> Ownership:
     if reason is not None:
         raise PermissionDenied(f"{reason}: uid {peer.uid} may not act on it")
     return own
+
+
+def still_allowed(uid: int, gid: int | None) -> Callable[[int], None] | None:
+    """The check a round runs for a process that the client `uid`, `gid` was authorized
+    for: None for root (nothing to re-check); else a function of the PID that raises
+    AccessRevoked if that client could not ptrace the process now (`gid` None: a
+    registration saved before the client's gid was recorded; the process's real gid
+    stands in, so its effective and saved gids must still equal it). Authorization at `register` or
+    `snapshot` time is not enough: the process may later make itself non-dumpable
+    (PR_SET_DUMPABLE 0, as ssh-agent does to keep its keys from its own user) or exec a
+    set-uid or set-gid program, and the root service must not go on capturing it for a
+    user the kernel would refuse. The engine calls it while the process is frozen, when
+    its credentials cannot change (docs/api.md, Authorization)."""
+    if uid == 0:
+        return None
+
+    def check(pid: int) -> None:
+        own = read_ownership(pid)
+        reason = may_act_on_process(Peer(0, uid, own.gids[0] if gid is None else gid), own)
+        if reason is not None:
+            raise AccessRevoked(f"{reason}: uid {uid} may not ptrace it any more, so it "
+                                "is not captured on its behalf")
+
+    return check

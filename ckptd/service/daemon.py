@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from .. import __version__
 from ..engine import Engine
 from ..errors import (
+    AccessRevoked,
     CkptdError,
     CorruptStore,
     PermissionDenied,
@@ -75,6 +76,14 @@ log = logging.getLogger("ckptd.service")
 T = TypeVar("T")
 
 MAX_CLIENTS = 128
+# Connections of one non-root user at once: one user must not hold every connection
+# (idle, or with half a request each) and lock the others out. Root's connections are
+# never refused, so root can always reach a service other users keep busy.
+MAX_CLIENTS_PER_USER = 32
+# The metrics HTTP listener: at most this many connections at once, each given this long
+# to send its request head. Any local user (or anyone, if it listens wider) can connect.
+MAX_HTTP_CLIENTS = 16
+HTTP_TIMEOUT = 5.0
 READ_CHUNK = 1 << 16
 # Unregistered processes snapshotted with `snapshot` whose tracking (a pidfd, the
 # engine's open files, tracker state) is kept for their next one: at most this many,
@@ -142,6 +151,8 @@ class Service:
         self._maint_running: set[str] = set()
         self._tallies: dict[int, maintenance.ChainTally] = {}  # by pid: its current chain
         self._clients = 0
+        self._clients_of: dict[int, int] = {}  # open connections per uid
+        self._http_clients = 0
         self._busy: set[asyncio.Future[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._http: asyncio.AbstractServer | None = None
@@ -310,14 +321,15 @@ class Service:
             raise ConfigError(f"service.socket = '{path}': cannot listen there: "
                               f"{exc.strerror or exc}") from None
         try:
-            os.chmod(path, 0o660)
+            # Mode 0660 came from the umask at bind(): no chmod, which would follow a
+            # symlink; the directory is writable by no other user (_prepare_socket_path).
             if svc.socket_group:
                 try:
                     gid = grp.getgrnam(svc.socket_group).gr_gid
                 except KeyError:
                     raise ConfigError(
                         f"service.socket_group = {svc.socket_group!r}: no such group") from None
-                os.chown(path, -1, gid)
+                os.chown(path, -1, gid, follow_symlinks=False)
         except BaseException:
             sock.close()
             _unlink_socket(path)
@@ -550,7 +562,7 @@ class Service:
                     f"{fdlimit.FDS_PER_REGISTRATION})")
             # One-off snapshots' processes hold files too: make room among them first.
             self._trim_adhoc(max(0, self.fds.registrations - len(self.registry) - 1), pid)
-            rec = new_record(pid, start, own.uids[0], peer.uid, req.policy)
+            rec = new_record(pid, start, own.uids[0], peer.uid, req.policy, peer.gid)
         except BaseException:
             os.close(pidfd)
             raise
@@ -715,8 +727,9 @@ class Service:
             return
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
+        rec = reg.record
         self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages,
-                      reg.record.start_time)
+                      rec.start_time, auth.still_allowed(rec.registered_by, rec.registered_gid))
 
     def _count_overrun(self, reg: Registration) -> None:
         # In the capture worker that ended the round.
@@ -726,15 +739,17 @@ class Service:
 
     def _capture_job(self, pid: int, reg: Registration | None, holder: Registration,
                      pidfd: int, start: int, tracker: str, fuzzy: bool,
-                     max_pages: int) -> SnapshotMeta:
+                     max_pages: int, peer: Peer) -> SnapshotMeta:
         """In a capture worker: an on-demand round of the process the request was
-        authorized for (`pidfd`, started at `start`); `holder` is its registration, or
-        the slot's stand-in for a one-off. A failure is raised to the client once it has
-        been logged and counted."""
+        authorized for (`pidfd`, started at `start`; `peer` is checked again once the
+        process is frozen); `holder` is its registration, or the slot's stand-in for a
+        one-off. A failure is raised to the client once it has been logged and
+        counted."""
         if pidfd_exited(pidfd):
             # The PID may be another process's already: the engine would snapshot it.
             raise TargetGone(f"process {pid} exited; nothing was stored")
-        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages, start)
+        meta = self._attempt(pid, reg, tracker, fuzzy, max_pages, start,
+                             auth.still_allowed(peer.uid, peer.gid))
         if isinstance(meta, Exception):
             raise meta
         holder.chain = meta.chain
@@ -750,17 +765,19 @@ class Service:
         return meta
 
     def _attempt(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
-                 max_pages: int, start_time: int) -> SnapshotMeta | Exception:
+                 max_pages: int, start_time: int,
+                 authorize: Callable[[int], None] | None = None) -> SnapshotMeta | Exception:
         """In a capture worker: one snapshot of the process `pid` that started at
         `start_time` (the engine refuses another process with that PID), and its
-        bookkeeping. The engine's failure is logged and counted here, and returned."""
+        bookkeeping; `authorize`: auth.still_allowed for the client. The engine's
+        failure is logged and counted here, and returned."""
         m = self.metrics
         with m.lock:
             m.in_flight.add(1)
         t0 = time.monotonic()
         try:
             meta = self.engine.snapshot(pid, tracker=tracker, fuzzy=fuzzy, max_pages=max_pages,
-                                        start_time=start_time)
+                                        start_time=start_time, authorize=authorize)
         except Exception as exc:
             reason = failure_reason(exc)
             with m.lock:
@@ -773,6 +790,11 @@ class Service:
                 log.info("pid %d: %s", pid, exc)
                 if reg is not None:
                     self._loop.call_soon_threadsafe(self._gone, reg, str(exc))
+            elif isinstance(exc, AccessRevoked):
+                # Its user may not ptrace it any more: no further round may capture it.
+                log.warning("pid %d: %s; unregistering it", pid, exc)
+                if reg is not None:
+                    self._loop.call_soon_threadsafe(self._gone, reg, str(exc), False)
             elif isinstance(exc, UserError):
                 log.warning("pid %d: snapshot refused: %s", pid, exc)
             elif isinstance(exc, TargetBusy):
@@ -817,12 +839,12 @@ class Service:
                   meta.timings.total_ms)
         return meta
 
-    def _gone(self, reg: Registration, why: str) -> None:
+    def _gone(self, reg: Registration, why: str, exited: bool = True) -> None:
         # On the loop. The registration may have been dropped or replaced meanwhile, or
         # be on its way out (the pidfd saw the exit first). Not while stopping: see
-        # _on_exit.
+        # _on_exit. `exited` False: dropped because its user lost the right to it.
         if self.registry.get(reg.pid) is reg and not reg.unregistering and not self.stopping:
-            self._begin_unregister(reg, exited=True)
+            self._begin_unregister(reg, exited=exited)
             self._spawn_op(self._unregister(reg, why), f"gone-{reg.pid}")
 
     async def snapshot_now(self, peer: Peer, req: protocol.SnapshotNowReq) -> dict[str, Any]:
@@ -853,7 +875,7 @@ class Service:
             async def capture() -> SnapshotMeta:
                 # Not through _in: shutdown waits for these through self.capture's jobs.
                 return await self.capture.submit(self._capture_job, pid, reg, holder, pidfd,
-                                                 start, tracker, fuzzy, max_pages)
+                                                 start, tracker, fuzzy, max_pages, peer)
 
             task = self.scheduler.start_exclusive(slot, capture)
         except BaseException:
@@ -1128,7 +1150,9 @@ class Service:
         if isinstance(req, protocol.CompactReq):
             # Also for root: a chain that does not exist is not-found, not "no snapshots".
             if self._chain_uid(req.chain) != peer.uid and not peer.is_root:
-                raise PermissionDenied(f"chain {req.chain} is not yours")
+                # As for a missing chain (show, materialize): do not reveal that another
+                # user's process was snapshotted.
+                raise UnknownSnapshot(f"no chain {req.chain!r}; see `ckptd list`")
             return await self._op(self._compact(req.chain, req.upto), f"compact-{req.chain}")
         if isinstance(req, protocol.ReloadReq):
             self._require_root(peer, "reload")
@@ -1177,11 +1201,16 @@ class Service:
             log.warning("cannot read peer credentials, closing: %s", exc)
             writer.close()
             return
-        if self._clients >= MAX_CLIENTS:
+        mine = self._clients_of.get(peer.uid, 0)
+        if not peer.is_root and (self._clients >= MAX_CLIENTS
+                                 or mine >= MAX_CLIENTS_PER_USER):
+            log.info("uid %d pid %d: connection refused: %d open, %d of this uid",
+                     peer.uid, peer.pid, self._clients, mine)
             writer.write(protocol.encode_error(None, "busy", "too many clients"))
             writer.close()
             return
         self._clients += 1
+        self._clients_of[peer.uid] = mine + 1
         decoder = protocol.FrameDecoder()
         try:
             while True:
@@ -1203,14 +1232,34 @@ class Service:
             log.debug("uid %d pid %d: client went away: %s", peer.uid, peer.pid, exc)
         finally:
             self._clients -= 1
+            left = self._clients_of[peer.uid] - 1
+            if left:
+                self._clients_of[peer.uid] = left
+            else:
+                del self._clients_of[peer.uid]
             writer.close()
 
     async def _http_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
+        # Bounded: anyone who can reach the port could otherwise hold connections (and
+        # the root service's open files) for ever.
+        if self._http_clients >= MAX_HTTP_CLIENTS:
+            writer.close()
+            return
+        self._http_clients += 1
+        try:
+            await asyncio.wait_for(self._http_reply(reader, writer), HTTP_TIMEOUT)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._http_clients -= 1
+            writer.close()
+
+    async def _http_reply(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.close()
             return
         line = head.split(b"\r\n", 1)[0].split()
         if len(line) >= 2 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
@@ -1222,9 +1271,7 @@ class Service:
         writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype +
                      b"\r\nContent-Length: " + str(len(body)).encode() +
                      b"\r\nConnection: close\r\n\r\n" + body)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+        await writer.drain()
 
 
 def _private_dir(path: Path) -> None:
@@ -1237,9 +1284,17 @@ def _prepare_socket_path(path: Path) -> None:
     stale socket left by a crash."""
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = os.stat(path.parent)
     except OSError as exc:
         raise ConfigError(f"service.socket = '{path}': cannot create its directory "
                           f"{exc.filename or path.parent}: {exc.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        # Another user could plant a socket there (a fake service, or one that keeps
+        # ours from starting), or swap ours for a symlink that chown would follow.
+        raise ConfigError(
+            f"service.socket = '{path}': other users may write to its directory "
+            f"{path.parent} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): "
+            "use a directory only root may write, such as /run/ckptd")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -35,6 +35,9 @@ class RegistrationRecord(BaseModel):
     start_time: int
     uid: int = Field(description="owner (real uid) of the process when registered")
     registered_by: int = Field(description="uid of the client that registered it")
+    registered_gid: int | None = Field(
+        default=None, description="gid of the client that registered it (None: written "
+        "before it was recorded; the process's real gid at each round stands in)")
     registered_at: float
     comm: str = ""
     policy: PolicyOverride = Field(default_factory=lambda: PolicyOverride())
@@ -212,8 +215,10 @@ class Registry:
 
 
 def new_record(pid: int, start_time: int, uid: int, registered_by: int,
-               policy: PolicyOverride) -> RegistrationRecord:
+               policy: PolicyOverride, registered_gid: int | None = None
+               ) -> RegistrationRecord:
     return RegistrationRecord(
         pid=pid, start_time=start_time, uid=uid, registered_by=registered_by,
-        registered_at=time.time(), comm=read_comm(pid), policy=policy,
+        registered_gid=registered_gid, registered_at=time.time(), comm=read_comm(pid),
+        policy=policy,
     )

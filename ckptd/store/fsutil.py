@@ -28,11 +28,46 @@ ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20)
 
 
-def make_private_dir(path: Path) -> None:
-    """mkdir -p with mode 0700 on every directory created; fix the mode if it exists."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != DIR_MODE:
-        os.chmod(path, DIR_MODE)
+def make_dirs(path: Path | str) -> None:
+    """mkdir -p, with mode 0700 on every directory it creates, parents included (mkdir -p
+    and pathlib give parents the umask's mode: 0777 under umask 0, where anyone could
+    rename what ckptd then puts inside away and plant their own)."""
+    missing: list[str] = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: left as it is
+        if stat.S_IMODE(os.lstat(d).st_mode) != DIR_MODE:  # a umask such as 0o277
+            os.chmod(d, DIR_MODE)
+
+
+def make_private_dir(path: Path, follow: bool = False) -> None:
+    """make_dirs, then make `path` itself 0700. It must be a directory of the caller's
+    own: another user's could have its entries swapped for symlinks that the caller
+    would follow as itself (PermissionError otherwise). `path` must not be a symlink
+    (OSError ELOOP), unless `follow` (a store root may be a link to the directory)."""
+    make_dirs(path)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ENOTDIR and os.path.islink(path):  # O_NOFOLLOW on a link
+            raise OSError(errno.ELOOP, "a symbolic link, not a directory", str(path)) from e
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, not by uid "
+                                  f"{os.geteuid()}", str(path))
+        if stat.S_IMODE(st.st_mode) != DIR_MODE:
+            os.fchmod(fd, DIR_MODE)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -45,6 +80,20 @@ def fsync_dir(path: Path | str) -> None:
 
 def open_private(path: Path | str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+
+
+def create_temp(path: Path | str, flags: int = os.O_WRONLY) -> int:
+    """Create the temporary file `path` (0600) for writing, as a new file: never through
+    a symlink, never into a file that was there. Its name is predictable (pid-based), so
+    whatever is at it (a leftover of a writer that had our pid, or anything planted) is
+    removed first; unlink removes a symlink itself, not its target."""
+    for _ in range(2):
+        try:
+            return open_private(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return open_private(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
 
 
 def atomic_write(path: Path | str, data: bytes, durable: bool = True,
@@ -67,7 +116,7 @@ def atomic_write(path: Path | str, data: bytes, durable: bool = True,
             tmp = reuse
     if fd < 0:
         tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
-        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = create_temp(tmp)
     try:
         view = memoryview(data)
         offset = 0

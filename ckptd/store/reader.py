@@ -28,6 +28,7 @@ from .fsutil import (
     MAY_WRITE,
     Owner,
     check_access,
+    make_dirs,
     open_as,
     resolve_parent,
 )
@@ -313,7 +314,7 @@ def _open_out_dir(out_dir: str, owner: Owner | None) -> tuple[int, str]:
             # Only the directories above out_dir: out_dir is opened without following.
             head, name = os.path.split(out_dir.rstrip("/"))
             head = head or ("/" if out_dir.startswith("/") else ".")
-            Path(head).mkdir(parents=True, exist_ok=True)
+            make_dirs(head)  # 0700, whatever the umask
             parent = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             where = os.readlink(f"/proc/self/fd/{parent}")
         else:

@@ -179,7 +179,8 @@ class Store:
                         "(or set CKPTD_STORE)"
                     )
                 raise StoreError(f"{root} is not a ckptd store (no STORE.json)")
-            make_private_dir(root)
+            _check_owner(root)
+            make_private_dir(root, follow=True)
             atomic_write(info_path, StoreInfo(created=time.time()).model_dump_json().encode())
         try:
             raw = json.loads(info_path.read_bytes())
@@ -190,7 +191,11 @@ class Store:
         _check_version("a store of", info_path, raw.get("version"))
         store = cls(root)
         store.version = raw["version"]
-        if create or os.access(root, os.W_OK):
+        if create:
+            _check_owner(root)
+        # Only a store of our own is ever changed: root may read another user's, but
+        # would follow that user's symlinks in it (chains/ -> /etc: chmod /etc 0700).
+        if create or (os.access(root, os.W_OK) and os.stat(root).st_uid == os.geteuid()):
             new_dirs = not (store.chains_dir.is_dir() and store.tmp_dir.is_dir())
             make_private_dir(store.chains_dir)
             make_private_dir(store.tmp_dir)
@@ -725,6 +730,21 @@ class Store:
         through it any more; a later write takes a new ownership."""
         self.drop_spares()
         self._tmp_owner.release()
+
+
+def _check_owner(root: Path) -> None:
+    """Refuse to write to a store (or to create one in a directory) that another user
+    owns: that user could replace its files and directories with symlinks, and ckptd
+    would write, chmod and delete through them as itself (as root, anywhere)."""
+    try:
+        uid = os.stat(root).st_uid
+    except FileNotFoundError:
+        return  # created by us, 0700
+    if uid != os.geteuid():
+        raise StorePermissionDenied(
+            f"the store at {root} is owned by uid {uid}, not by you (uid {os.geteuid()}): "
+            "ckptd writes only to a store it owns, as another user could plant symlinks "
+            "in it; use another store (--store DIR), or run as its owner")
 
 
 _Identified = TypeVar("_Identified", SnapshotMeta, SnapshotHead, SnapshotPages)

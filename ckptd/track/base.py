@@ -39,6 +39,9 @@ class TrackContext:
     max_pages: int           # 0 = no bound on the get-and-clear
     privileged: bool         # CAP_SYS_ADMIN: can tell pte markers from swap entries
     start_time: int = 0      # the target's start time (with pid: which process this is)
+    # Called with the pid while the target is frozen, before anything is done to it or
+    # read from it; raises if the round may not go on (service.auth.still_allowed).
+    authorize: Callable[[int], None] | None = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..intervals import Span, normalize
 from ..kernel import abi, pagemap
 from ..kernel.procfs import Mapping
-from ..store.fsutil import FILE_MODE, fsync_dir
+from ..store.fsutil import create_temp, fsync_dir
 from .base import ArmResult, Harvest, TrackContext, Tracker, capturable
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _save(path: Path, owner: str, table: dict[int, bytes]) -> None:
     parts = [_MAGIC, len(ident).to_bytes(2, "little"), ident]
     parts.extend(_ENTRY.pack(a, d) for a, d in table.items())
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    fd = create_temp(tmp)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(b"".join(parts))

@@ -259,7 +259,7 @@ class UffdWpTracker(Tracker):
         try:
             for attempt in range(_INJECT_ATTEMPTS):
                 try:
-                    target_fd = self._inject_frozen(pid, suspend)
+                    target_fd = self._inject_frozen(pid, suspend, ctx.authorize)
                     break
                 except ptrace.InjectionDeferred as e:
                     if attempt == _INJECT_ATTEMPTS - 1:
@@ -279,10 +279,14 @@ class UffdWpTracker(Tracker):
         self._save_state(ctx)
         log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
 
-    def _inject_frozen(self, pid: int, suspend: bool) -> int:
+    def _inject_frozen(self, pid: int, suspend: bool,
+                       authorize: Callable[[int], None] | None = None) -> int:
         """Freeze, make the target create a userfaultfd, take a copy of the new fd and
-        thaw. Returns the fd's number in the target."""
+        thaw. Returns the fd's number in the target. `authorize` (see TrackContext) is
+        checked once frozen: no injection into a process the client may not ptrace."""
         with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
+            if authorize is not None:
+                authorize(pid)
             if not suspend and procfs.read_status(pid).get("Seccomp", "0") != "0":
                 # It installed a filter since we looked: the filter might kill it for
                 # the injected call.
