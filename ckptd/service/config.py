@@ -199,6 +199,10 @@ class ServiceSection(_Strict):
         default=20.0, description="on SIGTERM, wait this long for in-flight snapshots"
     )
     max_registrations: int = Field(default=1024, ge=1)
+    max_registrations_per_user: int | None = Field(
+        default=None, ge=1,
+        description="registrations one non-root user may hold (default: half of "
+        "max_registrations), so that one user cannot take them all; root is not limited")
     batch_window: Duration = Field(
         default=0.1, le=1.0,
         description="round starts are rounded up to a multiple of this, so that rounds "

@@ -554,6 +554,7 @@ class Service:
             if len(self.registry) >= self.cfg.service.max_registrations:
                 raise UserError(f"already {len(self.registry)} registrations "
                                 "(service.max_registrations); unregister some first")
+            self._check_user_share(peer.uid)
             if len(self.registry) >= self.fds.registrations:
                 raise UserError(
                     f"already {len(self.registry)} registrations, all that the service's "
@@ -589,6 +590,18 @@ class Service:
                  peer.uid, self.policy_of(reg).interval)
         return {"registered": True, "updated": False,
                 **registration_view(reg, self.policy_of(reg))}
+
+    def _check_user_share(self, uid: int) -> None:
+        """One non-root user may hold only its share of the registrations, so that it
+        cannot lock every other user out (root, who configures the service, may)."""
+        if uid == 0:
+            return
+        svc = self.cfg.service
+        share = svc.max_registrations_per_user or max(1, svc.max_registrations // 2)
+        held = sum(1 for r in self.registry.by_pid.values() if r.record.registered_by == uid)
+        if held >= share:
+            raise UserError(f"uid {uid} already has {held} registrations, its share "
+                            "(service.max_registrations_per_user); unregister some first")
 
     async def _persist_or_undo(self, undo: Callable[[], None], what: str) -> None:
         """Save the registry; if that fails, `undo` the change in memory too, and say
