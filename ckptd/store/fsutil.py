@@ -28,11 +28,23 @@ ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20)
 
 
-def make_private_dir(path: Path) -> None:
-    """mkdir -p with mode 0700 on every directory created; fix the mode if it exists."""
+def make_private_dir(path: Path, durable: bool = False) -> None:
+    """mkdir -p with mode 0700 on every directory created; fix the mode if it exists.
+    durable=True: each directory created is also fsynced in its parent, so that its
+    entry survives a power loss. A directory whose files are made durable (a store,
+    the service's registrations) is lost with them if its own entry is not: fsyncing a
+    file and its directory says nothing about that directory's name."""
+    created = []
+    if durable:
+        p = path
+        while not p.exists():
+            created.append(p)
+            p = p.parent
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     if path.stat().st_mode & 0o777 != DIR_MODE:
         os.chmod(path, DIR_MODE)
+    for d in reversed(created):  # the outermost first: each parent entry exists by then
+        fsync_dir(d.parent)
 
 
 def fsync_dir(path: Path | str) -> None:

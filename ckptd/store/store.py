@@ -175,7 +175,7 @@ class Store:
                         "(or set CKPTD_STORE)"
                     )
                 raise StoreError(f"{root} is not a ckptd store (no STORE.json)")
-            make_private_dir(root)
+            make_private_dir(root, durable=True)  # the snapshots' durability needs it
             atomic_write(info_path, StoreInfo(created=time.time()).model_dump_json().encode())
         try:
             raw = json.loads(info_path.read_bytes())
