@@ -7,7 +7,8 @@ After every kill: the store verifies clean, every listed snapshot restores the t
 region exactly as the counter it holds says it must be, the counters grow with the
 snapshots' seq, the newest snapshot materializes whole, and the target is alive, not
 held, and still finds its memory as it left it. The first snapshot of the next watch is
-a delta exactly when the uffd-wp state the kill left names the chain's newest snapshot
+a delta exactly when the tracker state the kill left (uffd-wp.json, or hashes.bin for
+the hash tracker) names the chain's newest snapshot
 (docs/store-format.md, "What a crash leaves"), and, delta or full, it restores the
 region exactly: a delta against state that claims a sync the store does not have would
 miss the pages the lost round took, and the region would show older values.
@@ -108,7 +109,14 @@ def check_region(data: bytes, pages: int, where: str) -> int:
     return k
 
 
-def _uffd_synced_with(store: Store, chain: str) -> str | None:
+def _synced_with(store: Store, chain: str, tracker: str) -> str | None:
+    """The snapshot the tracker state names: a delta may follow it and nothing else."""
+    if tracker == "hash":
+        try:
+            raw = (store.state_dir(chain) / "hashes.bin").read_bytes()
+        except FileNotFoundError:
+            return None
+        return raw[10 : 10 + int.from_bytes(raw[8:10], "little")].decode()
     path = store.state_dir(chain) / "uffd-wp.json"
     try:
         return json.loads(path.read_text()).get("synced_with")  # type: ignore[no-any-return]
@@ -168,7 +176,7 @@ def _kill(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def _run(tmp_path: Path, seconds: float, seed: int) -> Seen:
+def _run(tmp_path: Path, seconds: float, seed: int, tracker: str = "uffd-wp") -> Seen:
     rng = random.Random(seed)
     root = tmp_path / "store"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -188,7 +196,7 @@ def _run(tmp_path: Path, seconds: float, seed: int) -> Seen:
             iteration += 1
             watch = subprocess.Popen(
                 [sys.executable, "-m", "ckptd", "watch", str(pid), "--interval", "100ms",
-                 "--store", str(root), "--json"],
+                 "--store", str(root), "--json", "--tracker", tracker],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             compactor = None
             if iteration > 1 and rng.random() < 0.8:
@@ -220,11 +228,12 @@ def _run(tmp_path: Path, seconds: float, seed: int) -> Seen:
             _target_ok(pid, addr)
             newest = check_store(root, chain, addr, seen, tmp_path / "out")
             seq = int(newest.rsplit("-", 1)[1])
-            synced = _uffd_synced_with(Store.open(root), chain)
+            synced = _synced_with(Store.open(root), chain, tracker)
             expect = (f"{chain}-{seq + 1}", "delta" if synced == newest else "full")
         # Leftovers of the killed processes go with the next writer's first round.
         r = subprocess.run([sys.executable, "-m", "ckptd", "snapshot", str(pid), "--store",
-                            str(root)], capture_output=True, text=True, timeout=60)
+                            str(root), "--tracker", tracker], capture_output=True, text=True,
+                           timeout=60)
         assert r.returncode == 0, r.stderr
         check_store(root, chain, addr, seen, tmp_path / "out")
         store = Store.open(root)
@@ -248,22 +257,33 @@ def _run(tmp_path: Path, seconds: float, seed: int) -> Seen:
         assert "corrupt" not in out, out
 
 
+def _seconds(share: float) -> float:
+    """This test's part of CKPTD_STRESS_SECONDS (default 40: the three tests together)."""
+    return float(os.environ.get("CKPTD_STRESS_SECONDS", "40")) * share
+
+
 def test_sigkill_of_watch_and_compaction_at_random_instants(tmp_path: Path) -> None:
-    """About 20 s by default. For a longer run (a bench-style soak), set
+    """About 15 s by default. For a longer run (a bench-style soak), set
     CKPTD_STRESS_SECONDS, and CKPTD_STRESS_SEED for another sequence of kills."""
-    seen = _run(tmp_path, float(os.environ.get("CKPTD_STRESS_SECONDS", "20")),
-                seed=int(os.environ.get("CKPTD_STRESS_SEED", "1")))
+    seen = _run(tmp_path, _seconds(0.375), seed=int(os.environ.get("CKPTD_STRESS_SEED", "1")))
     assert len(seen.checked) > 20
     assert seen.compactions_killed > 3
+
+
+def test_sigkill_with_the_hash_tracker(tmp_path: Path) -> None:
+    """The same with the hash tracker, whose state (hashes.bin) is written after the
+    commit point, not before the harvest: about 8 s by default."""
+    seen = _run(tmp_path, _seconds(0.2), seed=int(os.environ.get("CKPTD_STRESS_SEED", "1")) + 1,
+                tracker="hash")
+    assert len(seen.checked) > 10
 
 
 def test_sigkill_of_the_service_at_random_instants(tmp_path: Path) -> None:
     """The service, registered at 100 ms with a retention that compacts about every
     round (snapshots then publish through the spares compaction keeps), killed at random
     instants and started again: its registration comes back from registrations.json,
-    and the store holds what it must after every kill. About 15 s by default
-    (CKPTD_STRESS_SECONDS / 4/3 for longer)."""
-    seconds = float(os.environ.get("CKPTD_STRESS_SECONDS", "20")) * 0.75
+    and the store holds what it must after every kill. About 12 s by default."""
+    seconds = _seconds(0.3)
     rng = random.Random(int(os.environ.get("CKPTD_STRESS_SEED", "1")))
     d = Daemon(tmp_path, log_level="info")
     target = subprocess.Popen([sys.executable, str(TARGETS / "counter.py"), str(PAGES),
