@@ -799,3 +799,27 @@ def test_materialize_output_directory(engine: Engine, store: Store, tmp_path: Pa
     index = store_reader.materialize(store, sid, empty)
     assert sorted(os.listdir(empty)) == sorted(
         ["index.json", *(v["file"] for v in index["vmas"])])
+
+
+def test_a_new_store_and_the_service_directory_are_durable_in_their_parents(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every snapshot is fsynced with its directory, but that keeps nothing if the
+    store's own directory entry is lost in a power loss: creating a store (and its
+    missing parents) fsyncs the parent of each directory it creates, and so does the
+    service for service/, where registrations.json lives."""
+    from ckptd.service import daemon
+
+    synced: list[str] = []
+    real = fsutil.fsync_dir
+
+    def record(path: Path | str) -> None:
+        synced.append(os.fspath(path))
+        real(path)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", record)
+    root = tmp_path / "a" / "store"
+    Store.open(root, create=True)
+    assert {str(tmp_path), str(tmp_path / "a")} <= set(synced)
+    synced.clear()
+    daemon._private_dir(root / "service")
+    assert str(root) in synced

@@ -1289,7 +1289,7 @@ class Service:
 
 def _private_dir(path: Path) -> None:
     from ..store.fsutil import make_private_dir
-    make_private_dir(path)
+    make_private_dir(path, durable=True)  # registrations.json is fsynced in it
 
 
 def _prepare_socket_path(path: Path) -> None:

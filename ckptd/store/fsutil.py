@@ -46,12 +46,24 @@ def make_dirs(path: Path | str) -> None:
             os.chmod(d, DIR_MODE)
 
 
-def make_private_dir(path: Path, follow: bool = False) -> None:
+def make_private_dir(path: Path, follow: bool = False, durable: bool = False) -> None:
     """make_dirs, then make `path` itself 0700. It must be a directory of the caller's
     own: another user's could have its entries swapped for symlinks that the caller
     would follow as itself (PermissionError otherwise). `path` must not be a symlink
-    (OSError ELOOP), unless `follow` (a store root may be a link to the directory)."""
+    (OSError ELOOP), unless `follow` (a store root may be a link to the directory).
+    durable=True: each directory created is also fsynced in its parent, so that its
+    entry survives a power loss. A directory whose files are made durable (a store,
+    the service's registrations) is lost with them if its own entry is not: fsyncing a
+    file and its directory says nothing about that directory's name."""
+    created: list[str] = []
+    if durable:
+        p = os.path.abspath(path)
+        while not os.path.lexists(p):
+            created.append(p)
+            p = os.path.dirname(p)
     make_dirs(path)
+    for d in reversed(created):  # the outermost first: each parent entry exists by then
+        fsync_dir(os.path.dirname(d))
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)

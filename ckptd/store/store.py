@@ -180,7 +180,8 @@ class Store:
                     )
                 raise StoreError(f"{root} is not a ckptd store (no STORE.json)")
             _check_owner(root)
-            make_private_dir(root, follow=True)
+            # durable: the snapshots' durability needs the store's own entry too.
+            make_private_dir(root, follow=True, durable=True)
             atomic_write(info_path, StoreInfo(created=time.time()).model_dump_json().encode())
         try:
             raw = json.loads(info_path.read_bytes())
@@ -334,7 +335,22 @@ class Store:
     def _load(self, snapshot_id: str) -> SnapshotMeta:
         """The snapshot's file, parsed, with no floor check."""
         path, raw = self._read_snapshot(snapshot_id)
-        return _check_identity(path, snapshot_id, _parse_meta(path, raw))
+        try:
+            return _check_identity(path, snapshot_id, _parse_meta(path, raw))
+        except CorruptStore:
+            if self._retired_meanwhile(snapshot_id):
+                raise self._no_snapshot(snapshot_id) from None
+            raise
+
+    def _retired_meanwhile(self, snapshot_id: str) -> bool:
+        """For a file of `snapshot_id` that did not parse, or described another
+        snapshot: is the id below its chain's floor now? Readers take no lock. A
+        compaction may have retired the file as a spare after the reader opened it, and
+        a publish may have written another snapshot's metadata into that same inode
+        (retire_snapshot) before the reader read it. That is a snapshot removed
+        meanwhile, not damage: no snapshot, and a walk to the base starts again."""
+        chain, seq = parse_snapshot_id(snapshot_id)
+        return seq < self.floor(chain)
 
     def head(self, snapshot_id: str, floor: int | None = None) -> SnapshotHead:
         """The chain-linking fields of a snapshot (fast: extents are not validated)."""
@@ -363,15 +379,20 @@ class Store:
         path, raw = self._read_snapshot(snapshot_id)
         doc = b"{" + raw[len(skip):] if skip and raw.startswith(skip) else raw
         try:
-            sub = model.model_validate_json(doc)
-        except ValidationError as e:
-            _parse_meta(path, raw)  # raises the precise error (version, corruption)
-            raise CorruptStore(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}"
-                               ) from e
-        # The models default format_version (for writers); a file must carry it.
-        _check_version("a snapshot of", path, sub.format_version
-                       if b'"format_version"' in raw else None)
-        return _check_identity(path, snapshot_id, sub)
+            try:
+                sub = model.model_validate_json(doc)
+            except ValidationError as e:
+                _parse_meta(path, raw)  # raises the precise error (version, corruption)
+                raise CorruptStore(f"{path}: {e.errors()[0]['loc']}: "
+                                   f"{e.errors()[0]['msg']}") from e
+            # The models default format_version (for writers); a file must carry it.
+            _check_version("a snapshot of", path, sub.format_version
+                           if b'"format_version"' in raw else None)
+            return _check_identity(path, snapshot_id, sub)
+        except CorruptStore:
+            if self._retired_meanwhile(snapshot_id):
+                raise self._no_snapshot(snapshot_id) from None
+            raise
 
     def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
         floor, ids = self.listing(chain)
