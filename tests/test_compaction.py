@@ -20,12 +20,14 @@ from helpers import GroundTruth, GroundTruthRecorder, Target, assert_materialize
 from ckptd.engine import Engine
 from ckptd.errors import CkptdError, UserError
 from ckptd.intervals import contains, normalize
+from ckptd.kernel import procfs
 from ckptd.kernel.abi import PAGE_SIZE
 from ckptd.store import SnapshotMeta, Store
 from ckptd.store import compact as compact_module
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
 from ckptd.store.format import vmas_json
+from ckptd.store.writerid import writer_id
 
 pytestmark = needs_root
 
@@ -583,7 +585,7 @@ def test_compaction_keeps_folded_files_as_spares_that_later_snapshots_reuse(
         compact_chain(store, meta.chain, ids[5])
         spares = {n: os.stat(snaps / n).st_ino for n in os.listdir(snaps)
                   if n.startswith(".spare.")}
-        assert len(spares) == 5 and all(f".spare.{os.getpid()}." in n for n in spares)
+        assert len(spares) == 5 and all(f".spare.{writer_id()}." in n for n in spares)
         assert [m.id for m in store.list_snapshots()] == ids[5:]
         later = []
         for _ in range(3):
@@ -708,24 +710,25 @@ def test_a_reader_of_a_file_retired_and_reused_meanwhile_sees_no_snapshot(
         assert not race
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cleanup tells a dead writer's files by their pid alone (/proc/PID exists): "
-    "when the pid is in use again, as it always is for a service that runs as PID 1 "
-    "(or any fixed pid) in a container and is restarted after a crash, the dead "
-    "instance's tmp/ data file (up to a full snapshot's size), spares and temporary "
-    "metadata stay for good, one more set per crash"))
 def test_leftovers_of_a_dead_ckptd_whose_pid_is_in_use_again_are_removed(
         store: Store) -> None:
     with Target.churn(threads=1, base_mib=1, seed=7) as t:
         with Engine(store) as eng:
             chain = eng.snapshot(t.pid).chain
         # What a ckptd that ran as PID 1 (in a container) left when it was killed in
-        # the middle of a round and of a compaction; PID 1 is now another process.
+        # the middle of a round and of a compaction; PID 1 is now another process
+        # (another start time). Its tmp/ file names an owner whose lock file went with
+        # it (tmpfiles.py); its spare and temporary metadata name it `<pid>-<start>`.
+        dead = f"1-{procfs.start_time(1) + 12345}"
         snaps = store.chain_dir(chain) / "snapshots"
-        left = [store.tmp_dir / f"1.{chain}-2.0badcafe.zst", snaps / ".spare.1.4",
-                snaps / f".{chain}-2.json.1.tmp"]
+        left = [store.tmp_dir / f"{'0b' * 8}.{chain}-2.0badcafe.zst",
+                snaps / f".spare.{dead}.4", snaps / f".{chain}-2.json.{dead}.tmp",
+                store.chain_dir(chain) / f".FLOOR.json.{dead}.tmp"]
         for path in left:
             path.write_bytes(b"left by a ckptd that is gone")
+        ours = snaps / f".spare.{writer_id()}.7"  # a live writer's (ours): kept
+        ours.write_bytes(b"{}")
         with Engine(store) as eng:  # a new process: its first round cleans up
             eng.snapshot(t.pid)
         assert [p.name for p in left if p.exists()] == []
+        assert ours.exists()

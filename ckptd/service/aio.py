@@ -10,6 +10,7 @@ import aiofiles
 import aiofiles.os
 
 from ..store.fsutil import open_private
+from ..store.writerid import writer_id
 
 _fsync = aiofiles.os.wrap(os.fsync)
 
@@ -26,7 +27,7 @@ def _private_opener(path: str, flags: int) -> int:
 async def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file (0600), fsync, rename over `path`, fsync the
     directory: readers see the old content or the new, and it is durable on return."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{writer_id()}.tmp")
     try:
         async with aiofiles.open(tmp, "wb", opener=_private_opener) as f:
             await f.write(data)

@@ -11,6 +11,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from .writerid import writer_id
+
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -127,7 +129,7 @@ def atomic_write(path: Path | str, data: bytes, durable: bool = True,
             fd = os.open(reuse, os.O_WRONLY | os.O_CLOEXEC)
             tmp = reuse
     if fd < 0:
-        tmp = os.path.join(parent, f".{name}.{os.getpid()}.tmp")
+        tmp = os.path.join(parent, f".{name}.{writer_id()}.tmp")
         fd = create_temp(tmp)
     try:
         view = memoryview(data)

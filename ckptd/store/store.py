@@ -45,7 +45,8 @@ from .format import (
     vmas_json,
 )
 from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
-from .tmpfiles import TmpOwner, pid_running, remove_leftovers
+from .tmpfiles import TmpOwner, remove_leftovers
+from .writerid import writer_id, writer_running
 
 # Names that come from outside (requests, the command line) and become paths in the
 # store: nothing else may reach a path, so a name like '../../tmp/x-1' cannot lead the
@@ -67,9 +68,11 @@ SPARES_PER_CHAIN = 64
 SPARE_MAX_BYTES = 256 << 10
 _spare_numbers = itertools.count()  # spare names are never reused within a process
 # Leftovers in snapshots/ of a writer that died: a spare, or atomic_write's temporary.
-_LEFTOVER = re.compile(r"\.spare\.([0-9]+)\.[0-9]+|\..+\.([0-9]+)\.tmp")
+# `<pid>-<start>` (writerid.py), or `<pid>` alone from older releases.
+_WRITER = r"([0-9]+)(?:-([0-9]+))?"
+_LEFTOVER = re.compile(rf"\.spare\.{_WRITER}\.[0-9]+|\..+\.{_WRITER}\.tmp")
 # atomic_write's temporary of FLOOR.json, in the chain's directory.
-_FLOOR_LEFTOVER = re.compile(r"\.FLOOR\.json\.([0-9]+)\.tmp")
+_FLOOR_LEFTOVER = re.compile(rf"\.FLOOR\.json\.{_WRITER}\.tmp")
 
 _Subset = TypeVar("_Subset", SnapshotHead, SnapshotPages)
 # A walk back to the full base starts again when a compaction retires a parent under it;
@@ -628,7 +631,7 @@ class Store:
         try:
             if len(pool) < SPARES_PER_CHAIN and os.stat(path).st_size <= SPARE_MAX_BYTES:
                 spare = (f"{self._chains}/{chain}/snapshots/"
-                         f".spare.{os.getpid()}.{next(_spare_numbers)}")
+                         f".spare.{writer_id()}.{next(_spare_numbers)}")
                 os.rename(path, spare)
                 pool.append(spare)
             else:
@@ -679,14 +682,15 @@ class Store:
             m = _LEFTOVER.fullmatch(name)
             if m is None:
                 continue
-            if pid_running(m.group(1) or m.group(2)):
+            pid, start = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            if writer_running(pid, start):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{d}/{name}")
                 removed.append(name)
         for name in os.listdir(cdir):
             m = _FLOOR_LEFTOVER.fullmatch(name)
-            if m is not None and not pid_running(m.group(1)):
+            if m is not None and not writer_running(m.group(1), m.group(2)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{cdir}/{name}")
                     removed.append(name)
