@@ -36,6 +36,7 @@ from test_service_support import (
 )
 
 from ckptd.errors import PermissionDenied, TargetNotFound, UserError
+from ckptd.kernel import procfs
 from ckptd.service import fdlimit
 from ckptd.service.client import Client, try_service
 from ckptd.store import Store
@@ -1361,7 +1362,8 @@ def _block_registry_write(d: Daemon) -> Path:
     blocks in open() until the test reads the FIFO, and then fails (fsync of a FIFO is
     EINVAL): a real failing write, at a moment the test chooses."""
     assert d.proc is not None
-    fifo = d.store / "service" / f".registrations.json.{d.proc.pid}.tmp"
+    writer = f"{d.proc.pid}-{procfs.start_time(d.proc.pid)}"  # see store/writerid.py
+    fifo = d.store / "service" / f".registrations.json.{writer}.tmp"
     os.mkfifo(fifo, 0o600)
     return fifo
 
