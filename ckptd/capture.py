@@ -27,6 +27,7 @@ from .errors import (
     TargetNotFound,
     UserError,
     is_out_of_space,
+    store_full,
 )
 from .intervals import Span, intersect, normalize, subtract, total
 from .kernel import abi, memread, procfs
@@ -381,10 +382,10 @@ def take_snapshot(
             writer.abort()
             tracker.abandon(ctx)
             if isinstance(e, OSError) and is_out_of_space(e):
-                raise StoreFull(
-                    f"the store {store.root} is out of space ({e.strerror}): nothing was "
-                    f"stored for process {pid}; free space there or lower retention, and "
-                    "the next round stores what this one could not") from e
+                raise store_full(
+                    store.root, e, f"nothing was stored for process {pid}; free space "
+                    "there or lower retention, and the next round stores what this one "
+                    "could not") from e
         raise
     finally:
         buffers.release()

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
 from .errors import (
     AddressSpaceReplaced,
-    StoreFull,
     TargetGone,
     TrackerUnavailable,
     UserError,
     is_out_of_space,
+    store_full,
 )
 from .kernel import procfs
 from .kernel.syscalls import name_os_thread
@@ -207,9 +207,8 @@ class Engine:
                 raise
             # Outside a round's storing (which says more itself): a new chain, the
             # tracker's state file.
-            raise StoreFull(f"the store {self.store.root} is out of space ({e.strerror}): "
-                            f"the snapshot of process {pid} failed; free space there or "
-                            "lower retention") from e
+            raise store_full(self.store.root, e, f"the snapshot of process {pid} failed; "
+                             "free space there or lower retention") from e
 
     def _snapshot(self, pid: int, tracker: str, fuzzy: bool, max_pages: int,
                   on_frozen: FrozenHook | None, progress: Callable[[int], None] | None,

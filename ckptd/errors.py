@@ -63,6 +63,12 @@ def is_out_of_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE
 
 
+def store_full(root: object, exc: OSError, consequence: str) -> StoreFull:
+    """The StoreFull for `exc`, an out-of-space error writing the store at `root`:
+    one line saying so, then `consequence` (what failed, and what to do)."""
+    return StoreFull(f"the store {root} is out of space ({exc.strerror}): {consequence}")
+
+
 class AddressSpaceReplaced(CkptdError):
     """The target exec'd during a round, keeping its address layout (ASLR off): what the
     tracker held belongs to the old address space. Nothing was published, the tracker

@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import StoreFull, UserError, is_out_of_space
+from ..errors import UserError, is_out_of_space, store_full
 from ..intervals import IntervalMap
 from ..kernel.abi import PAGE_SIZE
 from ..kernel.syscalls import name_os_thread
@@ -58,9 +58,8 @@ def compact_chain(store: Store, chain: str, upto: str) -> str:
             raise
         # Whichever step failed, the chain is restorable (the steps above are ordered for
         # any failure, not only crashes): only the room for the new base is missing.
-        raise StoreFull(f"the store {store.root} is out of space ({e.strerror}): the "
-                        f"compaction of chain {chain} needs room for the new base; free "
-                        "space there") from e
+        raise store_full(store.root, e, f"the compaction of chain {chain} needs room for "
+                         "the new base; free space there") from e
     finally:
         os.close(lock_fd)
 
