@@ -31,11 +31,12 @@ log = logging.getLogger("ckptd")
 
 EXIT_PROBLEMS = 1  # verify found problems
 EXIT_USAGE = 2
-EXIT_TARGET_GONE = 3
-EXIT_CORRUPT = 4
-EXIT_STORE_FULL = 74  # EX_IOERR: the store's filesystem is out of space (StoreFull)
-EXIT_TRY_AGAIN = 75  # EX_TEMPFAIL: the target could not be frozen now (TargetBusy)
-EXIT_INTERNAL = 70
+# The others come with the error (errors.py: each class's exit_code).
+EXIT_TARGET_GONE = TargetGone.exit_code
+EXIT_CORRUPT = CorruptStore.exit_code
+EXIT_STORE_FULL = StoreFull.exit_code
+EXIT_TRY_AGAIN = TargetBusy.exit_code
+EXIT_INTERNAL = CkptdError.exit_code
 
 # Bounds on option values: beyond them a value is a typo (or "inf"), and passing it on
 # only moves the failure somewhere less clear (time.sleep, int(), the scheduler).
@@ -550,26 +551,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UserError as e:
-        # The error's class carries the exit code: 2 for a usage mistake, 13 for no
-        # permission (PermissionDenied), as README.md documents.
-        print(f"ckptd: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except TargetGone as e:
-        print(f"ckptd: error: {e}", file=sys.stderr)
-        return EXIT_TARGET_GONE
-    except TargetBusy as e:
-        print(f"ckptd: error: {e}", file=sys.stderr)
-        return EXIT_TRY_AGAIN
-    except StoreFull as e:
-        print(f"ckptd: error: {e}", file=sys.stderr)
-        return EXIT_STORE_FULL
-    except CorruptStore as e:
-        print(f"ckptd: error: store is damaged: {e} (run `ckptd verify`)", file=sys.stderr)
-        return EXIT_CORRUPT
     except CkptdError as e:
-        print(f"ckptd: error: {e}", file=sys.stderr)
-        return EXIT_INTERNAL
+        # The error's class carries the exit code: 2 for a usage mistake, 13 for no
+        # permission, 3 target gone, 4 damaged store, 74 store full, 75 try again, 70
+        # otherwise, as README.md documents.
+        text = f"store is damaged: {e} (run `ckptd verify`)" \
+            if isinstance(e, CorruptStore) else str(e)
+        print(f"ckptd: error: {text}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

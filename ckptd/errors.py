@@ -11,7 +11,10 @@ OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class CkptdError(Exception):
-    """Base for errors ckptd raises on purpose."""
+    """Base for errors ckptd raises on purpose. `exit_code`: what the CLI exits with
+    (README.md lists them); 70 (EX_SOFTWARE) unless a subclass says otherwise."""
+
+    exit_code = 70
 
 
 class UserError(CkptdError):
@@ -45,11 +48,15 @@ class UnknownSnapshot(UserError):
 class TargetGone(CkptdError):
     """The target exited while a snapshot was being taken; nothing was published."""
 
+    exit_code = 3
+
 
 class TargetBusy(CkptdError):
     """Refused now, may work later: the target could not be frozen (a thread stayed in
     uninterruptible sleep; nothing was published, and the next round tries again), or
     the service answered `busy`."""
+
+    exit_code = 75  # EX_TEMPFAIL
 
 
 class StoreFull(CkptdError):
@@ -57,6 +64,8 @@ class StoreFull(CkptdError):
     visible, and the next round that can write stores everything the failed one did not
     (a full snapshot, if the tracker lost track). An operational condition, not a bug:
     reported in one line, and a watch or the service goes on trying."""
+
+    exit_code = 74  # EX_IOERR
 
 
 def is_out_of_space(exc: BaseException) -> bool:
@@ -81,3 +90,5 @@ class TrackerUnavailable(CkptdError):
 
 class CorruptStore(CkptdError):
     """Data on disk does not match its checksum or metadata."""
+
+    exit_code = 4
