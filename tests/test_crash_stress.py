@@ -176,6 +176,14 @@ def _kill(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def _counter_ready(target: subprocess.Popen[str]) -> int:
+    """Wait for the counter target's "ready" line; the address of its pages."""
+    assert target.stdout is not None
+    word, addr_s, _ = target.stdout.readline().split()
+    assert word == "ready"
+    return int(addr_s)
+
+
 def _run(tmp_path: Path, seconds: float, seed: int, tracker: str = "uffd-wp") -> Seen:
     rng = random.Random(seed)
     root = tmp_path / "store"
@@ -184,10 +192,7 @@ def _run(tmp_path: Path, seconds: float, seed: int, tracker: str = "uffd-wp") ->
                                str(RATE)], stdout=subprocess.PIPE, text=True)
     seen = Seen()
     try:
-        assert target.stdout is not None
-        word, addr_s, _ = target.stdout.readline().split()
-        assert word == "ready"
-        addr, pid = int(addr_s), target.pid
+        addr, pid = _counter_ready(target), target.pid
         chain = f"{pid}-1"
         expect: tuple[str, str] | None = None  # (next id, its kind) after a kill
         deadline = time.monotonic() + seconds
@@ -290,10 +295,7 @@ def test_sigkill_of_the_service_at_random_instants(tmp_path: Path) -> None:
                                str(RATE)], stdout=subprocess.PIPE, text=True)
     seen = Seen()
     try:
-        assert target.stdout is not None
-        word, addr_s, _ = target.stdout.readline().split()
-        assert word == "ready"
-        addr, pid = int(addr_s), target.pid
+        addr, pid = _counter_ready(target), target.pid
         chain = f"{pid}-1"
         d.start()
         d.call("register", pid=pid, policy={
