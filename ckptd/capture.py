@@ -35,6 +35,7 @@ from .kernel.ptrace import Freezer, ThreadBlocked
 from .kernel.ptrace import TargetGone as PtraceTargetGone
 from .store import ChainInfo, SnapshotMeta, Store
 from .store.format import Counts, SnapshotHead, Timings, Vma, vmas_json
+from .store.store import StagedFile
 from .store.writer import FAST_ZSTD_LEVEL, SnapshotWriter
 from .track.base import TrackContext, Tracker
 
@@ -227,11 +228,14 @@ def take_snapshot(
     progress: Callable[[int], None] | None = None,
     proc_files: procfs.ProcFiles | None = None,
     authorize: Callable[[int], None] | None = None,
+    defer: Callable[[PendingPublish], None] | None = None,
 ) -> SnapshotMeta:
     """`proc_files`: the process's kept /proc files (see procfs.ProcFiles), if the
     caller keeps them between rounds. `authorize`: see TrackContext; checked once the
     target is frozen, before its pages are scanned or read (and, fuzzy, after the read
-    too: unfrozen, the process may change meanwhile)."""
+    too: unfrozen, the process may change meanwhile). `defer`: stage the snapshot
+    instead of publishing it, and hand what publishing it takes to `defer` (a group
+    commit; see PendingPublish); the metadata returned is then not yet in the store."""
     pid = ident.pid
     t_start = time.perf_counter()
     # Without a parent: 1, or the chain's floor if compaction raised it (a chain whose
@@ -324,7 +328,7 @@ def take_snapshot(
     try:
         writer.write_runs(to_read, buf, keep, progress)
         view.release()
-        stored = writer.commit_data()
+        stored = writer.commit_data(durable=defer is None)
         stored_pages = writer.stored_pages
         zero_pages = sum(z.pages for z in writer.zeros)
         meta = SnapshotMeta(
@@ -369,6 +373,10 @@ def take_snapshot(
                 total_ms=(time.perf_counter() - t_start) * 1e3,
             ),
         )
+        if defer is not None:
+            staged = store.stage(meta, from_maps.models_json)
+            defer(PendingPublish(store, meta, staged, writer, tracker, ctx, harvest.notes))
+            return meta
         publishing = True
         store.publish(meta, from_maps.models_json)
     except BaseException as e:
@@ -393,6 +401,37 @@ def take_snapshot(
     for note in harvest.notes:
         log.info("snapshot %s: %s", snapshot_id, note)
     return meta
+
+
+class PendingPublish:
+    """A staged snapshot (take_snapshot with `defer`) and what ends its round: the owner
+    calls Store.sync, then publish(), then Store.sync again and committed(); or, if any
+    of that fails before publish() returned, abandoned(). The chain stays locked, and
+    no other round of the process may run, until then."""
+
+    def __init__(self, store: Store, meta: SnapshotMeta, staged: StagedFile,
+                 writer: SnapshotWriter, tracker: Tracker, ctx: TrackContext,
+                 notes: list[str]) -> None:
+        self.store, self.meta, self.staged, self.writer = store, meta, staged, writer
+        self.tracker, self.ctx, self.notes = tracker, ctx, notes
+
+    def publish(self) -> None:
+        self.store.publish_staged(self.staged)
+
+    def committed(self) -> None:
+        """The snapshot is listed (whether or not the sync after its rename worked): its
+        pages are the ones the get-and-clear took."""
+        self.tracker.commit(self.ctx, self.meta.id)
+        for note in self.notes:
+            log.info("snapshot %s: %s", self.meta.id, note)
+
+    def abandoned(self) -> None:
+        """Not published: nothing of it stays, and the next round is full."""
+        try:
+            self.store.discard_staged(self.staged)
+            self.writer.abort()
+        finally:
+            self.tracker.abandon(self.ctx)
 
 
 # A delta is refused before its get-and-clear unless the store's filesystem has room for

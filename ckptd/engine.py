@@ -13,9 +13,10 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from .capture import BufferPool, FrozenHook, Identity, identify, take_snapshot
+from .capture import BufferPool, FrozenHook, Identity, PendingPublish, identify, take_snapshot
 from .errors import (
     AddressSpaceReplaced,
     TargetGone,
@@ -35,6 +36,9 @@ from .track.base import Tracker
 log = logging.getLogger(__name__)
 
 TRACKERS = ("auto", "uffd-wp", "hash")
+# A thread publishes its staged rounds once this many wait, even if it has more work: a
+# group holds its rounds' locks and their compressed data until it is published.
+MAX_STAGED = 32
 
 
 def privileged() -> bool:
@@ -73,6 +77,26 @@ class _Process:
             self.files.close()
 
 
+@dataclass(frozen=True)
+class PublishLater:
+    """Asks Engine.snapshot for a group commit: the snapshot is staged, and published by
+    the calling thread's next Engine.flush(), which then calls `published(meta)` or
+    `failed(error)` (in that thread)."""
+
+    published: Callable[[SnapshotMeta], object]
+    failed: Callable[[Exception], object]
+
+
+@dataclass
+class _Staged:
+    """A round waiting for its thread's flush, holding its process's and chain's locks."""
+
+    proc: _Process
+    pending: PendingPublish
+    locks: ExitStack
+    later: PublishLater
+
+
 class Engine:
     def __init__(self, store: Store, compress_threads: int | None = None,
                  retain_buffer_bytes: int = 256 << 20) -> None:
@@ -83,6 +107,7 @@ class Engine:
         )
         # One capture buffer per thread: the service snapshots processes concurrently.
         self._buffers = threading.local()
+        self._staged = threading.local()  # per thread: list[_Staged], see flush()
         self._retain_buffer_bytes = retain_buffer_bytes
         self.privileged = privileged()
         for name in store.clean_tmp():
@@ -92,6 +117,7 @@ class Engine:
         self._uffd_probe: tuple[bool, str] | None = None
 
     def close(self) -> None:
+        self.flush()
         for p in self._procs.values():
             p.close()
         self._procs.clear()
@@ -117,6 +143,7 @@ class Engine:
         with self._lock:
             p = self._procs.pop(pid, None)
         if p is not None:
+            self._flush_before_waiting(p)
             with p.lock:  # after a round in flight, which may be publishing
                 for t in p.trackers.values():
                     t.release()
@@ -187,6 +214,7 @@ class Engine:
         progress: Callable[[int], None] | None = None,
         start_time: int | None = None,
         authorize: Callable[[int], None] | None = None,
+        later: PublishLater | None = None,
     ) -> SnapshotMeta:
         """Snapshot process `pid`. `start_time` (clock ticks since boot, from
         /proc/PID/stat): the process the caller means, where it checked who that is
@@ -194,14 +222,16 @@ class Engine:
         process's now, TargetGone, and nothing is stored. `authorize(pid)`: raises if
         the round may not go on (the service's client could no longer ptrace the
         process); checked for a new identity (before a chain is made for it) and while
-        the process is frozen (see capture.take_snapshot)."""
+        the process is frozen (see capture.take_snapshot). `later`: stage the snapshot
+        for this thread's next flush() (a group commit) instead of publishing it; the
+        metadata returned is then not in the store yet."""
         if tracker not in TRACKERS:
             raise UserError(f"unknown tracker {tracker!r}: choose one of {', '.join(TRACKERS)}")
         if max_pages < 0:
             raise UserError("the page budget must be 0 (unbounded) or positive")
         try:
             return self._snapshot(pid, tracker, fuzzy, max_pages, on_frozen, progress,
-                                  start_time, authorize)
+                                  start_time, authorize, later)
         except OSError as e:
             if not is_out_of_space(e):
                 raise
@@ -212,11 +242,15 @@ class Engine:
 
     def _snapshot(self, pid: int, tracker: str, fuzzy: bool, max_pages: int,
                   on_frozen: FrozenHook | None, progress: Callable[[int], None] | None,
-                  start_time: int | None, authorize: Callable[[int], None] | None
-                  ) -> SnapshotMeta:
+                  start_time: int | None, authorize: Callable[[int], None] | None,
+                  later: PublishLater | None) -> SnapshotMeta:
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
-        with proc.lock:
+        self._flush_before_waiting(proc)
+        if later is None:
+            self.flush()  # published now, so after the rounds staged before it
+        with ExitStack() as held:
+            held.enter_context(proc.lock)
             if proc.files is None:
                 proc.files = procfs.ProcFiles(pid)
             known = proc.ident
@@ -233,32 +267,41 @@ class Engine:
                 proc.files.reset()  # another process or address space: other files
             known_chain = proc.chain
             chain, chain_reason = self._chain_for(proc, ident)
-            with self.store.lock_chain(chain.chain):
-                if chain is not known_chain:
-                    for name in self.store.clean_orphans(chain.chain):
-                        log.info("chain %s: removed unpublished data %s", chain.chain, name)
-                    for name in self.store.clean_leftovers(chain.chain):
-                        log.info("chain %s: removed %s, left by a ckptd that is gone",
-                                 chain.chain, name)
-                # Under the lock: another ckptd may have added a snapshot.
-                parent = self._parent(proc, chain)
-                chosen, reason = self._choose(proc, tracker, ident)
-                try:
-                    proc.last = self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
-                                           max_pages, chain_reason, on_frozen, progress,
-                                           authorize)
-                    return proc.last
-                except TrackerUnavailable as e:
-                    if tracker != "auto" or chosen.name == "hash":
-                        raise UserError(f"tracker {chosen.name} cannot track PID {pid}: {e}") \
-                            from e
-                    log.warning("pid %d: uffd-wp unavailable (%s); using the hash tracker",
-                                pid, e)
-                    proc.last = self._take(proc, ident, chain, parent, proc.tracker("hash"),
-                                           f"auto: uffd-wp unavailable: {e}", fuzzy,
-                                           max_pages, chain_reason, on_frozen, progress,
-                                           authorize)
-                    return proc.last
+            held.enter_context(self.store.lock_chain(chain.chain, self.flush))
+            # The chain's lock is held from here.
+            if chain is not known_chain:
+                for name in self.store.clean_orphans(chain.chain):
+                    log.info("chain %s: removed unpublished data %s", chain.chain, name)
+                for name in self.store.clean_leftovers(chain.chain):
+                    log.info("chain %s: removed %s, left by a ckptd that is gone",
+                             chain.chain, name)
+            # Under the lock: another ckptd may have added a snapshot.
+            parent = self._parent(proc, chain)
+            chosen, reason = self._choose(proc, tracker, ident)
+            staged: list[PendingPublish] = []
+            defer = staged.append if later is not None else None
+            try:
+                meta = self._take(proc, ident, chain, parent, chosen, reason, fuzzy,
+                                  max_pages, chain_reason, on_frozen, progress,
+                                  authorize, defer)
+            except TrackerUnavailable as e:
+                if tracker != "auto" or chosen.name == "hash":
+                    raise UserError(f"tracker {chosen.name} cannot track PID {pid}: {e}") \
+                        from e
+                log.warning("pid %d: uffd-wp unavailable (%s); using the hash tracker",
+                            pid, e)
+                meta = self._take(proc, ident, chain, parent, proc.tracker("hash"),
+                                  f"auto: uffd-wp unavailable: {e}", fuzzy,
+                                  max_pages, chain_reason, on_frozen, progress,
+                                  authorize, defer)
+            if later is not None and staged:
+                rounds = self._staged_list()
+                rounds.append(_Staged(proc, staged[0], held.pop_all(), later))
+                if len(rounds) >= MAX_STAGED:
+                    self.flush()
+            else:
+                proc.last = meta
+            return meta
 
     def _choose(self, proc: _Process, tracker: str, ident: Identity) -> tuple[Tracker, str]:
         if tracker == "hash":
@@ -275,7 +318,8 @@ class Engine:
               fuzzy: bool,
               max_pages: int, chain_reason: str | None, on_frozen: FrozenHook | None,
               progress: Callable[[int], None] | None,
-              authorize: Callable[[int], None] | None = None) -> SnapshotMeta:
+              authorize: Callable[[int], None] | None = None,
+              defer: Callable[[PendingPublish], None] | None = None) -> SnapshotMeta:
         full_reason = chain_reason
         if parent is not None and parent.tracker != tracker.name:
             full_reason = full_reason or f"tracker changed from {parent.tracker} to {tracker.name}"
@@ -285,7 +329,7 @@ class Engine:
                 fuzzy=fuzzy, max_pages=max_pages, privileged=self.privileged,
                 buffers=self.buffers, executor=self.executor, full_reason=full_reason,
                 on_frozen=on_frozen, progress=progress, proc_files=proc.files,
-                authorize=authorize,
+                authorize=authorize, defer=defer,
             )
 
         try:
@@ -297,3 +341,83 @@ class Engine:
             if proc.files is not None:
                 proc.files.reset()
             return take()
+
+    # --- group commit -------------------------------------------------------------------
+
+    def _staged_list(self) -> list[_Staged]:
+        staged: list[_Staged] | None = getattr(self._staged, "rounds", None)
+        if staged is None:
+            staged = self._staged.rounds = []
+        return staged
+
+    def _flush_before_waiting(self, proc: _Process) -> None:
+        """This thread's staged rounds hold their processes' locks: publish them before
+        waiting for `proc`'s lock (ours, or another thread's that may wait for ours)."""
+        staged = self._staged_list()
+        if staged and (proc.lock.locked() or any(s.proc is proc for s in staged)):
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the rounds this thread staged (snapshot with `later`) as one group: one
+        filesystem sync makes all of their data and metadata durable, the renames publish
+        them, and a second sync makes the renames durable. Each round's `later` hears how
+        it ended; a sync that fails fails every round that was not yet listed."""
+        staged = self._staged_list()
+        if not staged:
+            return
+        batch = staged[:]
+        staged.clear()
+        try:
+            self.store.sync()
+        except OSError as e:
+            for s in batch:
+                self._end_staged(s, e, listed=False)
+            return
+        listed: list[_Staged] = []
+        for s in batch:
+            try:
+                s.pending.publish()
+            except OSError as e:
+                self._end_staged(s, e, listed=False)
+            else:
+                listed.append(s)
+        error: OSError | None = None
+        try:
+            self.store.sync()
+        except OSError as e:
+            error = e  # listed, maybe not durable: reported, and the chain goes on
+        for s in listed:
+            self._end_staged(s, error, listed=True)
+
+    def _end_staged(self, s: _Staged, error: OSError | None, listed: bool) -> None:
+        """End one staged round: its tracker and cached state, its locks, then its
+        `later` callback. Never raises: the other rounds of the group must end too."""
+        meta = s.pending.meta
+        outcome: Exception | None = None
+        try:
+            try:
+                if listed:
+                    s.proc.last = meta
+                    s.pending.committed()
+                else:
+                    s.pending.abandoned()
+            finally:
+                s.locks.close()
+        except Exception as e:
+            log.exception("pid %d: ending the round of %s failed", meta.pid, meta.id)
+            outcome = e
+        if outcome is None and error is not None:
+            what = ("was published, but making that durable failed" if listed
+                    else "was not stored")
+            if is_out_of_space(error):
+                outcome = store_full(self.store.root, error,
+                                     f"snapshot {meta.id} {what}; free space there")
+            else:
+                outcome = OSError(error.errno, f"snapshot {meta.id} {what}: {error.strerror}")
+        try:
+            if outcome is None:
+                s.later.published(meta)
+            else:
+                s.later.failed(outcome)
+        except Exception:
+            log.exception("pid %d: the bookkeeping of %s failed", meta.pid, meta.id)

@@ -342,6 +342,33 @@ def test_workers_hand_off() -> None:
     asyncio.run(main())
 
 
+def test_workers_call_the_idle_hook_once_the_queue_is_empty() -> None:
+    """The capture pool publishes its staged rounds in on_idle: after a run of queued
+    jobs (not between them), before wait_idle() returns, and before a thread exits."""
+    import threading
+
+    from ckptd.service.workers import Workers
+
+    events: list[str] = []
+    gate = threading.Event()
+
+    async def main() -> None:
+        w = Workers(1, "t-idle", on_idle=lambda: events.append("idle"))
+        w.post(gate.wait, 5)  # holds the thread while the next jobs queue up
+        for i in range(3):
+            w.post(events.append, f"job{i}")
+        gate.set()
+        await asyncio.wait_for(w.wait_idle(), 5)
+        assert events == ["job0", "job1", "job2", "idle"]
+        assert await w.submit(events.append, "job3") is None
+        assert events[-2:] == ["job3", "idle"]
+        events.clear()
+        w.shutdown(wait=True)
+        assert events == ["idle"]
+
+    asyncio.run(main())
+
+
 # --- timer rounds posted to threads (the service's way) ---------------------------------
 #
 # With `post`, a timer round runs in a worker thread and the event loop does not wake

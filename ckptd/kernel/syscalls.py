@@ -51,6 +51,14 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
              ctypes.c_long(abi.SYNC_FILE_RANGE_WRITE))
 
 
+def syncfs(fd: int) -> None:
+    """Make everything written to the filesystem holding `fd` durable: one flush for
+    many files (the service's group commit). Raises the filesystem's writeback errors
+    since `fd` was opened, ours or not."""
+    if _libc.syncfs(ctypes.c_int(fd)) != 0:
+        _raise("syncfs")
+
+
 def name_os_thread() -> None:
     """Give the calling thread its Python name in the kernel too (first 15 bytes), so
     that `top -H` and /proc/PID/task/TID/comm tell the pools apart. Cosmetic: errors

@@ -208,6 +208,10 @@ class ServiceSection(_Strict):
         description="round starts are rounded up to a multiple of this, so that rounds "
         "of many processes run back to back (0: off)",
     )
+    group_commit: bool = Field(
+        default=True,
+        description="publish the timer rounds that run back to back with one "
+        "filesystem sync (syncfs) for all, instead of two fsyncs each")
 
 
 class ServiceConfig(_Strict):

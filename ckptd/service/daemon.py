@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import __version__
-from ..engine import Engine
+from ..engine import Engine, PublishLater
 from ..errors import (
     AccessRevoked,
     CkptdError,
@@ -166,11 +166,19 @@ class Service:
         self.registry: Registry
         self.scheduler: Scheduler
         self.fds = fdlimit.raise_soft_limit()
-        self.capture = Workers(config.service.concurrency, "ckptd-capture")
+        self.capture = Workers(config.service.concurrency, "ckptd-capture",
+                               on_idle=self._publish_staged)
         self.work_pool = ThreadPoolExecutor(2, "ckptd-work", initializer=name_os_thread)
         self.maint_pool = ThreadPoolExecutor(1, "ckptd-maint", initializer=name_os_thread)
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _publish_staged(self) -> None:
+        """In a capture worker with no more work queued: publish the timer rounds it
+        staged, as one group (Engine.flush)."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.flush()
 
     def policy_of(self, reg: Registration) -> Policy:
         return reg.policy(self.cfg.defaults)
@@ -741,8 +749,12 @@ class Service:
         pol = self.policy_of(reg)
         max_pages = -(-pol.max_bytes_per_round // PAGE_SIZE) if pol.max_bytes_per_round else 0
         rec = reg.record
+        # A group commit holds each round's locks until its worker runs out of work; with
+        # several workers, another one could be waiting for them meanwhile.
+        group = self.cfg.service.group_commit and self.capture.size == 1
         self._attempt(reg.pid, reg, pol.tracker, pol.consistency == "fuzzy", max_pages,
-                      rec.start_time, auth.still_allowed(rec.registered_by, rec.registered_gid))
+                      rec.start_time, auth.still_allowed(rec.registered_by, rec.registered_gid),
+                      group=group)
 
     def _count_overrun(self, reg: Registration) -> None:
         # In the capture worker that ended the round.
@@ -765,6 +777,7 @@ class Service:
                              auth.still_allowed(peer.uid, peer.gid))
         if isinstance(meta, Exception):
             raise meta
+        assert meta is not None  # published before returning: not a group's
         holder.chain = meta.chain
         # Alive after the round: the PID was its all along. Exited: the engine may have
         # found another process with that PID (it identifies by PID and start time, and
@@ -779,46 +792,66 @@ class Service:
 
     def _attempt(self, pid: int, reg: Registration | None, tracker: str, fuzzy: bool,
                  max_pages: int, start_time: int,
-                 authorize: Callable[[int], None] | None = None) -> SnapshotMeta | Exception:
+                 authorize: Callable[[int], None] | None = None, group: bool = False
+                 ) -> SnapshotMeta | Exception | None:
         """In a capture worker: one snapshot of the process `pid` that started at
         `start_time` (the engine refuses another process with that PID), and its
         bookkeeping; `authorize`: auth.still_allowed for the client. The engine's
-        failure is logged and counted here, and returned."""
+        failure is logged and counted here, and returned. `group`: the snapshot is
+        published with the worker's group (Engine.flush), and its bookkeeping done
+        then; None is returned."""
         m = self.metrics
         with m.lock:
             m.in_flight.add(1)
         t0 = time.monotonic()
+        later = PublishLater(lambda meta: self._succeeded(pid, reg, meta, t0),
+                             lambda exc: self._failed(pid, reg, exc)) if group else None
         try:
             meta = self.engine.snapshot(pid, tracker=tracker, fuzzy=fuzzy, max_pages=max_pages,
-                                        start_time=start_time, authorize=authorize)
+                                        start_time=start_time, authorize=authorize,
+                                        later=later)
         except Exception as exc:
-            reason = failure_reason(exc)
-            with m.lock:
-                m.in_flight.add(-1)
-                m.failures.inc(reason=reason)
+            return self._failed(pid, reg, exc)
+        if later is not None:
+            return None
+        self._succeeded(pid, reg, meta, t0)
+        return meta
+
+    def _failed(self, pid: int, reg: Registration | None, exc: Exception) -> Exception:
+        """A round failed: log and count it."""
+        m = self.metrics
+        reason = failure_reason(exc)
+        with m.lock:
+            m.in_flight.add(-1)
+            m.failures.inc(reason=reason)
+        if reg is not None:
+            reg.failures += 1
+            reg.last_error = str(exc)
+        if reason == "gone":
+            log.info("pid %d: %s", pid, exc)
             if reg is not None:
-                reg.failures += 1
-                reg.last_error = str(exc)
-            if reason == "gone":
-                log.info("pid %d: %s", pid, exc)
-                if reg is not None:
-                    self._loop.call_soon_threadsafe(self._gone, reg, str(exc))
-            elif isinstance(exc, AccessRevoked):
-                # Its user may not ptrace it any more: no further round may capture it.
-                log.warning("pid %d: %s; unregistering it", pid, exc)
-                if reg is not None:
-                    self._loop.call_soon_threadsafe(self._gone, reg, str(exc), False)
-            elif isinstance(exc, UserError):
-                log.warning("pid %d: snapshot refused: %s", pid, exc)
-            elif isinstance(exc, TargetBusy):
-                log.warning("pid %d: %s", pid, exc)
-            elif isinstance(exc, StoreFull):
-                self._note_store_full(pid, exc)
-            elif isinstance(exc, CkptdError):
-                log.error("pid %d: snapshot failed: %s", pid, exc)
-            else:
-                log.exception("pid %d: snapshot failed with an internal error", pid)
-            return exc
+                self._loop.call_soon_threadsafe(self._gone, reg, str(exc))
+        elif isinstance(exc, AccessRevoked):
+            # Its user may not ptrace it any more: no further round may capture it.
+            log.warning("pid %d: %s; unregistering it", pid, exc)
+            if reg is not None:
+                self._loop.call_soon_threadsafe(self._gone, reg, str(exc), False)
+        elif isinstance(exc, UserError):
+            log.warning("pid %d: snapshot refused: %s", pid, exc)
+        elif isinstance(exc, TargetBusy):
+            log.warning("pid %d: %s", pid, exc)
+        elif isinstance(exc, StoreFull):
+            self._note_store_full(pid, exc)
+        elif isinstance(exc, CkptdError):
+            log.error("pid %d: snapshot failed: %s", pid, exc)
+        else:
+            log.error("pid %d: snapshot failed with an internal error", pid, exc_info=exc)
+        return exc
+
+    def _succeeded(self, pid: int, reg: Registration | None, meta: SnapshotMeta,
+                   t0: float) -> None:
+        """A round's snapshot is published: count it, and record it in its registration."""
+        m = self.metrics
         elapsed = time.monotonic() - t0
         now = time.time()
         counts = meta.counts
@@ -850,7 +883,6 @@ class Service:
         log.debug("pid %d: %s %s, %d pages stored, %.1f ms frozen, %.1f ms total", pid,
                   meta.kind, meta.id, counts.pages_stored, meta.timings.freeze_ms,
                   meta.timings.total_ms)
-        return meta
 
     def _gone(self, reg: Registration, why: str, exited: bool = True) -> None:
         # On the loop. The registration may have been dropped or replaced meanwhile, or

@@ -40,8 +40,13 @@ class Workers:
     `wait_idle` must be called on the thread of one event loop (the loop of the first
     submit or post, or a later one once that loop is closed)."""
 
-    def __init__(self, size: int, name: str) -> None:
+    def __init__(self, size: int, name: str,
+                 on_idle: Callable[[], None] | None = None) -> None:
+        """`on_idle`: called in a worker thread after a job when no job is queued, and
+        before the thread exits; a job counts as finished only after it (the capture
+        pool publishes its staged rounds there: see Engine.flush)."""
         self._name = name
+        self._on_idle = on_idle
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._size = 0
@@ -139,12 +144,21 @@ class Workers:
             if not w.done():
                 w.set_result(None)
 
+    def _idle_hook(self) -> None:
+        if self._on_idle is None:
+            return
+        try:
+            self._on_idle()
+        except Exception:
+            log.exception("%s: the idle hook failed", self._name)
+
     def _work(self) -> None:
         name_os_thread()
         get = self._queue.get
         while True:
             item = get()
             if item is None:
+                self._idle_hook()
                 return
             loop, fut, fn, args, kwargs = item
             del item
@@ -154,6 +168,8 @@ class Workers:
                 value, ok = exc, False
                 if fut is None:  # posted: nobody awaits it
                     log.error("posted job %r failed", fn, exc_info=exc)
+            if self._queue.empty():
+                self._idle_hook()
             idle = self._done()
             if fut is not None or idle:
                 with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits

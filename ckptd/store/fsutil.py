@@ -120,6 +120,20 @@ def atomic_write(path: Path | str, data: bytes, durable: bool = True,
     temporary file instead of creating one (see Store.retire_snapshot); if it is gone, a
     new file is created as usual. `dir_fd`: the directory of `path`, open, to fsync
     instead of opening it again."""
+    tmp = write_temp(path, data, durable=durable, reuse=reuse)
+    os.rename(tmp, path)
+    if durable:
+        if dir_fd is not None:
+            os.fsync(dir_fd)
+        else:
+            fsync_dir(os.path.dirname(os.fspath(path)))
+
+
+def write_temp(path: Path | str, data: bytes, durable: bool = True,
+               reuse: str | None = None) -> str:
+    """The first half of atomic_write: `data` in a temporary file next to `path` (or in
+    `reuse`, see atomic_write), fsynced if `durable`; returns its path. The caller renames
+    it over `path`, or removes it."""
     # Plain strings: this runs once per snapshot, and Path objects cost more than the
     # syscalls on tmpfs.
     parent, name = os.path.split(os.fspath(path))
@@ -146,12 +160,7 @@ def atomic_write(path: Path | str, data: bytes, durable: bool = True,
             os.unlink(tmp)
         raise
     os.close(fd)
-    os.rename(tmp, path)
-    if durable:
-        if dir_fd is not None:
-            os.fsync(dir_fd)
-        else:
-            fsync_dir(parent)
+    return tmp
 
 
 # --- acting for another user -------------------------------------------------------------

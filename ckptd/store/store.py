@@ -24,12 +24,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
 from ..errors import CorruptStore, PermissionDenied, StoreError, UnknownSnapshot
+from ..kernel.syscalls import syncfs
 from .format import (
     FLOOR_VERSION,
     FORMAT_NAME,
@@ -44,7 +46,7 @@ from .format import (
     snapshot_json,
     vmas_json,
 )
-from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir
+from .fsutil import FILE_MODE, atomic_write, fsync_dir, make_private_dir, write_temp
 from .tmpfiles import TmpOwner, remove_leftovers
 from .writerid import writer_id, writer_running
 
@@ -130,6 +132,16 @@ class StorePermissionDenied(StoreError, PermissionDenied):
     """No permission to use the store: a StoreError with PermissionDenied's exit code."""
 
 
+@dataclass(frozen=True)
+class StagedFile:
+    """A snapshot's metadata written under a temporary name (Store.stage)."""
+
+    chain: str
+    tmp: str   # where it is now
+    path: str  # where publish_staged renames it
+    spare: bool  # tmp is one of this process's spares of the chain
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -148,6 +160,7 @@ class Store:
         # Released with the chain's spares (drop_spares).
         self._snapshot_dir_fds: dict[str, int] = {}
         self._fds_lock = threading.Lock()
+        self._root_fd = -1  # the store's root directory, for sync(); opened on first use
         # STORE.json's `version` as last read or written (raise_floor upgrades it); 0
         # until then.
         self.version = 0
@@ -294,12 +307,22 @@ class Store:
         return info
 
     @contextmanager
-    def lock_chain(self, chain: str) -> Iterator[None]:
-        """Exclusive writer lock on a chain (released by the kernel if we die)."""
+    def lock_chain(self, chain: str, before_waiting: Callable[[], None] | None = None
+                   ) -> Iterator[None]:
+        """Exclusive writer lock on a chain (released by the kernel if we die).
+        `before_waiting`: called if the lock is held elsewhere, before waiting for it
+        (a caller holding other chains' locks lets go of them there)."""
         fd = os.open(f"{self._chains}/{check_chain_name(chain)}/lock",
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if before_waiting is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    before_waiting()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
@@ -589,6 +612,56 @@ class Store:
         atomic_write(self.snapshot_file(meta.chain, meta.id), snapshot_json(meta, vmas_json),
                      reuse=spare, dir_fd=self._snapshots_dir_fd(meta.chain))
 
+    # --- group commit ---------------------------------------------------------------
+    #
+    # publish() makes each snapshot durable alone: an fsync of its metadata and one of
+    # its directory, each a flush of the disk's cache. The service publishes many small
+    # snapshots a second instead as a group (format doc, "Commit protocol"): stage()
+    # each one's metadata without an fsync, sync() once, publish_staged() each (the
+    # rename), sync() once more. Nothing is visible before the first sync(), so a listed
+    # snapshot is still durable before it is listed.
+
+    def stage(self, meta: SnapshotMeta, vmas_json: bytes | None = None) -> StagedFile:
+        """Write the metadata file of `meta` under a temporary name, not yet durable and
+        not visible. Call with the chain lock held, and keep it until publish_staged
+        or discard_staged."""
+        spare = None
+        pool = self._spares.get(meta.chain)
+        if pool:
+            with contextlib.suppress(IndexError):  # emptied by another thread meanwhile
+                spare = pool.pop()
+        path = self.snapshot_file(meta.chain, meta.id)
+        tmp = write_temp(path, snapshot_json(meta, vmas_json), durable=False, reuse=spare)
+        return StagedFile(meta.chain, tmp, path, spare=tmp == spare)
+
+    def sync(self) -> None:
+        """Make everything written to the store's filesystem durable (syncfs): what was
+        staged, and the data files it names."""
+        fd = self._root_fd
+        if fd < 0:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            with self._fds_lock:
+                if self._root_fd < 0:
+                    self._root_fd, fd = fd, -1
+            if fd >= 0:
+                os.close(fd)  # another thread kept its own first
+        syncfs(self._root_fd)
+
+    @staticmethod
+    def publish_staged(staged: StagedFile) -> None:
+        """The commit point of a staged snapshot: its rename. Durable once the next
+        sync() returns; call only after a sync() that followed its stage()."""
+        os.rename(staged.tmp, staged.path)
+
+    def discard_staged(self, staged: StagedFile) -> None:
+        """Give up a staged snapshot that was not published: a reused spare goes back to
+        its chain's pool, a new temporary file is removed."""
+        if staged.spare:
+            self._spares.setdefault(staged.chain, []).append(staged.tmp)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged.tmp)
+
     def _close_dir_fds(self, chains: list[str] | None) -> None:
         """Close the kept directories of `chains` (of every chain if None)."""
         with self._fds_lock:
@@ -754,6 +827,10 @@ class Store:
         and its ownership of tmp/ files. Call when nothing of this process writes
         through it any more; a later write takes a new ownership."""
         self.drop_spares()
+        with self._fds_lock:
+            fd, self._root_fd = self._root_fd, -1
+        if fd >= 0:
+            os.close(fd)
         self._tmp_owner.release()
 
 

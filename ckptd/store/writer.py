@@ -319,22 +319,25 @@ class SnapshotWriter:
             n = os.write(self.fd, view)
             view = view[n:]
 
-    def finish_data(self) -> StoredData:
-        """fsync the data file (still in tmp/), if there is one."""
+    def finish_data(self, durable: bool = True) -> StoredData:
+        """fsync the data file (still in tmp/), if there is one; `durable` False leaves
+        that to the caller (a group commit's Store.sync)."""
         if self.fd < 0:
             if not self._held:
                 return StoredData(None, None, 0)
             held = b"".join(self._held)
             return StoredData(None, base64.b64encode(held).decode("ascii"), len(held))
         t = time.perf_counter()
-        os.fsync(self.fd)
+        if durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         self.write_s += time.perf_counter() - t
         return StoredData(self.data_name, None, self.offset)
 
-    def publish_data(self) -> None:
-        """Move the finished data file into the chain's data/ directory, durably."""
+    def publish_data(self, durable: bool = True) -> None:
+        """Move the finished data file into the chain's data/ directory, durably unless
+        `durable` is False (see finish_data)."""
         if self._held or not self._frame_rows:
             return  # inline, or empty: nothing to move
         t = time.perf_counter()
@@ -344,14 +347,16 @@ class SnapshotWriter:
         # data/ only: the new name must be durable before the metadata names it. If the
         # old name in tmp/ survives a crash, it is one more link to the same file, which
         # clean_tmp removes.
-        fsync_dir(data_dir)
+        if durable:
+            fsync_dir(data_dir)
         self.write_s += time.perf_counter() - t
 
-    def commit_data(self) -> StoredData:
+    def commit_data(self, durable: bool = True) -> StoredData:
         """Make the data durable under its final name (inline data becomes durable with
-        the metadata that carries it)."""
-        result = self.finish_data()
-        self.publish_data()
+        the metadata that carries it). `durable` False: put it there only; the caller
+        syncs the filesystem before publishing metadata that names it."""
+        result = self.finish_data(durable)
+        self.publish_data(durable)
         return result
 
     def abort(self) -> None:
