@@ -604,13 +604,17 @@ class Store:
     def publish(self, meta: SnapshotMeta, vmas_json: bytes | None = None) -> None:
         """The commit point: the metadata becomes visible atomically and durably.
         `vmas_json`: see format.snapshot_json. Call with the chain lock held."""
-        spare = None
-        pool = self._spares.get(meta.chain)
-        if pool:
-            with contextlib.suppress(IndexError):  # emptied by another thread meanwhile
-                spare = pool.pop()
+        spare = self._take_spare(meta.chain)
         atomic_write(self.snapshot_file(meta.chain, meta.id), snapshot_json(meta, vmas_json),
                      reuse=spare, dir_fd=self._snapshots_dir_fd(meta.chain))
+
+    def _take_spare(self, chain: str) -> str | None:
+        """One of this process's spares of `chain` to write metadata into, if any."""
+        pool = self._spares.get(chain)
+        if pool:
+            with contextlib.suppress(IndexError):  # emptied by another thread meanwhile
+                return pool.pop()
+        return None
 
     # --- group commit ---------------------------------------------------------------
     #
@@ -625,11 +629,7 @@ class Store:
         """Write the metadata file of `meta` under a temporary name, not yet durable and
         not visible. Call with the chain lock held, and keep it until publish_staged
         or discard_staged."""
-        spare = None
-        pool = self._spares.get(meta.chain)
-        if pool:
-            with contextlib.suppress(IndexError):  # emptied by another thread meanwhile
-                spare = pool.pop()
+        spare = self._take_spare(meta.chain)
         path = self.snapshot_file(meta.chain, meta.id)
         tmp = write_temp(path, snapshot_json(meta, vmas_json), durable=False, reuse=spare)
         return StagedFile(meta.chain, tmp, path, spare=tmp == spare)
