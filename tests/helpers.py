@@ -29,6 +29,22 @@ needs_root = pytest.mark.skipif(
 
 GroundTruth = dict[tuple[int, int], bytes | None]
 
+# A target with PAGE_WRITER_PAGES private anonymous pages, each first set to 1; on
+# "w I J ..." it adds 1 to the first byte of pages I, J, ... and answers "ok".
+PAGE_WRITER_PAGES = 64
+PAGE_WRITER = f"""
+import mmap, sys
+m = mmap.mmap(-1, {PAGE_WRITER_PAGES} * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for p in range({PAGE_WRITER_PAGES}):
+    m[p * 4096] = 1
+print('ready', flush=True)
+for line in sys.stdin:
+    for p in line.split()[1:]:
+        i = int(p) * 4096
+        m[i] = (m[i] + 1) % 256
+    print('ok', flush=True)
+"""
+
 # The start of a target program that maps memory through libc: `ctypes`, `sys` and a
 # `libc` whose mmap, munmap, mprotect, mremap and sbrk take and return addresses.
 LIBC_MM = """

@@ -9,7 +9,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import GroundTruthRecorder, Target, assert_materializes_to, needs_root
+from helpers import (
+    PAGE_WRITER,
+    PAGE_WRITER_PAGES,
+    GroundTruthRecorder,
+    Target,
+    assert_materializes_to,
+    needs_root,
+)
 
 from ckptd.engine import Engine
 from ckptd.store import Store
@@ -17,20 +24,8 @@ from ckptd.store import reader as store_reader
 
 pytestmark = needs_root
 
-PAGES = 64
-# A private anonymous region; "w I J ..." writes a new byte into pages I, J, ...
-WRITER = f"""
-import mmap, sys
-m = mmap.mmap(-1, {PAGES} * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for p in range({PAGES}):
-    m[p * 4096] = 1
-print('ready', flush=True)
-for line in sys.stdin:
-    for p in line.split()[1:]:
-        i = int(p) * 4096
-        m[i] = (m[i] + 1) % 256
-    print('ok', flush=True)
-"""
+PAGES = PAGE_WRITER_PAGES
+WRITER = PAGE_WRITER
 
 
 class _Interrupted(Exception):
