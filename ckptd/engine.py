@@ -361,7 +361,8 @@ class Engine:
         """Publish the rounds this thread staged (snapshot with `later`) as one group: one
         filesystem sync makes all of their data and metadata durable, the renames publish
         them, and a second sync makes the renames durable. Each round's `later` hears how
-        it ended; a sync that fails fails every round that was not yet listed."""
+        it ended; a sync that fails fails every round that was not yet listed. Never
+        raises: whatever fails, every round of the group is ended (its locks released)."""
         staged = self._staged_list()
         if not staged:
             return
@@ -369,7 +370,10 @@ class Engine:
         staged.clear()
         try:
             self.store.sync()
-        except OSError as e:
+        except Exception as e:
+            if not isinstance(e, OSError):
+                log.exception("publishing a group of %d round(s): the sync failed",
+                              len(batch))
             for s in batch:
                 self._end_staged(s, e, listed=False)
             return
@@ -377,21 +381,31 @@ class Engine:
         for s in batch:
             try:
                 s.pending.publish()
-            except OSError as e:
-                self._end_staged(s, e, listed=False)
+            except Exception as e:
+                # A failed rename publishes nothing; anything else, check what is there.
+                renamed = not isinstance(e, OSError) and os.path.exists(
+                    s.pending.staged.path)
+                if not isinstance(e, OSError):
+                    log.exception("snapshot %s: publishing it failed", s.pending.meta.id)
+                self._end_staged(s, e, listed=renamed)
             else:
                 listed.append(s)
-        error: OSError | None = None
+        error: Exception | None = None
         try:
             self.store.sync()
-        except OSError as e:
+        except Exception as e:
+            if not isinstance(e, OSError):
+                log.exception("publishing a group of %d round(s): the second sync failed",
+                              len(listed))
             error = e  # listed, maybe not durable: reported, and the chain goes on
         for s in listed:
             self._end_staged(s, error, listed=True)
 
-    def _end_staged(self, s: _Staged, error: OSError | None, listed: bool) -> None:
-        """End one staged round: its tracker and cached state, its locks, then its
-        `later` callback. Never raises: the other rounds of the group must end too."""
+    def _end_staged(self, s: _Staged, error: Exception | None, listed: bool) -> None:
+        """End one staged round: its tracker and cached state, its `later` callback,
+        then its locks (so that whoever waits for the process, engine.forget, finds the
+        round's bookkeeping done; the callback must not wait for another thread). Never
+        raises: the other rounds of the group must end too."""
         meta = s.pending.meta
         outcome: Exception | None = None
         try:
@@ -401,23 +415,29 @@ class Engine:
                     s.pending.committed()
                 else:
                     s.pending.abandoned()
-            finally:
+            except Exception as e:
+                log.exception("pid %d: ending the round of %s failed", meta.pid, meta.id)
+                outcome = e
+            if outcome is None and error is not None:
+                what = ("was published, but making that durable failed" if listed
+                        else "was not stored")
+                if not isinstance(error, OSError):
+                    outcome = error
+                elif is_out_of_space(error):
+                    outcome = store_full(self.store.root, error,
+                                         f"snapshot {meta.id} {what}; free space there")
+                else:
+                    outcome = OSError(error.errno,
+                                      f"snapshot {meta.id} {what}: {error.strerror}")
+            try:
+                if outcome is None:
+                    s.later.published(meta)
+                else:
+                    s.later.failed(outcome)
+            except Exception:
+                log.exception("pid %d: the bookkeeping of %s failed", meta.pid, meta.id)
+        finally:
+            try:
                 s.locks.close()
-        except Exception as e:
-            log.exception("pid %d: ending the round of %s failed", meta.pid, meta.id)
-            outcome = e
-        if outcome is None and error is not None:
-            what = ("was published, but making that durable failed" if listed
-                    else "was not stored")
-            if is_out_of_space(error):
-                outcome = store_full(self.store.root, error,
-                                     f"snapshot {meta.id} {what}; free space there")
-            else:
-                outcome = OSError(error.errno, f"snapshot {meta.id} {what}: {error.strerror}")
-        try:
-            if outcome is None:
-                s.later.published(meta)
-            else:
-                s.later.failed(outcome)
-        except Exception:
-            log.exception("pid %d: the bookkeeping of %s failed", meta.pid, meta.id)
+            except Exception:
+                log.exception("pid %d: releasing the locks of %s failed", meta.pid, meta.id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,67 @@ def test_a_failed_sync_stores_nothing_and_the_next_round_is_full(
         assert_materializes_to(store, nxt.id, truth.last, tmp_path / "m")
         checked, problems = store_reader.verify(store)
         assert checked == 2 and problems == [], problems
+
+
+def test_an_unexpected_error_in_the_flush_still_ends_every_round(store: Store) -> None:
+    """Whatever a sync raises, each staged round of the group is ended (failed, its
+    locks released): a round left holding its process's lock would hang every later
+    round of that process, and with it the capture thread."""
+    out = Outcomes()
+    with Target.python(WRITER) as t, Engine(store) as engine:
+        first = engine.snapshot(t.pid, tracker="uffd-wp")
+        assert t.send("w 2") == "ok"
+        engine.snapshot(t.pid, tracker="uffd-wp", later=out.later())
+        sync = store.sync
+
+        def broken_sync() -> None:
+            raise RuntimeError("not an OSError")
+
+        store.sync = broken_sync  # type: ignore[method-assign]
+        try:
+            engine.flush()
+        except RuntimeError:
+            pass  # asserted below through its effects
+        finally:
+            store.sync = sync  # type: ignore[method-assign]
+        assert out.published == [] and len(out.failed) == 1, (out.published, out.failed)
+        assert _listed(store, first.chain) == [first.id]
+
+        done: list[SnapshotMeta] = []
+        other = threading.Thread(
+            target=lambda: done.append(engine.snapshot(t.pid, tracker="uffd-wp")),
+            daemon=True)
+        other.start()
+        other.join(10)
+        assert not other.is_alive(), "the failed round still holds the process's lock"
+        assert done and done[0].kind == "full"
+
+
+def test_forget_returns_only_after_the_rounds_bookkeeping(store: Store) -> None:
+    """A staged round's `later` callback runs before its locks are released: whoever
+    waits for the process (the service's unregistration, in engine.forget) must find its
+    last round counted, not have it counted after the process is gone (the service
+    would then keep a maintenance tally for an unregistered PID)."""
+    order: list[str] = []
+
+    def published(meta: SnapshotMeta) -> None:
+        time.sleep(0.3)
+        order.append("published")
+
+    later = PublishLater(published, lambda e: order.append(f"failed {e}"))
+    with Target.python(WRITER) as t, Engine(store) as engine:
+        engine.snapshot(t.pid, tracker="uffd-wp")
+        assert t.send("w 1") == "ok"
+        engine.snapshot(t.pid, tracker="uffd-wp", later=later)
+
+        def forget() -> None:
+            engine.forget(t.pid)
+            order.append("forgotten")
+
+        forgetter = threading.Thread(target=forget)
+        forgetter.start()
+        forgetter.join(0.2)
+        assert forgetter.is_alive()
+        engine.flush()
+        forgetter.join(10)
+        assert order == ["published", "forgotten"]

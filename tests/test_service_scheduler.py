@@ -721,3 +721,72 @@ def test_workers_post(caplog: pytest.LogCaptureFixture) -> None:
     records = [r for r in caplog.records if r.name == "ckptd.service.workers"]
     assert len(records) == 1 and records[0].levelname == "ERROR"
     assert records[0].exc_info is not None and "lost?" in str(records[0].exc_info[1])
+
+
+def test_a_worker_runs_the_idle_hook_before_it_waits_for_work(monkeypatch: Any) -> None:
+    """Two threads: one ends its job seeing another job queued (so no idle hook then),
+    and the other thread takes that job. The first must not then sleep waiting for
+    work with what its hook would have published (a capture thread's staged rounds and
+    their locks) still held: after a resize from 1 to 2 threads, or while a sentinel of
+    a shrink is queued, that would hold a process's lock until the next job."""
+    import queue as queue_mod
+    import threading
+
+    from ckptd.service import workers as workers_mod
+
+    pending: dict[str, bool] = {}
+    stager: list[str] = []
+    go_stager, go_other, taken = threading.Event(), threading.Event(), threading.Event()
+
+    class RacyQueue:
+        """A SimpleQueue whose empty(), in the staging thread, answers from before the
+        other thread takes the queued job (the interleaving the race needs)."""
+
+        def __init__(self) -> None:
+            self.q: Any = real_simple_queue()
+            self.raced = False
+
+        def put(self, item: Any) -> None:
+            self.q.put(item)
+
+        def get(self, *a: Any, **k: Any) -> Any:
+            return self.q.get(*a, **k)
+
+        def get_nowait(self) -> Any:
+            return self.q.get_nowait()
+
+        def empty(self) -> bool:
+            e = self.q.empty()
+            if not e and not self.raced and stager and \
+                    threading.current_thread().name == stager[0]:
+                self.raced = True
+                go_other.set()
+                taken.wait(5)
+            return e
+
+    real_simple_queue = queue_mod.SimpleQueue
+    monkeypatch.setattr(workers_mod.queue, "SimpleQueue", RacyQueue)
+
+    def stage() -> None:
+        stager.append(threading.current_thread().name)
+        pending[stager[0]] = True
+        go_stager.wait(5)
+
+    def on_idle() -> None:
+        pending[threading.current_thread().name] = False
+
+    async def main() -> None:
+        w = workers_mod.Workers(2, "t-race", on_idle=on_idle)
+        w.post(stage)
+        w.post(go_other.wait, 5)
+        w.post(taken.set)  # queued: both threads are busy
+        go_stager.set()
+        await asyncio.wait_for(w.wait_idle(), 5)
+        deadline = time.monotonic() + 2
+        while pending[stager[0]] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        held = pending[stager[0]]
+        w.shutdown(wait=True)
+        assert not held, "a worker waits for work with its staged rounds unpublished"
+
+    asyncio.run(main())

@@ -705,8 +705,10 @@ class Service:
     async def _unregister(self, reg: Registration, why: str) -> dict[str, Any]:
         pid = reg.pid
         await self.scheduler.stop(pid)
-        self._tallies.pop(pid, None)
+        # forget waits for a staged round of the process, whose bookkeeping notes it in
+        # the tally: dropped after that.
         await self._in(self.work_pool, self.engine.forget, pid)
+        self._tallies.pop(pid, None)
         if self.registry.get(pid) is reg:
             self.registry.remove(pid)
         reg.close()

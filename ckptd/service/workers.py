@@ -154,9 +154,19 @@ class Workers:
 
     def _work(self) -> None:
         name_os_thread()
-        get = self._queue.get
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        hooked = True  # the idle hook has run since this thread's last job
         while True:
-            item = get()
+            try:
+                item = get_nowait()
+            except queue.Empty:
+                if not hooked:
+                    # Another thread took the job this one saw queued after its own: run
+                    # the hook before sleeping (a capture thread's staged rounds hold
+                    # locks that others may be waiting for).
+                    self._idle_hook()
+                    hooked = True
+                item = get()
             if item is None:
                 self._idle_hook()
                 return
@@ -168,7 +178,8 @@ class Workers:
                 value, ok = exc, False
                 if fut is None:  # posted: nobody awaits it
                     log.error("posted job %r failed", fn, exc_info=exc)
-            if self._queue.empty():
+            hooked = self._queue.empty()
+            if hooked:
                 self._idle_hook()
             idle = self._done()
             if fut is not None or idle:
