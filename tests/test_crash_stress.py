@@ -303,7 +303,10 @@ def test_sigkill_of_the_service_at_random_instants(tmp_path: Path) -> None:
             "retention": {"keep_last": 6, "compact_after": 3}})
         deadline = time.monotonic() + seconds
         kills = 0
-        while time.monotonic() < deadline or kills < 4:
+        # Until enough snapshots were checked, too: how many are listed at each kill
+        # depends on timing (retention keeps 6), and a run of early kills checks fewer.
+        while (time.monotonic() < deadline or kills < 4 or len(seen.checked) <= 20) \
+                and time.monotonic() < deadline + 4 * seconds:
             time.sleep(2.0 if kills == 0 else rng.uniform(0.1, 1.5))
             d.kill()
             kills += 1
@@ -355,7 +358,9 @@ def test_sigkill_of_the_service_during_group_commits(tmp_path: Path) -> None:
                 "retention": {"keep_last": 6, "compact_after": 3}})
         deadline = time.monotonic() + seconds
         kills = 0
-        while time.monotonic() < deadline or kills < 4:
+        while (time.monotonic() < deadline or kills < 4
+               or min(len(s.checked) for s in seen.values()) <= 5) \
+                and time.monotonic() < deadline + 4 * seconds:
             time.sleep(2.0 if kills == 0 else rng.uniform(0.1, 1.0))
             d.kill()
             kills += 1
