@@ -97,6 +97,13 @@ class _Staged:
     later: PublishLater
 
 
+def _log_unexpected(e: Exception, what: str) -> None:
+    """In an except clause of Engine.flush: an OSError is the round's failure, reported
+    through its `later`; anything else is a bug, logged here with its traceback."""
+    if not isinstance(e, OSError):
+        log.exception(what)
+
+
 class Engine:
     def __init__(self, store: Store, compress_threads: int | None = None,
                  retain_buffer_bytes: int = 256 << 20) -> None:
@@ -246,9 +253,10 @@ class Engine:
                   later: PublishLater | None) -> SnapshotMeta:
         with self._lock:
             proc = self._procs.setdefault(pid, _Process())
-        self._flush_before_waiting(proc)
         if later is None:
             self.flush()  # published now, so after the rounds staged before it
+        else:
+            self._flush_before_waiting(proc)
         with ExitStack() as held:
             held.enter_context(proc.lock)
             if proc.files is None:
@@ -371,9 +379,7 @@ class Engine:
         try:
             self.store.sync()
         except Exception as e:
-            if not isinstance(e, OSError):
-                log.exception("publishing a group of %d round(s): the sync failed",
-                              len(batch))
+            _log_unexpected(e, f"publishing a group of {len(batch)} round(s): the sync failed")
             for s in batch:
                 self._end_staged(s, e, listed=False)
             return
@@ -382,11 +388,9 @@ class Engine:
             try:
                 s.pending.publish()
             except Exception as e:
+                _log_unexpected(e, f"snapshot {s.pending.meta.id}: publishing it failed")
                 # A failed rename publishes nothing; anything else, check what is there.
-                renamed = not isinstance(e, OSError) and os.path.exists(
-                    s.pending.staged.path)
-                if not isinstance(e, OSError):
-                    log.exception("snapshot %s: publishing it failed", s.pending.meta.id)
+                renamed = not isinstance(e, OSError) and os.path.exists(s.pending.staged.path)
                 self._end_staged(s, e, listed=renamed)
             else:
                 listed.append(s)
@@ -394,9 +398,8 @@ class Engine:
         try:
             self.store.sync()
         except Exception as e:
-            if not isinstance(e, OSError):
-                log.exception("publishing a group of %d round(s): the second sync failed",
-                              len(listed))
+            _log_unexpected(e, f"publishing a group of {len(listed)} round(s): the second "
+                            "sync failed")
             error = e  # listed, maybe not durable: reported, and the chain goes on
         for s in listed:
             self._end_staged(s, error, listed=True)

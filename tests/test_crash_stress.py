@@ -176,6 +176,12 @@ def _kill(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def _start_counter() -> subprocess.Popen[str]:
+    """The counter target (tests/targets/counter.py); wait for it with _counter_ready."""
+    return subprocess.Popen([sys.executable, str(TARGETS / "counter.py"), str(PAGES),
+                             str(RATE)], stdout=subprocess.PIPE, text=True)
+
+
 def _counter_ready(target: subprocess.Popen[str]) -> int:
     """Wait for the counter target's "ready" line; the address of its pages."""
     assert target.stdout is not None
@@ -188,8 +194,7 @@ def _run(tmp_path: Path, seconds: float, seed: int, tracker: str = "uffd-wp") ->
     rng = random.Random(seed)
     root = tmp_path / "store"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    target = subprocess.Popen([sys.executable, str(TARGETS / "counter.py"), str(PAGES),
-                               str(RATE)], stdout=subprocess.PIPE, text=True)
+    target = _start_counter()
     seen = Seen()
     try:
         addr, pid = _counter_ready(target), target.pid
@@ -291,8 +296,7 @@ def test_sigkill_of_the_service_at_random_instants(tmp_path: Path) -> None:
     seconds = _seconds(0.3)
     rng = random.Random(int(os.environ.get("CKPTD_STRESS_SEED", "1")))
     d = Daemon(tmp_path, log_level="info")
-    target = subprocess.Popen([sys.executable, str(TARGETS / "counter.py"), str(PAGES),
-                               str(RATE)], stdout=subprocess.PIPE, text=True)
+    target = _start_counter()
     seen = Seen()
     try:
         addr, pid = _counter_ready(target), target.pid
@@ -344,9 +348,7 @@ def test_sigkill_of_the_service_during_group_commits(tmp_path: Path) -> None:
     seconds = _seconds(0.2)
     rng = random.Random(int(os.environ.get("CKPTD_STRESS_SEED", "1")) + 7)
     d = Daemon(tmp_path, log_level="info")
-    targets = [subprocess.Popen([sys.executable, str(TARGETS / "counter.py"), str(PAGES),
-                                 str(RATE)], stdout=subprocess.PIPE, text=True)
-               for _ in range(3)]
+    targets = [_start_counter() for _ in range(3)]
     seen = {t.pid: Seen() for t in targets}
     try:
         addrs = {t.pid: _counter_ready(t) for t in targets}

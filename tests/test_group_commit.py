@@ -27,8 +27,6 @@ from ckptd.store import reader as store_reader
 
 pytestmark = needs_root
 
-PAGES = PAGE_WRITER_PAGES
-WRITER = PAGE_WRITER
 
 
 class Outcomes:
@@ -49,7 +47,7 @@ def _listed(store: Store, chain: str) -> list[str]:
 def test_staged_rounds_are_listed_only_after_the_flush(store: Store, tmp_path: Path) -> None:
     truth = {0: GroundTruthRecorder(), 1: GroundTruthRecorder()}
     out = Outcomes()
-    with Target.python(WRITER) as a, Target.python(WRITER) as b, Engine(store) as engine:
+    with Target.python(PAGE_WRITER) as a, Target.python(PAGE_WRITER) as b, Engine(store) as engine:
         targets = [a, b]
         firsts = [engine.snapshot(t.pid, tracker="uffd-wp") for t in targets]
         for i, t in enumerate(targets):
@@ -87,7 +85,7 @@ def test_a_round_of_a_process_with_a_staged_round_publishes_that_first(
     same thread must publish the group first rather than wait for itself."""
     out = Outcomes()
     truth = GroundTruthRecorder()
-    with Target.python(WRITER) as t, Engine(store) as engine:
+    with Target.python(PAGE_WRITER) as t, Engine(store) as engine:
         engine.snapshot(t.pid, tracker="uffd-wp")
         assert t.send("w 3") == "ok"
         staged = engine.snapshot(t.pid, tracker="uffd-wp", later=out.later())
@@ -106,7 +104,7 @@ def test_forgetting_a_process_waits_for_its_staged_round(store: Store) -> None:
     """Another thread letting go of the process waits for the group to be published
     (it needs the process's lock), then finds the snapshot listed."""
     out = Outcomes()
-    with Target.python(WRITER) as t, Engine(store) as engine:
+    with Target.python(PAGE_WRITER) as t, Engine(store) as engine:
         engine.snapshot(t.pid, tracker="uffd-wp")
         assert t.send("w 1") == "ok"
         staged = engine.snapshot(t.pid, tracker="uffd-wp", later=out.later())
@@ -129,9 +127,9 @@ def test_a_failed_sync_stores_nothing_and_the_next_round_is_full(
     get-and-clear took pages no snapshot holds, the next round of each is full."""
     out = Outcomes()
     truth = GroundTruthRecorder()
-    with Target.python(WRITER) as t, Engine(store) as engine:
+    with Target.python(PAGE_WRITER) as t, Engine(store) as engine:
         first = engine.snapshot(t.pid, tracker="uffd-wp")
-        assert t.send("w " + " ".join(str(p) for p in range(PAGES))) == "ok"
+        assert t.send("w " + " ".join(str(p) for p in range(PAGE_WRITER_PAGES))) == "ok"
         chain_dir = store.chain_dir(first.chain)
         before = {d: set(os.listdir(chain_dir / d)) for d in ("snapshots", "data")}
         staged = engine.snapshot(t.pid, tracker="uffd-wp", later=out.later())
@@ -171,7 +169,7 @@ def test_an_unexpected_error_in_the_flush_still_ends_every_round(store: Store) -
     locks released): a round left holding its process's lock would hang every later
     round of that process, and with it the capture thread."""
     out = Outcomes()
-    with Target.python(WRITER) as t, Engine(store) as engine:
+    with Target.python(PAGE_WRITER) as t, Engine(store) as engine:
         first = engine.snapshot(t.pid, tracker="uffd-wp")
         assert t.send("w 2") == "ok"
         engine.snapshot(t.pid, tracker="uffd-wp", later=out.later())
@@ -212,7 +210,7 @@ def test_forget_returns_only_after_the_rounds_bookkeeping(store: Store) -> None:
         order.append("published")
 
     later = PublishLater(published, lambda e: order.append(f"failed {e}"))
-    with Target.python(WRITER) as t, Engine(store) as engine:
+    with Target.python(PAGE_WRITER) as t, Engine(store) as engine:
         engine.snapshot(t.pid, tracker="uffd-wp")
         assert t.send("w 1") == "ok"
         engine.snapshot(t.pid, tracker="uffd-wp", later=later)
