@@ -103,6 +103,8 @@ def _compile_suid(where: Path) -> Path:
 def _chains_of(store: Path, pid: int) -> list[dict[str, Any]]:
     out = []
     for c in sorted((store / "chains").glob(f"{pid}-*")):
+        if not (c / "CHAIN.json").exists():
+            continue  # being created (CHAIN.json comes last, by rename): as Store.chain_ids
         info = json.loads((c / "CHAIN.json").read_text())
         info["snapshots"] = sorted(p.name for p in (c / "snapshots").glob("*.json"))
         out.append(info)
