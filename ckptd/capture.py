@@ -322,6 +322,7 @@ def take_snapshot(
         gone = normalize(reader.failed)
         present = subtract(present, gone)
         keep = _drop_pages(to_read, keep, gone)
+    vmas_from = None if full else _vmas_holder(store, chain.chain, parent, from_maps)
     writer = SnapshotWriter(store, chain.chain, snapshot_id, executor,
                             small_level=FAST_ZSTD_LEVEL)
     publishing = False  # set just before the commit point (Store.publish)
@@ -344,7 +345,8 @@ def take_snapshot(
             tracker_reason=tracker_reason,
             consistency="fuzzy" if fuzzy else "frozen",
             truncated=harvest.truncated,
-            vmas=from_maps.models,
+            vmas=from_maps.models if vmas_from is None else None,
+            vmas_from=vmas_from,
             present=present,
             data_file=stored.data_file,
             data_inline=stored.data_inline,
@@ -373,9 +375,12 @@ def take_snapshot(
                 total_ms=(time.perf_counter() - t_start) * 1e3,
             ),
         )
+        shared = (from_maps.vmas, vmas_from or snapshot_id)
         if defer is not None:
             staged = store.stage(meta, from_maps.models_json)
-            defer(PendingPublish(store, meta, staged, writer, tracker, ctx, harvest.notes))
+            meta = _resolved(meta, from_maps)
+            defer(PendingPublish(store, meta, staged, writer, tracker, ctx, harvest.notes,
+                                 shared))
             return meta
         publishing = True
         store.publish(meta, from_maps.models_json)
@@ -398,9 +403,35 @@ def take_snapshot(
     finally:
         buffers.release()
     tracker.commit(ctx, snapshot_id)
+    _note_vmas(store, meta, shared)
     for note in harvest.notes:
         log.info("snapshot %s: %s", snapshot_id, note)
-    return meta
+    return _resolved(meta, from_maps)
+
+
+def _resolved(meta: SnapshotMeta, from_maps: _FromMaps) -> SnapshotMeta:
+    """`meta` as Store.get returns it: with its vmas, whether or not its file shares
+    them."""
+    if meta.vmas is not None:
+        return meta
+    return meta.model_copy(update={"vmas": from_maps.models, "vmas_from": None})
+
+
+def _vmas_holder(store: Store, chain: str, parent: SnapshotHead | SnapshotMeta | None,
+                 from_maps: _FromMaps) -> str | None:
+    """The snapshot whose `vmas` a delta on `parent` can share (format version 4), if
+    this process published `parent` with the same mappings; else None (store them)."""
+    noted = store.published_vmas.get(chain)
+    if noted is None or parent is None or noted[0] != parent.id or noted[1] != from_maps.vmas:
+        return None
+    return noted[2]
+
+
+def _note_vmas(store: Store, meta: SnapshotMeta, shared: tuple[object, str]) -> None:
+    """`meta` is listed: the chain's next delta may share its vmas (see _vmas_holder)."""
+    if len(store.published_vmas) >= 4096:
+        store.published_vmas.clear()
+    store.published_vmas[meta.chain] = (meta.id, *shared)
 
 
 class PendingPublish:
@@ -411,9 +442,10 @@ class PendingPublish:
 
     def __init__(self, store: Store, meta: SnapshotMeta, staged: StagedFile,
                  writer: SnapshotWriter, tracker: Tracker, ctx: TrackContext,
-                 notes: list[str]) -> None:
+                 notes: list[str], shared: tuple[object, str]) -> None:
         self.store, self.meta, self.staged, self.writer = store, meta, staged, writer
         self.tracker, self.ctx, self.notes = tracker, ctx, notes
+        self.shared = shared  # for _note_vmas
 
     def publish(self) -> None:
         self.store.publish_staged(self.staged)
@@ -422,6 +454,7 @@ class PendingPublish:
         """The snapshot is listed (whether or not the sync after its rename worked): its
         pages are the ones the get-and-clear took."""
         self.tracker.commit(self.ctx, self.meta.id)
+        _note_vmas(self.store, self.meta, self.shared)
         for note in self.notes:
             log.info("snapshot %s: %s", self.meta.id, note)
 

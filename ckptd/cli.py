@@ -456,7 +456,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         out = snapshot_summary(meta)
         out.update({
             "lineage": lineage,
-            "vmas": [v.model_dump() for v in meta.vmas],
+            "vmas": [v.model_dump() for v in meta.mappings],
             "page_map": page_map,
             "unsourced": missing,
         })
@@ -475,7 +475,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"restore needs: {' -> '.join(lineage)}")
     print("\nmappings:")
     held_spans = normalize((r["start"], r["end"]) for r in page_map or [])
-    for v in meta.vmas:
+    for v in meta.mappings:
         held = (f"{total(clip_to(held_spans, v.start, v.end)) // PAGE_SIZE:>8}"
                 if page_map is not None else f"{'-':>8}")
         print(f"  {v.start:012x}-{v.end:012x} {v.perms} {v.capture:<7} "

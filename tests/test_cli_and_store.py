@@ -193,9 +193,9 @@ def test_snapshot_metadata_with_unknown_version_is_refused(engine: Engine,
         meta = engine.snapshot(t.pid)
     p = store.snapshot_path(meta.id)
     obj = json.loads(p.read_text())
-    obj["format_version"] = 4
+    obj["format_version"] = 5
     p.write_text(json.dumps(obj))
-    with pytest.raises(UserError, match="format version 4; this ckptd reads versions 1, 2, 3"):
+    with pytest.raises(UserError, match="format version 5; this ckptd reads versions 1, 2, 3, 4"):
         store.get(meta.id)
 
 

@@ -26,7 +26,7 @@ from ckptd.store import SnapshotMeta, Store
 from ckptd.store import compact as compact_module
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
-from ckptd.store.format import vmas_json
+from ckptd.store.format import FLOOR_VERSION, FORMAT_VERSION, vmas_json
 from ckptd.store.writerid import writer_id
 
 pytestmark = needs_root
@@ -382,7 +382,7 @@ print("completed")
 """
 
 
-@pytest.mark.parametrize("store_version", [3, 2])
+@pytest.mark.parametrize("store_version", [FORMAT_VERSION, 2])
 def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store, tmp_path: Path,
                                                            store_version: int) -> None:
     """Kill a compaction right before each of its fsyncs, renames and unlinks in turn,
@@ -396,11 +396,15 @@ def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store, tmp_pat
     ids = list(truths)
     upto = ids[3]
     new_floor = int(upto.rsplit("-", 1)[1])  # its seq
-    if store_version != 3:  # as version 2 wrote it: the same files, but for the versions
+    if store_version != FORMAT_VERSION:  # as version 2 wrote it: the same files, but for
+        # the versions, and every snapshot holding its own vmas (no vmas_from before 4)
         for path, key in [(store.root / "STORE.json", "version"),
                           (store.chain_dir(chain) / "CHAIN.json", "format_version"),
                           *((store.snapshot_path(i), "format_version") for i in ids)]:
-            path.write_text(json.dumps({**json.loads(path.read_text()), key: store_version}))
+            obj = json.loads(path.read_text())
+            if obj.pop("vmas_from", None) is not None:
+                obj["vmas"] = json.loads(vmas_json(store.get(obj["id"]).mappings))
+            path.write_text(json.dumps({**obj, key: store_version}))
     pristine = tmp_path / "pristine"
     shutil.copytree(store.root, pristine)
     states = set()
@@ -423,7 +427,8 @@ def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store, tmp_pat
         floor = s.floor(chain)
         assert listed == (ids[3:] if floor > 1 else ids)
         version = json.loads((root / "STORE.json").read_text())["version"]
-        assert version == 3 or floor == 1  # no floor in a store an older ckptd reads
+        # No floor in a store an older ckptd reads.
+        assert version == max(store_version, FLOOR_VERSION) or floor == 1
         left_below = [i for i in s.snapshot_files(chain) if i not in listed]
         for sid in left_below:
             with pytest.raises(UserError, match="no snapshot"):
@@ -438,7 +443,8 @@ def test_a_crash_at_every_step_of_compaction_loses_nothing(store: Store, tmp_pat
             sorted(f"{i}.json" for i in ids[3:])
         assert store_reader.verify(s) == (3, [])
         assert s.floor(chain) == s.get(upto).seq
-        assert json.loads((root / "STORE.json").read_text())["version"] == 3
+        assert json.loads((root / "STORE.json").read_text())["version"] == \
+            max(store_version, FLOOR_VERSION)
         s.close()  # its own owner lock (from the compaction above) goes too
         s.clean_tmp()
         assert os.listdir(s.tmp_dir) == []
@@ -514,12 +520,15 @@ def test_compaction_rejects_a_damaged_folded_snapshot_as_get_does(store: Store) 
     ids = list(truths)
     victim = store.snapshot_path(ids[1])
     good = victim.read_bytes()
+    upto_vmas = vmas_json(store.get(ids[3]).mappings)
+    # As version 3 wrote every delta: holding its vmas (the skipped bytes), no vmas_from.
     obj = json.loads(good)
-    upto_vmas = vmas_json(store.get(ids[3]).vmas)
+    obj.pop("vmas_from")
+    obj["vmas"] = json.loads(upto_vmas)
     damages = {  # what the error must name: the parse stops at it
-        "format version 4": {**obj, "format_version": 4},
-        "format version 4 ": {  # the version is checked before anything else
-            **obj, "format_version": 4, "frames": "nope"},
+        "format version 5": {**obj, "format_version": 5},
+        "format version 5 ": {  # the version is checked before anything else
+            **obj, "format_version": 5, "frames": "nope"},
         "'frames'": {**obj, "frames": "nope"},
         "'extents', 0, 'pages'": {**obj, "extents": [{"addr": 0}]},
         "'parent'": {k: v for k, v in obj.items() if k != "parent"},
@@ -552,20 +561,65 @@ def test_compaction_rejects_a_damaged_folded_snapshot_as_get_does(store: Store) 
     assert store.snapshot_ids(chain) == ids[3:]
 
 
-def test_folding_skips_the_mappings_it_does_not_read(store: Store) -> None:
-    """The files of a process whose mappings did not change begin with the same `vmas`
-    as the snapshot compacted into; folding parses them without those bytes, and reads
-    exactly what the plain parse of each file reads."""
+def test_deltas_share_unchanged_mappings_and_folding_skips_repeated_ones(
+        store: Store) -> None:
+    """A delta whose mappings did not change names the snapshot that holds them
+    (vmas_from) instead of repeating them, and readers resolve it. Files that do repeat
+    them (as version 3 wrote every delta) begin with the same `vmas` as the snapshot
+    compacted into; folding parses them without those bytes, and reads exactly what the
+    plain parse of each file reads."""
     with Target.python("import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n") \
             as t, Engine(store) as eng:
         ids = [eng.snapshot(t.pid).id for _ in range(4)]
+    files = {i: json.loads(store.snapshot_path(i).read_bytes()) for i in ids}
+    base_vmas = store.get(ids[0]).mappings
+    assert files[ids[0]]["vmas"] and files[ids[0]]["vmas_from"] is None
+    for sid in ids[1:]:
+        assert files[sid]["vmas"] is None and files[sid]["vmas_from"] == ids[0]
+        assert store.get(sid).vmas == base_vmas and store.get(sid).vmas_from is None
+        assert len(store.snapshot_path(sid).read_bytes()) < len(vmas_json(base_vmas))
+    assert [m.vmas for m in store.lineage(ids[-1])] == [base_vmas] * 4
+    for sid in ids[1:-1]:
+        obj = {k: v for k, v in files[sid].items() if k != "vmas_from"}
+        store.snapshot_path(sid).write_bytes(
+            _vmas_first({**obj, "format_version": 3}, vmas_json(base_vmas)))
     meta, lineage = store.fold_lineage(ids[-1])
     assert [m.id for m in lineage] == ids and lineage[-1] is meta
-    skipped = b'{"vmas":' + vmas_json(meta.vmas) + b","
+    skipped = b'{"vmas":' + vmas_json(meta.mappings) + b","
     for sid, folded in zip(ids[1:-1], lineage[1:-1], strict=True):
         assert store.snapshot_path(sid).read_bytes().startswith(skipped)
         assert folded == store.pages(sid)
     assert lineage[0] == store.pages(ids[0])
+
+
+def test_deltas_sharing_the_vmas_of_a_compacted_snapshot_read_them_from_the_new_base(
+        store: Store, tmp_path: Path) -> None:
+    """Compaction retires the snapshot that holds the vmas later deltas share, before and
+    after it: those deltas read them from the chain's floor snapshot, the new base,
+    which has the same mappings; the engine goes on naming the retired holder."""
+    with Target.python("import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n") \
+            as t, Engine(store) as eng:
+        ids = [eng.snapshot(t.pid).id for _ in range(4)]
+        chain = store.get(ids[0]).chain
+        compact_chain(store, chain, ids[2])
+        ids += [eng.snapshot(t.pid).id for _ in range(2)]
+    assert store.snapshot_ids(chain) == ids[2:]
+    vmas = store.get(ids[2]).mappings
+    for sid in ids[3:]:
+        assert json.loads(store.snapshot_path(sid).read_bytes())["vmas_from"] == ids[0]
+        assert store.get(sid).vmas == vmas
+    assert [m.vmas for m in store.lineage(ids[-1])] == [vmas] * 4
+    assert [m.vmas for m in store.chain_snapshots(chain)] == [vmas] * 4
+    assert store_reader.verify(store) == (4, [])
+    index = store_reader.materialize(store, ids[-1], tmp_path / "out")
+    assert len(index["vmas"]) == sum(v.capture == "private" for v in vmas)
+    # The holder gone without a compaction having raised the floor past it is damage.
+    store.snapshot_path(ids[2]).unlink()
+    with pytest.raises(CkptdError, match=f"shares the vmas of {ids[2]}, which is missing"):
+        store.get(ids[3])
+    count, problems = store_reader.verify(store)
+    assert count == 3 and any(f"shares the vmas of {ids[2]}, which is missing" in p
+                              for p in problems)
 
 
 def test_compaction_keeps_folded_files_as_spares_that_later_snapshots_reuse(

@@ -30,6 +30,7 @@ from ckptd.service.maintenance import ChainTally
 from ckptd.store import Store, parse_snapshot_id
 from ckptd.store import reader as store_reader
 from ckptd.store.compact import compact_chain
+from ckptd.store.format import FORMAT_VERSION
 
 
 def _chain(store: Store, n: int, seed: int) -> tuple[str, dict[str, GroundTruth]]:
@@ -72,7 +73,7 @@ def test_files_below_the_floor_are_not_snapshots(store: Store, tmp_path: Path) -
     floor = parse_snapshot_id(ids[5])[1]
     assert store.floor(chain) == floor
     floor_file = json.loads((store.chain_dir(chain) / "FLOOR.json").read_text())
-    assert floor_file["format_version"] == 3 and floor_file["chain"] == chain
+    assert floor_file["format_version"] == FORMAT_VERSION and floor_file["chain"] == chain
     assert floor_file["floor"] == floor and floor_file["created"] <= time.time()
     assert (store.chain_dir(chain) / "FLOOR.json").stat().st_mode & 0o777 == 0o600
 
@@ -193,11 +194,12 @@ def test_a_cached_parent_below_anothers_floor_is_not_reused(store: Store,
 
 
 @needs_root
-def test_a_new_store_is_version_3(store: Store) -> None:
+def test_a_new_store_is_of_the_current_version(store: Store) -> None:
     chain, truths = _chain(store, 2, seed=24)
-    assert json.loads((store.root / "STORE.json").read_text())["version"] == 3
-    assert store.chain_info(chain).format_version == 3
-    assert all(store.get(i).format_version == 3 for i in truths)
+    assert FORMAT_VERSION == 4
+    assert json.loads((store.root / "STORE.json").read_text())["version"] == 4
+    assert store.chain_info(chain).format_version == 4
+    assert all(store.get(i).format_version == 4 for i in truths)
 
 
 @needs_root
@@ -222,7 +224,7 @@ def test_an_older_store_is_upgraded_at_its_first_floor(
     # An older ckptd (reading versions 1 and 2) opens it, and refuses the new files.
     with monkeypatch.context() as m:
         m.setattr(store_module, "READABLE_VERSIONS", (1, 2))
-        with pytest.raises(StoreError, match="is a snapshot of format version 3; this ckptd "
+        with pytest.raises(StoreError, match="is a snapshot of format version 4; this ckptd "
                                              "reads versions 1, 2: use a ckptd release"):
             Store.open(store.root).get(ids[1])
     compact_chain(store, chain, ids[2])
@@ -249,11 +251,11 @@ def test_a_floor_of_an_unknown_version_or_damaged_is_refused(tmp_path: Path) -> 
     path.write_text(json.dumps(good))
     assert store.floor(chain) == 5
     cases = {
-        json.dumps({**good, "format_version": 4}):
-            (2, f"{path} is a chain floor of format version 4; this ckptd reads versions "
-                "1, 2, 3: use a ckptd release that matches the store"),
-        json.dumps({**good, "format_version": 4, "floor": "x"}):  # version first
-            (2, "chain floor of format version 4"),
+        json.dumps({**good, "format_version": 5}):
+            (2, f"{path} is a chain floor of format version 5; this ckptd reads versions "
+                "1, 2, 3, 4: use a ckptd release that matches the store"),
+        json.dumps({**good, "format_version": 5, "floor": "x"}):  # version first
+            (2, "chain floor of format version 5"),
         "{": (4, "FLOOR.json: not JSON"),
         json.dumps({**good, "floor": 0}): (4, "('floor',): Input should be greater"),
         json.dumps({**good, "extra": 1}): (4, "('extra',): Extra inputs"),

@@ -13,11 +13,13 @@ from typing import Final, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 FORMAT_NAME: Final = "ckptd-store"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 1 had no `data_inline`; its files mean the same under version 2's reader.
 # Version 3 added the chain floor (FLOOR.json): snapshot files below it are not part of
 # the chain. Its snapshot files are laid out as version 2's.
-READABLE_VERSIONS: Final = (1, 2, 3)
+# Version 4 lets a delta name the snapshot whose `vmas` it shares (`vmas_from`) instead
+# of repeating them; a version 3 reader would take such a file's mappings as missing.
+READABLE_VERSIONS: Final = (1, 2, 3, 4)
 # The first version with chain floors. A store of an older version is upgraded to it
 # (STORE.json `version`) before its first floor is written, so that an older ckptd,
 # which would list the files below a floor, refuses the store instead.
@@ -233,7 +235,12 @@ class SnapshotMeta(_SnapshotKey):
     truncated: bool = Field(
         False, description="a page budget stopped capture early; the rest comes next round"
     )
-    vmas: list[Vma]
+    vmas: list[Vma] | None = Field(
+        None, description="the process's mappings; null in a delta whose mappings are "
+        "those of an earlier snapshot (vmas_from)")
+    vmas_from: str | None = Field(
+        None, description="(version 4) the id of the snapshot of this chain whose vmas "
+        "are this delta's too; Store.get and Store.lineage resolve it")
     present: list[tuple[int, int]] = Field(
         description="[start, end) ranges of pages that hold content (not clean file pages, "
         "not unpopulated, not the zero page) at snapshot time"
@@ -253,7 +260,19 @@ class SnapshotMeta(_SnapshotKey):
     @model_validator(mode="after")
     def _one_data_place(self) -> SnapshotMeta:
         _check_one_data_place(self.data_file, self.data_inline)
+        if (self.vmas is None) == (self.vmas_from is None):
+            raise ValueError("exactly one of vmas and vmas_from must be set")
+        if self.vmas_from is not None and self.kind != "delta":
+            raise ValueError("vmas_from is set in a full snapshot, which must hold its vmas")
         return self
+
+    @property
+    def mappings(self) -> list[Vma]:
+        """`vmas`, which Store.get and Store.lineage always resolve: an error if this
+        metadata was parsed without that (a bug, not a store problem)."""
+        if self.vmas is None:
+            raise RuntimeError(f"snapshot {self.id}: vmas_from {self.vmas_from} not resolved")
+        return self.vmas
 
 
 _VMA_ROWS = TypeAdapter(list[Vma])
@@ -269,7 +288,7 @@ def snapshot_json(meta: SnapshotMeta, vmas: bytes | None = None) -> bytes:
     a process's mappings repeat from round to round, and their rows are most of the cost
     of serializing a small delta, so the writer keeps that JSON while they repeat. It
     goes first in the object; readers do not depend on key order."""
-    if vmas is None:
+    if vmas is None or meta.vmas is None:
         return meta.model_dump_json().encode()
     rest = meta.model_dump_json(exclude={"vmas"}).encode()
     return b'{"vmas":' + vmas + b"," + rest[1:]

@@ -406,7 +406,7 @@ def materialize_to(store: Store, snapshot_id: str, out_dir: str, owner: Owner | 
 
 def _write(meta: SnapshotMeta, pm: IntervalMap[Source], reader: FrameReader, dfd: int,
            owner: Owner | None, progress: Progress | None) -> dict[str, Any]:
-    captured = [v for v in meta.vmas if v.capture == "private"]
+    captured = [v for v in meta.mappings if v.capture == "private"]
     total_bytes = sum(v.end - v.start for v in captured)
     done = 0
     index_vmas: list[dict[str, object]] = []
@@ -459,7 +459,7 @@ def _write(meta: SnapshotMeta, pm: IntervalMap[Source], reader: FrameReader, dfd
             {"start": v.start, "end": v.end, "perms": v.perms, "path": v.path,
              "reason": "shared mapping: content lives in the file or shared memory object"
              if v.capture == "shared" else "kernel-provided mapping"}
-            for v in meta.vmas if v.capture != "private"
+            for v in meta.mappings if v.capture != "private"
         ],
     }
     fd = _create("index.json", dfd, owner, os.O_WRONLY)
@@ -554,7 +554,8 @@ def verify(store: Store, progress: Progress | None = None) -> tuple[int, list[st
     for chain in store.chain_ids():
         try:
             store.chain_info(chain)
-            for m in store.chain_snapshots(chain):
+            for m in store.chain_snapshots(
+                    chain, unresolved=lambda _m, e: problems.append(str(e))):
                 metas[m.id] = m
         except (CorruptStore, UserError) as e:
             problems.append(str(e))

@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +161,12 @@ class Store:
         self._snapshot_dir_fds: dict[str, int] = {}
         self._fds_lock = threading.Lock()
         self._root_fd = -1  # the store's root directory, for sync(); opened on first use
+        # Per chain: the newest snapshot this process listed there, the mappings it was
+        # taken with (an opaque key the capture compares), and the snapshot whose file
+        # holds their `vmas`. A next delta with the same parent and mappings names that
+        # holder (vmas_from) instead of repeating the vmas. Only this process's own
+        # publishes are noted, so a parent it did not write is never matched.
+        self.published_vmas: dict[str, tuple[str, object, str]] = {}
         # STORE.json's `version` as last read or written (raise_floor upgrades it); 0
         # until then.
         self.version = 0
@@ -355,8 +361,54 @@ class Store:
             raise self._no_snapshot(snapshot_id)
 
     def get(self, snapshot_id: str, floor: int | None = None) -> SnapshotMeta:
+        """The snapshot's metadata, its `vmas` resolved (see _with_vmas)."""
         self._check_floor(snapshot_id, floor)
-        return self._load(snapshot_id)
+        return self._with_vmas(self._load(snapshot_id))
+
+    def _with_vmas(self, meta: SnapshotMeta,
+                   known: Mapping[str, SnapshotMeta] | None = None) -> SnapshotMeta:
+        """`meta` with its `vmas` filled in (and `vmas_from` cleared) if it shares those
+        of an earlier snapshot (format version 4). That snapshot, the holder, is the
+        delta's nearest ancestor that stores its vmas: every snapshot from the holder to
+        the delta has the same mappings. A compaction may have retired the holder; it
+        made the chain's floor snapshot, which lies between the two, a full base with
+        those same vmas, so the floor's snapshot is read then. `known`: metadata
+        already loaded, by id (resolved or not), tried before reading a file."""
+        if meta.vmas is not None:
+            return meta
+        holder = meta.vmas_from
+        assert holder is not None  # the model requires one of the two
+        try:
+            holder_chain, holder_seq = parse_snapshot_id(holder)
+        except UnknownSnapshot:
+            raise CorruptStore(f"snapshot {meta.id} shares the vmas of {holder[:80]!r}, "
+                               "which is not a snapshot id") from None
+        if holder_chain != meta.chain or holder_seq >= meta.seq:
+            raise CorruptStore(f"snapshot {meta.id} shares the vmas of {holder}, which is "
+                               f"not an earlier snapshot of chain {meta.chain}")
+        got = known.get(holder) if known is not None else None
+        if got is not None and got.vmas is not None:
+            return meta.model_copy(update={"vmas": got.vmas, "vmas_from": None})
+        for _attempt in range(_WALK_ATTEMPTS):
+            floor = self.floor(meta.chain)
+            if meta.seq < floor:
+                raise self._no_snapshot(meta.id)  # retired meanwhile
+            source = holder if holder_seq >= floor else f"{meta.chain}-{floor}"
+            got = known.get(source) if known is not None else None
+            if got is None:
+                try:
+                    got = self._load(source)
+                except UnknownSnapshot:
+                    if self.floor(meta.chain) > floor:
+                        continue  # a compaction meanwhile: look again
+                    raise CorruptStore(f"snapshot {meta.id} shares the vmas of {source}, "
+                                       "which is missing") from None
+            if got.vmas is None or (source != holder and got.kind != "full"):
+                raise CorruptStore(f"snapshot {meta.id} shares the vmas of {source}, which "
+                                   "does not hold them")
+            return meta.model_copy(update={"vmas": got.vmas, "vmas_from": None})
+        raise CorruptStore(f"the vmas of snapshot {meta.id} kept moving while being read "
+                           f"({_WALK_ATTEMPTS} compactions meanwhile)")
 
     def _load(self, snapshot_id: str) -> SnapshotMeta:
         """The snapshot's file, parsed, with no floor check."""
@@ -420,12 +472,28 @@ class Store:
                 raise self._no_snapshot(snapshot_id) from None
             raise
 
-    def chain_snapshots(self, chain: str) -> list[SnapshotMeta]:
+    def chain_snapshots(self, chain: str,
+                        unresolved: Callable[[SnapshotMeta, CorruptStore], None] | None = None
+                        ) -> list[SnapshotMeta]:
+        """The chain's listed snapshots, by sequence, their vmas resolved. `unresolved`:
+        for a check of the store (verify), which reports each damaged snapshot: called
+        for a snapshot whose vmas cannot be resolved, which is then listed as parsed
+        (vmas None) instead of the whole call failing."""
         floor, ids = self.listing(chain)
         out: list[SnapshotMeta] = []
+        loaded: dict[str, SnapshotMeta] = {}
         for i in ids:
             try:
-                out.append(self.get(i, floor))
+                self._check_floor(i, floor)
+                meta = self._load(i)
+                try:
+                    meta = self._with_vmas(meta, loaded)
+                except CorruptStore as e:
+                    if unresolved is None:
+                        raise
+                    unresolved(meta, e)
+                loaded[i] = meta
+                out.append(meta)
             except UnknownSnapshot:
                 # A compaction retired it since the listing: it raised the floor above
                 # it first. Anything else missing is damage (files at or above the floor
@@ -513,8 +581,25 @@ class Store:
         return self.get(ids[-1], floor) if ids else None
 
     def lineage(self, snapshot_id: str) -> list[SnapshotMeta]:
-        """The snapshots needed to restore `snapshot_id`: its full base first, it last."""
-        return self._walk(snapshot_id, lambda: self.get(snapshot_id), self._load)
+        """The snapshots needed to restore `snapshot_id`: its full base first, it last,
+        each with its vmas resolved."""
+        chain, seq = parse_snapshot_id(snapshot_id)
+        for _attempt in range(_WALK_ATTEMPTS):
+            walked = self._walk(snapshot_id, lambda: self.get(snapshot_id), self._load)
+            out: list[SnapshotMeta] = []
+            known: dict[str, SnapshotMeta] = {}
+            try:
+                for m in walked:  # base first: a holder comes before its sharers
+                    m = self._with_vmas(m, known)
+                    known[m.id] = m
+                    out.append(m)
+            except UnknownSnapshot:
+                if seq < self.floor(chain):
+                    raise
+                continue  # a compaction between the walk and the vmas: walk again
+            return out
+        raise CorruptStore(f"snapshot chain of {snapshot_id} kept changing while being read "
+                           f"({_WALK_ATTEMPTS} compactions meanwhile)")
 
     def fold_lineage(self, snapshot_id: str) -> tuple[SnapshotMeta, list[SnapshotData]]:
         """What compacting up to `snapshot_id` reads: that snapshot in full (it is
@@ -531,7 +616,7 @@ class Store:
             # same from round to round: the folded files usually begin with the very
             # bytes of `meta`'s. Skipping them about halves the parse of a small delta,
             # and SnapshotPages does not read them.
-            skip = _VMAS_FIRST + vmas_json(meta.vmas) + b"," if meta.kind != "full" else b""
+            skip = _VMAS_FIRST + vmas_json(meta.mappings) + b"," if meta.kind != "full" else b""
             return meta
 
         def load(i: str) -> SnapshotData:
