@@ -13,9 +13,17 @@ snapshotted 33 times, 0.05 s apart, then each chain is compacted up to its newes
 six such cycles, each printing the CPU of a compaction (this process, zstd threads
 included), the pages it compressed again and the frames it copied raw.
 
+With --small-chain, it measures the metadata side of one small process's chain as the
+service builds it: one idle Python target snapshotted 257 times, 0.01 s apart (the
+count at which the service first compacts it), then: the mean size of a delta's metadata
+file, the CPU of reading the newest snapshot's lineage (what materialize, show and
+verify read), of materializing it, and of folding the older half of the chain into a
+new base. Repeat it alternately with another checkout (--also) to compare.
+
 Run as root from the repository root (not part of CI):
   .venv/bin/python bench/bench_compaction.py --snapshots 60
   .venv/bin/python bench/bench_compaction.py --steady
+  .venv/bin/python bench/bench_compaction.py --small-chain [--also /tmp/other-checkout]
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+# CKPTD_BENCH_REPO: measure another checkout's ckptd with this script (--also).
+REPO = Path(os.environ.get("CKPTD_BENCH_REPO") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -91,6 +100,36 @@ def steady(store_dir: str, targets: int = 6, rounds: int = 33, cycles: int = 6) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def small_chain(store_dir: str) -> None:
+    """See --small-chain in the module doc; prints one table row."""
+    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_dir))
+    target = subprocess.Popen([sys.executable, "-c", TARGET, "64", "0"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout is not None and target.stdout.readline().strip() == "ready"
+        store = Store.open(tmp / "store", create=True)
+        with Engine(store) as engine:
+            for _ in range(257):
+                meta = engine.snapshot(target.pid)
+                time.sleep(0.01)
+        ids = store.snapshot_ids(meta.chain)
+        sizes = [store.snapshot_path(i).stat().st_size for i in ids[1:]]
+        c0 = cpu()
+        store.lineage(ids[-1])
+        c1 = cpu()
+        reader.materialize(store, ids[-1], tmp / "out")
+        c2 = cpu()
+        compact_chain(store, meta.chain, ids[128])
+        c3 = cpu()
+        print(f"| {REPO} | {sum(sizes) / len(sizes) / 1024:.1f} KiB | "
+              f"{1e3 * (c1 - c0):.1f} ms | {1e3 * (c2 - c1):.1f} ms | "
+              f"{1e3 * (c3 - c2):.1f} ms |", flush=True)
+    finally:
+        target.kill()
+        target.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,12 +137,32 @@ def main() -> int:
     ap.add_argument("--store-dir", default="/var/tmp")
     ap.add_argument("--steady", action="store_true",
                     help="steady-state compactions of small processes (see above)")
+    ap.add_argument("--small-chain", action="store_true",
+                    help="metadata size and read costs of a small process's chain")
+    ap.add_argument("--also", default=None, metavar="CHECKOUT",
+                    help="--small-chain: alternate three runs with this other checkout")
+    ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (ptrace of the target)", file=sys.stderr)
         return 2
     if args.steady:
         steady(args.store_dir)
+        return 0
+    if args.small_chain:
+        if args.once:
+            small_chain(args.store_dir)
+            return 0
+        print("| checkout | delta metadata file | lineage of the newest (129) | "
+              "materialize it | fold 128 into a base |")
+        print("|---|---|---|---|---|")
+        # Each run in a fresh interpreter, the checkouts alternating: the VM drifts.
+        for _ in range(3):
+            for checkout in [REPO] + ([Path(args.also)] if args.also else []):
+                subprocess.run([sys.executable, str(Path(__file__).resolve()),
+                                "--small-chain", "--once", "--store-dir", args.store_dir],
+                               cwd=checkout, check=True,
+                               env={**os.environ, "CKPTD_BENCH_REPO": str(checkout)})
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=args.store_dir))
     target = subprocess.Popen([sys.executable, "-c", TARGET, "65536", "0.1"],
