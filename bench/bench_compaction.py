@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # CKPTD_BENCH_REPO: measure another checkout's ckptd with this script (--also).
@@ -46,7 +48,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_service import TARGET  # noqa: E402
 
 from ckptd.engine import Engine  # noqa: E402
-from ckptd.store import Store, reader  # noqa: E402
+from ckptd.store import SnapshotMeta, Store, reader  # noqa: E402
 from ckptd.store.compact import compact_chain  # noqa: E402
 
 
@@ -100,18 +102,31 @@ def steady(store_dir: str, targets: int = 6, rounds: int = 33, cycles: int = 6) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def small_chain(store_dir: str) -> None:
-    """See --small-chain in the module doc; prints one table row."""
+@contextmanager
+def _chain(store_dir: str, target_args: list[str], count: int, gap: float
+           ) -> Iterator[tuple[Path, subprocess.Popen[str], Store, SnapshotMeta]]:
+    """A target (bench_service's TARGET with `target_args`) snapshotted `count` times,
+    `gap` seconds apart, into a new store: (directory, target, store, newest)."""
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=store_dir))
-    target = subprocess.Popen([sys.executable, "-c", TARGET, "64", "0"],
+    target = subprocess.Popen([sys.executable, "-c", TARGET, *target_args],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert target.stdout is not None and target.stdout.readline().strip() == "ready"
         store = Store.open(tmp / "store", create=True)
         with Engine(store) as engine:
-            for _ in range(257):
+            for _ in range(count):
                 meta = engine.snapshot(target.pid)
-                time.sleep(0.01)
+                time.sleep(gap)
+        yield tmp, target, store, meta
+    finally:
+        target.kill()
+        target.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def small_chain(store_dir: str) -> None:
+    """See --small-chain in the module doc; prints one table row."""
+    with _chain(store_dir, ["64", "0"], 257, 0.01) as (tmp, _, store, meta):
         ids = store.snapshot_ids(meta.chain)
         sizes = [store.snapshot_path(i).stat().st_size for i in ids[1:]]
         c0 = cpu()
@@ -124,10 +139,6 @@ def small_chain(store_dir: str) -> None:
         print(f"| {REPO} | {sum(sizes) / len(sizes) / 1024:.1f} KiB | "
               f"{1e3 * (c1 - c0):.1f} ms | {1e3 * (c2 - c1):.1f} ms | "
               f"{1e3 * (c3 - c2):.1f} ms |", flush=True)
-    finally:
-        target.kill()
-        target.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -164,16 +175,8 @@ def main() -> int:
                                cwd=checkout, check=True,
                                env={**os.environ, "CKPTD_BENCH_REPO": str(checkout)})
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=args.store_dir))
-    target = subprocess.Popen([sys.executable, "-c", TARGET, "65536", "0.1"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert target.stdout is not None and target.stdout.readline().strip() == "ready"
-        store = Store.open(tmp / "store", create=True)
-        with Engine(store) as engine:
-            for _ in range(args.snapshots):
-                meta = engine.snapshot(target.pid)
-                time.sleep(0.1)
+    with _chain(args.store_dir, ["65536", "0.1"], args.snapshots, 0.1) as (
+            _, target, store, meta):
         target.kill()
         c0 = cpu()
         _, pm, _ = reader.page_map(store, meta.id)
@@ -188,10 +191,6 @@ def main() -> int:
               f"({len(pm)} pieces) | fold {args.snapshots // 2} into a base {c2 - c1:.2f} s | "
               f"verify {count} snapshots {c3 - c2:.2f} s |")
         print(summary)
-    finally:
-        target.kill()
-        target.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
