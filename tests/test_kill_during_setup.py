@@ -2,12 +2,12 @@
 a round that is not safe to die in. Each test kills a real ckptd process (itself, at an
 exact point, through a patched function) and looks at the real target afterwards.
 
-Both are known defects, kept as strict xfails so that a fix shows up:
-- dying with the injected registers in place kills the target (docs/kernel.md, known
-  limitations), against "the target process must survive whatever happens to ckptd";
-- dying after the target created the userfaultfd but before state/uffd-wp.json names
-  it leaves the target holding a userfaultfd that no store knows: every later ckptd takes
-  it for the target's own and refuses write-protect tracking for the process's life.
+- Dying with the injected registers in place kills the target (docs/kernel.md, known
+  limitations), against "the target process must survive whatever happens to ckptd": a
+  known defect, kept as a strict xfail so that a fix shows up.
+- Dying after the target created the userfaultfd but before state/uffd-wp.json names
+  it: the record written before the injection (target_fd -1, "installing") lets the next
+  ckptd take that userfaultfd over; a userfaultfd the target made itself is never taken.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import pytest
 from helpers import TARGETS, needs_root
 
 from ckptd.engine import Engine
+from ckptd.kernel import procfs
 from ckptd.store import Store
+from ckptd.store import reader as store_reader
 
 pytestmark = needs_root
 
@@ -41,9 +43,18 @@ def die(*args, **kw):
 if sys.argv[3] == "registers-set":
     # PTRACE_SETREGS with the injected registers has run; the syscall has not.
     ptrace.Freezer._run_syscall = die
+elif sys.argv[3] == "state-unsaved":
+    # The target made the userfaultfd and ckptd took its copy; the record naming it is
+    # next (the "installing" record before the injection is written).
+    save = uffd_wp.UffdWpTracker._save_state
+    def save_or_die(self, ctx):
+        if self.state.target_fd != uffd_wp.INSTALLING:
+            die()
+        save(self, ctx)
+    uffd_wp.UffdWpTracker._save_state = save_or_die
 else:
-    # The target made the userfaultfd and ckptd took its copy; the state file is next.
-    uffd_wp.UffdWpTracker._save_state = die
+    # Before the injection: only the "installing" record is written.
+    uffd_wp.UffdWpTracker._inject_with_retries = die
 store = Store.open(Path(sys.argv[1]), create=True)
 with Engine(store) as eng:
     eng.snapshot(int(sys.argv[2]), tracker="uffd-wp")
@@ -80,21 +91,69 @@ def test_target_survives_ckptd_killed_with_injected_registers(tmp_path: Path) ->
         t.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ckptd SIGKILLed after the injected userfaultfd() and before state/uffd-wp.json "
-    "records its fd and inode: the next ckptd finds an unrecorded userfaultfd, takes it "
-    "for the target's own, and falls back to the hash tracker for the process's life "
-    "(--tracker uffd-wp fails); the stray fd stays in the target"))
 def test_tracking_survives_ckptd_killed_before_recording_the_userfaultfd(
         tmp_path: Path) -> None:
+    """The next ckptd takes over the userfaultfd the dead one installed: write-protect
+    tracking goes on with a full snapshot, then deltas, and the target holds no second
+    userfaultfd."""
     root = tmp_path / "store"
     t = _target()
     try:
         _die(root, t.pid, "state-unsaved")
         assert t.poll() is None  # only the setup is lost, not the target
+        left = procfs.userfaultfd_fds(t.pid)
+        assert len(left) == 1
         with Engine(Store.open(root)) as eng:
             meta = eng.snapshot(t.pid)
-        assert meta.tracker == "uffd-wp", meta.tracker_reason
+            assert meta.tracker == "uffd-wp", meta.tracker_reason
+            assert meta.kind == "full" and "taken over" in (meta.full_reason or "")
+            delta = eng.snapshot(t.pid)
+        assert delta.tracker == "uffd-wp" and delta.kind == "delta", delta.full_reason
+        assert procfs.userfaultfd_fds(t.pid) == left
+        assert store_reader.verify(Store.open(root)) == (2, [])
+    finally:
+        t.kill()
+        t.wait()
+
+
+# Makes a userfaultfd of its own when told to (close-on-exec only, not O_NONBLOCK).
+OWN_UFFD = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+print("ready", flush=True)
+sys.stdin.readline()
+fd = libc.syscall(323, 0o2000000)
+print(fd, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_userfaultfd_the_target_made_itself_is_never_taken_over(tmp_path: Path) -> None:
+    """ckptd dies after writing its "installing" record and before the injection; the
+    target then makes a userfaultfd of its own. The next ckptd must take that one for
+    the target's (not O_NONBLOCK: not made by ckptd), leave it alone, and use the hash
+    tracker."""
+    root = tmp_path / "store"
+    t = subprocess.Popen([sys.executable, "-c", OWN_UFFD], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert t.stdout is not None and t.stdin is not None
+        assert t.stdout.readline().strip() == "ready"
+        _die(root, t.pid, "before-injection")
+        state = next(root.glob("chains/*/state/uffd-wp.json"))
+        assert '"target_fd": -1' in state.read_text()
+        assert procfs.userfaultfd_fds(t.pid) == []
+        t.stdin.write("go\n")
+        t.stdin.flush()
+        own = int(t.stdout.readline())
+        assert procfs.userfaultfd_fds(t.pid) == [own]
+        with Engine(Store.open(root)) as eng:
+            meta = eng.snapshot(t.pid)
+        assert meta.tracker == "hash", meta.tracker_reason
+        assert "already uses userfaultfd" in meta.tracker_reason
+        assert procfs.userfaultfd_fds(t.pid) == [own]
+        assert procfs.fdinfo(t.pid, own)["API"].split(":")[1] == "0"  # untouched
+        assert t.poll() is None
     finally:
         t.kill()
         t.wait()

@@ -101,6 +101,9 @@ UFFDIO_WRITEPROTECT = 0xC018AA06
 UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
+# Not an API flag: the kernel sets this bit in a userfaultfd's features once UFFDIO_API
+# succeeded, and /proc/PID/fdinfo/FD shows it ("API:\t<api>:<features>:<ioctls>").
+UFFD_FEATURE_INITIALIZED = 1 << 31
 
 UFFDIO_REGISTER_MODE_MISSING = 1 << 0
 UFFDIO_REGISTER_MODE_WP = 1 << 1

@@ -287,6 +287,13 @@ def fd_flags(pid: int, fd: int) -> int:
     raise ValueError(f"no flags in /proc/{pid}/fdinfo/{fd}")
 
 
+def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    """/proc/PID/fdinfo/FD as {field: value} (the text after the first colon, stripped)."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return {k.strip(): v.strip() for k, sep, v in (line.partition(":") for line in f)
+                if sep}
+
+
 def userfaultfd_fds(pid: int) -> list[int]:
     return sorted(fd for fd, t in fd_targets(pid).items() if t == "anon_inode:[userfaultfd]")
 

@@ -14,6 +14,7 @@ What the target can observe: one extra fd (anon_inode:[userfaultfd], O_CLOEXEC, 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import json
 import logging
@@ -78,9 +79,15 @@ def probe() -> tuple[bool, str]:
     return True, "async write-protect (WP_ASYNC) and PAGEMAP_SCAN available"
 
 
+# state/uffd-wp.json's `target_fd` while a userfaultfd is being installed: written before
+# the injection, so that a ckptd that dies before recording the new fd leaves a trace the
+# next one can recognise its fd by (see UffdWpTracker._adopt).
+INSTALLING = -1
+
+
 @dataclass
 class _State:
-    target_fd: int
+    target_fd: int  # INSTALLING, or the fd number in the target
     inode: int
     start_time: int
     synced_with: str | None  # the snapshot the write-protect state corresponds to
@@ -204,6 +211,12 @@ class UffdWpTracker(Tracker):
             self.pm = pagemap.Pagemap(ctx.pid)
             self._registered = None  # registered by an earlier ckptd: ask the kernel
             return ArmResult(self._sync_reason(ctx))
+        if state and state.target_fd == INSTALLING and state.start_time == start_time:
+            adopted = self._adopt(ctx, start_time)
+            if adopted is not None:
+                self.pm = pagemap.Pagemap(ctx.pid)
+                self._registered = []  # the dead ckptd registered nothing
+                return ArmResult(adopted)
         self._inject(ctx, start_time)
         self.pm = pagemap.Pagemap(ctx.pid)
         self._registered = []  # a new userfaultfd: nothing is registered yet
@@ -256,11 +269,27 @@ class UffdWpTracker(Tracker):
                     "and suspending seccomp needs CAP_SYS_ADMIN"
                 )
             suspend = True
+        # The target has no userfaultfd now (checked above, and it cannot make one while
+        # frozen): if ckptd dies before the record below names the new fd, the next
+        # ckptd finds this one and the single userfaultfd, and takes it as its own.
+        self.state = _State(INSTALLING, 0, start_time, None)
+        self._save_state(ctx)
+        try:
+            target_fd = self._inject_with_retries(pid, suspend, ctx.authorize)
+            inode = os.stat(f"/proc/{pid}/fd/{target_fd}").st_ino
+        except BaseException:
+            self._drop_installing(ctx)
+            raise
+        self.state = _State(target_fd, inode, start_time, None)
+        self._save_state(ctx)
+        log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
+
+    def _inject_with_retries(self, pid: int, suspend: bool,
+                             authorize: Callable[[int], None] | None) -> int:
         try:
             for attempt in range(_INJECT_ATTEMPTS):
                 try:
-                    target_fd = self._inject_frozen(pid, suspend, ctx.authorize)
-                    break
+                    return self._inject_frozen(pid, suspend, authorize)
                 except ptrace.InjectionDeferred as e:
                     if attempt == _INJECT_ATTEMPTS - 1:
                         raise TrackerUnavailable(f"cannot inject userfaultfd(): {e}, "
@@ -274,10 +303,64 @@ class UffdWpTracker(Tracker):
             if e.errno == errno.EPERM:
                 raise TrackerUnavailable("ptrace denied (EPERM)") from e
             raise
-        inode = os.stat(f"/proc/{pid}/fd/{target_fd}").st_ino
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _drop_installing(self, ctx: TrackContext) -> None:
+        """The installation failed, and its cleanup closed what it made in the target:
+        remove the INSTALLING record, so that a userfaultfd the target makes later is
+        never taken for the one ckptd was installing (see _adopt)."""
+        self.state = None
+        path = self._state_file_path(ctx.state_dir)
+        ours = self._state_fd >= 0 and self._state_file_is_ours(path)
+        self._close_state()
+        if ours:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _adopt(self, ctx: TrackContext, start_time: int) -> str | None:
+        """The state says an earlier ckptd was installing a userfaultfd in this process
+        (same start time) and never recorded it: it died in between. If the target
+        holds exactly one userfaultfd, made as ckptd makes them (O_NONBLOCK and
+        close-on-exec, fd 3 or above, either not yet set up or set up with exactly
+        ckptd's features), with no memory registered on any userfaultfd, it is that
+        one: take a copy, finish its setup, record it, and return the reason for a
+        full snapshot. Otherwise None: the target's own userfaultfd is never taken.
+        The one case this cannot tell apart is a target that, after that ckptd died
+        and before this check, made a first userfaultfd of its own with these same
+        flags and features and registered nothing yet."""
+        pid = ctx.pid
+        fds = procfs.userfaultfd_fds(pid)
+        if len(fds) != 1 or fds[0] < _LOWEST_TARGET_FD or procfs.uffd_vma_flags(pid):
+            return None
+        target_fd = fds[0]
+        try:
+            info = procfs.fdinfo(pid, target_fd)
+            flags = int(info["flags"], 8)
+            features = int(info["API"].split(":")[1], 16) & ~abi.UFFD_FEATURE_INITIALIZED
+        except (OSError, KeyError, IndexError, ValueError):
+            return None
+        if (flags & (os.O_NONBLOCK | os.O_CLOEXEC) != (os.O_NONBLOCK | os.O_CLOEXEC)
+                or features not in (0, uffd.WP_FEATURES)):
+            return None
+        try:
+            with _pidfd(pid) as pidfd:
+                self.fd = syscalls.pidfd_getfd(pidfd, target_fd)
+            if features == 0:
+                uffd.api_handshake(self.fd)
+            inode = os.fstat(self.fd).st_ino
+        except (OSError, uffd.UffdUnsupported) as e:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            log.warning("pid %d: cannot take over the userfaultfd (fd %d) an earlier ckptd "
+                        "installed: %s", pid, target_fd, e)
+            return None
         self.state = _State(target_fd, inode, start_time, None)
         self._save_state(ctx)
-        log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
+        log.warning("pid %d: took over the userfaultfd (fd %d, ino %d) that an earlier ckptd "
+                    "installed and did not record (it died meanwhile)", pid, target_fd, inode)
+        return ("write-protect tracking taken over from an earlier ckptd that died while "
+                "setting it up")
 
     def _inject_frozen(self, pid: int, suspend: bool,
                        authorize: Callable[[int], None] | None = None) -> int:
