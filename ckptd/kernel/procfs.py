@@ -279,19 +279,18 @@ def fd_targets(pid: int) -> dict[int, str]:
     return out
 
 
-def fd_flags(pid: int, fd: int) -> int:
-    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8)
-    raise ValueError(f"no flags in /proc/{pid}/fdinfo/{fd}")
-
-
 def fdinfo(pid: int, fd: int) -> dict[str, str]:
     """/proc/PID/fdinfo/FD as {field: value} (the text after the first colon, stripped)."""
     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
         return {k.strip(): v.strip() for k, sep, v in (line.partition(":") for line in f)
                 if sep}
+
+
+def fd_flags(pid: int, fd: int) -> int:
+    flags = fdinfo(pid, fd).get("flags")
+    if flags is None:
+        raise ValueError(f"no flags in /proc/{pid}/fdinfo/{fd}")
+    return int(flags, 8)
 
 
 def userfaultfd_fds(pid: int) -> list[int]:

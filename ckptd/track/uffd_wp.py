@@ -211,19 +211,18 @@ class UffdWpTracker(Tracker):
             self.pm = pagemap.Pagemap(ctx.pid)
             self._registered = None  # registered by an earlier ckptd: ask the kernel
             return ArmResult(self._sync_reason(ctx))
+        reason = None
         if state and state.target_fd == INSTALLING and state.start_time == start_time:
-            adopted = self._adopt(ctx, start_time)
-            if adopted is not None:
-                self.pm = pagemap.Pagemap(ctx.pid)
-                self._registered = []  # the dead ckptd registered nothing
-                return ArmResult(adopted)
-        self._inject(ctx, start_time)
+            reason = self._adopt(ctx, start_time)
+        if reason is None:
+            self._inject(ctx, start_time)
+            reason = ("the process exec'd since the last snapshot, keeping its address "
+                      "layout: write-protect tracking started again" if exec_seen
+                      else "write-protect tracking started with this snapshot")
         self.pm = pagemap.Pagemap(ctx.pid)
-        self._registered = []  # a new userfaultfd: nothing is registered yet
-        if exec_seen:
-            return ArmResult("the process exec'd since the last snapshot, keeping its "
-                             "address layout: write-protect tracking started again")
-        return ArmResult("write-protect tracking started with this snapshot")
+        # A new userfaultfd, or one whose installer died before registering anything.
+        self._registered = []
+        return ArmResult(reason)
 
     def _sync_reason(self, ctx: TrackContext) -> str | None:
         assert self.state is not None
