@@ -449,6 +449,79 @@ def test_malformed_and_oversized_requests(daemon: Daemon) -> None:
     assert "Traceback" not in daemon.log()
 
 
+def _read_until_closed(s: socket.socket) -> tuple[bytes, float]:
+    """Everything `s` receives until the service closes it, and when that happened."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data, time.monotonic()
+
+
+def test_unfinished_requests_time_out(tmp_path: Path) -> None:
+    """A request that is begun must be finished within request_timeout, however the
+    client trickles it; a connection idle between requests stays open."""
+    d = Daemon(tmp_path, config_extra='request_timeout = "1s"').start()
+    try:
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.settimeout(60)
+        idle.connect(str(d.socket))
+        half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        half.settimeout(60)
+        half.connect(str(d.socket))
+        t0 = time.monotonic()
+        half.sendall(b'{"id": 1, "op": "pi')
+        data, closed = _read_until_closed(half)
+        reply = json.loads(data.split(b"\n")[0])
+        assert reply["error"]["code"] == "timeout", reply
+        assert "within 1 s" in reply["error"]["message"]
+        assert 1.0 <= closed - t0 < 30, closed - t0
+        half.close()
+
+        # One byte every 0.3 s keeps data coming, but the request's time runs from its
+        # first byte: closed after about 1 s, long before the 40 bytes are sent.
+        trickle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        trickle.settimeout(60)
+        trickle.connect(str(d.socket))
+        t0 = time.monotonic()
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for byte in b'{"id": 2, "op": "ping"}       ' + b" " * 10:
+                trickle.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.3)
+        data, closed = _read_until_closed(trickle)
+        assert json.loads(data.split(b"\n")[0])["error"]["code"] == "timeout"
+        assert sent < 40 and closed - t0 < 12, (sent, closed - t0)
+        trickle.close()
+
+        # A request that ended gives the next one its own time: two whole requests
+        # 0.7 s apart, each sent in two halves 0.5 s apart, are both answered.
+        paced = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        paced.settimeout(60)
+        paced.connect(str(d.socket))
+        for rid in (3, 4):
+            paced.sendall(f'{{"id": {rid}, "op": '.encode())
+            time.sleep(0.5)
+            paced.sendall(b'"ping"}\n')
+            time.sleep(0.7)
+        got = b""
+        while got.count(b"\n") < 2:
+            got += paced.recv(65536)
+        assert [json.loads(line)["id"] for line in got.splitlines()] == [3, 4]
+        paced.close()
+
+        # The idle connection, silent for all of this, still works.
+        assert time.monotonic() - t0 > 1.5
+        idle.sendall(b'{"id": 5, "op": "ping"}\n')
+        assert json.loads(idle.recv(65536).split(b"\n")[0])["result"]["protocol"] == 1
+        idle.close()
+        assert "request unfinished after 1 s" in d.log()
+        assert d.stop() == 0
+        assert "Traceback" not in d.log()
+    finally:
+        d.kill()
+
+
 def test_metrics_on_socket_and_http(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -198,6 +198,10 @@ class ServiceSection(_Strict):
     shutdown_grace: Duration = Field(
         default=20.0, description="on SIGTERM, wait this long for in-flight snapshots"
     )
+    request_timeout: Duration = Field(
+        default=30.0, gt=0,
+        description="a client must finish a request it began, and take each reply, "
+        "within this many seconds, or its connection is closed")
     max_registrations: int = Field(default=1024, ge=1)
     max_registrations_per_user: int | None = Field(
         default=None, ge=1,

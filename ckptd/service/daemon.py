@@ -1259,12 +1259,36 @@ class Service:
         self._clients += 1
         self._clients_of[peer.uid] = mine + 1
         decoder = protocol.FrameDecoder()
+        # A request that has begun must end, and each reply be taken, within
+        # request_timeout: a client that stalls (or a user who sends half a request on
+        # each of many connections) must not hold its connection slots, and what it
+        # sent, for ever. Idle connections between requests may stay (MAX_CLIENTS*).
+        loop = asyncio.get_running_loop()
+        limit = self.cfg.service.request_timeout
+        deadline: float | None = None  # of the request under way, if one has begun
         try:
             while True:
-                data = await reader.read(READ_CHUNK)
+                if not decoder.in_message:
+                    deadline = None
+                elif deadline is None:
+                    deadline = loop.time() + limit
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(READ_CHUNK),
+                        None if deadline is None else max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    log.info("uid %d pid %d: request unfinished after %g s; closing the "
+                             "connection", peer.uid, peer.pid, limit)
+                    writer.write(protocol.encode_error(
+                        None, "timeout", f"request not finished within {limit:g} s (a "
+                        "request ends with a newline); the connection is closed"))
+                    break
                 if not data:
                     break
-                for ev in decoder.feed(data):
+                events = decoder.feed(data)
+                if events:
+                    deadline = None  # a request ended: the next one has its own time
+                for ev in events:
                     if isinstance(ev, protocol.Oversize):
                         log.info("uid %d pid %d: request over %d bytes rejected", peer.uid,
                                  peer.pid, protocol.MAX_MESSAGE)
@@ -1274,9 +1298,12 @@ class Service:
                     else:
                         reply = await self.dispatch(ev.data, peer)
                     writer.write(reply)
-                    await writer.drain()
+                    await asyncio.wait_for(writer.drain(), limit)
         except (ConnectionResetError, BrokenPipeError) as exc:
             log.debug("uid %d pid %d: client went away: %s", peer.uid, peer.pid, exc)
+        except TimeoutError:
+            log.info("uid %d pid %d: a reply not taken within %g s; closing the connection",
+                     peer.uid, peer.pid, limit)
         finally:
             self._clients -= 1
             left = self._clients_of[peer.uid] - 1

@@ -28,6 +28,7 @@ ErrorCode = Literal[
     "bad-request",     # a known op with missing or invalid fields
     "unknown-op",      # no such operation
     "too-large",       # the line exceeded MAX_MESSAGE
+    "timeout",         # a begun request was not finished within request_timeout
     "permission",      # SO_PEERCRED says this client may not do that
     "not-found",       # no such process, registration or snapshot
     "user-error",      # any other mistake the client can fix
@@ -232,6 +233,12 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    @property
+    def in_message(self) -> bool:
+        """Has a message begun that its newline has not ended yet (an oversized one
+        being skipped included)? Blank space between messages does not count."""
+        return self._skipping or bool(self._buf.strip())
 
 
 def _peek_id(obj: Any) -> RequestId:
