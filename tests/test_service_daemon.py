@@ -510,6 +510,18 @@ def test_unfinished_requests_time_out(tmp_path: Path) -> None:
         assert [json.loads(line)["id"] for line in got.splitlines()] == [3, 4]
         paced.close()
 
+        # A client that sends requests but takes no reply: once the socket's buffers
+        # are full, the service waits request_timeout for it, then closes it.
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.settimeout(60)
+        deaf.connect(str(d.socket))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            deaf.sendall(b'{"op": "status"}\n' * 20000)
+        wait_for(lambda: "a reply not taken within 1 s" in d.log(), "the deaf client closed")
+        with contextlib.suppress(ConnectionResetError):
+            _read_until_closed(deaf)  # what was sent before, then the end
+        deaf.close()
+
         # The idle connection, silent for all of this, still works.
         assert time.monotonic() - t0 > 1.5
         idle.sendall(b'{"id": 5, "op": "ping"}\n')
