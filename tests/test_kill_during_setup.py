@@ -2,9 +2,8 @@
 a round that is not safe to die in. Each test kills a real ckptd process (itself, at an
 exact point, through a patched function) and looks at the real target afterwards.
 
-- Dying with the injected registers in place kills the target (docs/kernel.md, known
-  limitations), against "the target process must survive whatever happens to ckptd": a
-  known defect, kept as a strict xfail so that a fix shows up.
+- Dying with the injected registers in place: the injection runs in a child process
+  (track/injector.py), which finishes it; the target lives on.
 - Dying after the target created the userfaultfd but before state/uffd-wp.json names
   it: the record written before the injection (target_fd -1, "installing") lets the next
   ckptd take that userfaultfd over; a userfaultfd the target made itself is never taken.
@@ -18,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from helpers import TARGETS, needs_root
 
 from ckptd.engine import Engine
@@ -30,7 +28,7 @@ pytestmark = needs_root
 
 # argv: store, target pid, where to die. The patched function SIGKILLs ckptd itself.
 DIE_DURING_SETUP = """
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 from ckptd.engine import Engine
 from ckptd.kernel import ptrace
@@ -40,9 +38,20 @@ from ckptd.track import uffd_wp
 def die(*args, **kw):
     os.kill(os.getpid(), signal.SIGKILL)
 
+CKPTD = os.getpid()
 if sys.argv[3] == "registers-set":
-    # PTRACE_SETREGS with the injected registers has run; the syscall has not.
-    ptrace.Freezer._run_syscall = die
+    # PTRACE_SETREGS with the injected registers has run; the syscall has not. The
+    # injection runs in a child of ckptd (track/injector.py): that child kills ckptd
+    # here, and waits until it is gone before going on. (Were the injection to run in
+    # ckptd itself, ckptd would kill itself here, with the registers in place.)
+    run_syscall = ptrace.Freezer._run_syscall
+    def kill_ckptd_then_run(self, th):
+        os.kill(CKPTD, signal.SIGKILL)
+        while os.path.exists(f"/proc/{CKPTD}/stat") and \
+                open(f"/proc/{CKPTD}/stat").read().split(") ")[1][0] not in "ZX":
+            time.sleep(0.001)
+        return run_syscall(self, th)
+    ptrace.Freezer._run_syscall = kill_ckptd_then_run
 elif sys.argv[3] == "state-unsaved":
     # The target made the userfaultfd and ckptd took its copy; the record naming it is
     # next (the "installing" record before the injection is written).
@@ -75,17 +84,30 @@ def _die(root: Path, pid: int, where: str) -> None:
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation (docs/kernel.md): ckptd SIGKILLed between PTRACE_SETREGS of the "
-    "injected userfaultfd() call and restoring the thread's registers; the kernel "
-    "detaches and the thread resumes at the borrowed syscall instruction with the "
-    "injected registers: SIGSEGV here every time"))
 def test_target_survives_ckptd_killed_with_injected_registers(tmp_path: Path) -> None:
+    """ckptd is SIGKILLed while the target's thread holds the injected registers. The
+    injection's own process finishes it: the target lives on unharmed, holding the one
+    userfaultfd, which the next ckptd takes over (a full snapshot, then deltas)."""
+    root = tmp_path / "store"
     t = _target()
     try:
-        _die(tmp_path / "store", t.pid, "registers-set")
-        time.sleep(0.5)
+        _die(root, t.pid, "registers-set")
+        wait_until_one_userfaultfd = time.monotonic() + 60
+        while not procfs.userfaultfd_fds(t.pid) and time.monotonic() < wait_until_one_userfaultfd:
+            time.sleep(0.01)
+        left = procfs.userfaultfd_fds(t.pid)
+        assert len(left) == 1, left
         assert t.poll() is None, f"target died: {t.returncode}"
+        with Engine(Store.open(root)) as eng:
+            meta = eng.snapshot(t.pid)
+            assert meta.tracker == "uffd-wp", meta.tracker_reason
+            assert meta.kind == "full" and "taken over" in (meta.full_reason or "")
+            delta = eng.snapshot(t.pid)
+        assert delta.tracker == "uffd-wp" and delta.kind == "delta", delta.full_reason
+        assert procfs.userfaultfd_fds(t.pid) == left
+        assert store_reader.verify(Store.open(root)) == (2, [])
+        time.sleep(0.3)  # the counter checks its pages before each write: still running
+        assert t.poll() is None, f"target exited {t.returncode}"
     finally:
         t.kill()
         t.wait()

@@ -221,11 +221,12 @@ class Injection:
     signal, and detach clears syscall tracing. The next syscall of the session starts
     from the previous one's exit stop. The thread's own registers are read when the
     session starts and written back when it ends (or before a signal is delivered to
-    it, see syscall). What remains unsafe is ckptd dying while the injected registers
-    are in place, from the first syscall of a session to its end, a few system calls
-    per syscall: catchable signals are held off for the whole session (docs/kernel.md,
-    known limitations), so callers run their syscalls back to back and do other work
-    outside it."""
+    it, see syscall). What remains unsafe is the tracer dying while the injected
+    registers are in place, from the first syscall of a session to its end, a few
+    system calls per syscall: catchable signals are held off for the whole session, and
+    ckptd runs its sessions in a child process of their own (track/injector.py), so
+    that ckptd itself dying does not matter (docs/kernel.md, known limitations).
+    Callers run their syscalls back to back and do other work outside it."""
 
     def __init__(self, fz: Freezer, tid: int) -> None:
         self._fz = fz
@@ -398,8 +399,8 @@ def signals_held() -> Iterator[None]:
     """Hold off SIGINT, SIGTERM, SIGHUP and SIGQUIT while the target's thread runs with
     injected registers: a one-shot `ckptd snapshot` would otherwise die (or raise
     KeyboardInterrupt) in the middle and leave them in place. Only the main thread can
-    change handlers; in the service the capture threads inject, and the main thread's
-    handlers only schedule a graceful stop, which waits for the round."""
+    change handlers; ckptd injects from a forked child (track/injector.py), whose one
+    thread is its main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

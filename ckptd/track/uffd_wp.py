@@ -1,7 +1,8 @@
 """uffd-wp: async userfaultfd write-protect + PAGEMAP_SCAN get-and-clear.
 
 The target is made to create a userfaultfd (an injected syscall, see kernel/ptrace.py;
-two more move it off fds 0-2 if it lands there).
+two more move it off fds 0-2 if it lands there), by a child process that survives
+ckptd being killed meanwhile (see injector.py).
 The fd stays open in the target, close-on-exec, so registration (which lives as long as
 any copy of the fd is open) survives ckptd exiting and restarting; ckptd takes its own
 copy with pidfd_getfd whenever it works. An exec closes the fd and gives a new address
@@ -39,6 +40,7 @@ from ..intervals import (
 from ..kernel import abi, pagemap, procfs, ptrace, syscalls, uffd
 from ..kernel.procfs import Mapping
 from ..store.fsutil import atomic_write
+from . import injector
 from .base import (
     MAX_READONLY_REGISTER,
     MAX_REGISTER,
@@ -363,32 +365,17 @@ class UffdWpTracker(Tracker):
 
     def _inject_frozen(self, pid: int, suspend: bool,
                        authorize: Callable[[int], None] | None = None) -> int:
-        """Freeze, make the target create a userfaultfd, take a copy of the new fd and
-        thaw. Returns the fd's number in the target. `authorize` (see TrackContext) is
-        checked once frozen: no injection into a process the client may not ptrace."""
-        with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
-            if authorize is not None:
-                authorize(pid)
-            if not suspend and procfs.read_status(pid).get("Seccomp", "0") != "0":
-                # It installed a filter since we looked: the filter might kill it for
-                # the injected call.
-                raise TrackerUnavailable("the target started using seccomp; "
-                                         "write-protect tracking was not set up")
-            with fz.injection() as inj:
-                target_fd = _new_userfaultfd(pid, inj)
-            try:
-                with _pidfd(pid) as pidfd:
-                    self.fd = syscalls.pidfd_getfd(pidfd, target_fd)
-                uffd.api_handshake(self.fd)
-            except (OSError, uffd.UffdUnsupported) as e:
-                # Leave no trace: close the fd we made the target open.
-                if self.fd >= 0:
-                    os.close(self.fd)
-                    self.fd = -1
-                fz.inject_syscall(abi.SYS_close, target_fd)
-                raise TrackerUnavailable(f"cannot set up write-protect tracking: {e}") \
-                    from e
-            return target_fd
+        """Make the target create a userfaultfd, and take a copy of it (self.fd).
+        Returns the fd's number in the target. The injection runs in a child process
+        (see track/injector.py), so that ckptd dying meanwhile cannot leave the target
+        with injected registers. A child is refused where ckptd itself is not when the
+        target is ckptd's own descendant under Yama's ptrace_scope 1: then it runs here."""
+        try:
+            target_fd, self.fd = injector.in_child(
+                lambda: _inject_frozen(pid, suspend, authorize))
+        except PermissionError:
+            target_fd, self.fd = _inject_frozen(pid, suspend, authorize)
+        return target_fd
 
     # --- harvest ----------------------------------------------------------------------
 
@@ -761,6 +748,35 @@ class UffdWpTracker(Tracker):
         self._unchanged.clear()
         self._round_present = []
         self._close_state()
+
+
+def _inject_frozen(pid: int, suspend: bool,
+                   authorize: Callable[[int], None] | None) -> tuple[int, int]:
+    """Freeze, make the target create a userfaultfd, take a copy of the new fd and thaw.
+    Returns (the fd's number in the target, our copy). `authorize` (see TrackContext)
+    is checked once frozen: no injection into a process the client may not ptrace."""
+    with ptrace.Freezer(pid, suspend_seccomp=suspend) as fz:
+        if authorize is not None:
+            authorize(pid)
+        if not suspend and procfs.read_status(pid).get("Seccomp", "0") != "0":
+            # It installed a filter since we looked: the filter might kill it for the
+            # injected call.
+            raise TrackerUnavailable("the target started using seccomp; "
+                                     "write-protect tracking was not set up")
+        with fz.injection() as inj:
+            target_fd = _new_userfaultfd(pid, inj)
+        fd = -1
+        try:
+            with _pidfd(pid) as pidfd:
+                fd = syscalls.pidfd_getfd(pidfd, target_fd)
+            uffd.api_handshake(fd)
+        except (OSError, uffd.UffdUnsupported) as e:
+            # Leave no trace: close the fd we made the target open.
+            if fd >= 0:
+                os.close(fd)
+            fz.inject_syscall(abi.SYS_close, target_fd)
+            raise TrackerUnavailable(f"cannot set up write-protect tracking: {e}") from e
+        return target_fd, fd
 
 
 def _new_userfaultfd(pid: int, inj: ptrace.Injection) -> int:
