@@ -138,6 +138,57 @@ def test_tracking_survives_ckptd_killed_before_recording_the_userfaultfd(
         t.wait()
 
 
+# argv: store, target pid. The injecting child sends ckptd (this script, whose main
+# thread snapshots) SIGINT while the injected registers are set, as a Ctrl-C would.
+INTERRUPTED_SETUP = """
+import os, signal, sys
+from pathlib import Path
+from ckptd.engine import Engine
+from ckptd.kernel import ptrace
+from ckptd.store import Store
+
+CKPTD = os.getpid()
+run_syscall = ptrace.Freezer._run_syscall
+def interrupt_then_run(self, th):
+    if os.getpid() != CKPTD:
+        os.kill(CKPTD, signal.SIGINT)
+    return run_syscall(self, th)
+ptrace.Freezer._run_syscall = interrupt_then_run
+store = Store.open(Path(sys.argv[1]), create=True)
+try:
+    with Engine(store) as eng:
+        eng.snapshot(int(sys.argv[2]), tracker="uffd-wp")
+    print("completed")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_during_the_setup_keeps_the_userfaultfd_recorded(tmp_path: Path) -> None:
+    """The interrupt waits until the new userfaultfd is recorded, then stops the
+    snapshot: the next ckptd uses that userfaultfd (no second one, no fallback)."""
+    root = tmp_path / "store"
+    t = _target()
+    try:
+        r = subprocess.run([sys.executable, "-c", INTERRUPTED_SETUP, str(root), str(t.pid)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "interrupted", r.stdout + r.stderr
+        assert t.poll() is None
+        left = procfs.userfaultfd_fds(t.pid)
+        assert len(left) == 1
+        with Engine(Store.open(root)) as eng:
+            meta = eng.snapshot(t.pid)
+            assert meta.tracker == "uffd-wp", meta.tracker_reason
+            assert "taken over" not in (meta.full_reason or "")
+            delta = eng.snapshot(t.pid)
+        assert delta.kind == "delta", delta.full_reason
+        assert procfs.userfaultfd_fds(t.pid) == left
+        assert store_reader.verify(Store.open(root)) == (2, [])
+    finally:
+        t.kill()
+        t.wait()
+
+
 # Makes a userfaultfd of its own when told to (close-on-exec only, not O_NONBLOCK).
 OWN_UFFD = """
 import ctypes, sys

@@ -273,16 +273,20 @@ class UffdWpTracker(Tracker):
         # The target has no userfaultfd now (checked above, and it cannot make one while
         # frozen): if ckptd dies before the record below names the new fd, the next
         # ckptd finds this one and the single userfaultfd, and takes it as its own.
-        self.state = _State(INSTALLING, 0, start_time, None)
-        self._save_state(ctx)
-        try:
-            target_fd = self._inject_with_retries(pid, suspend, ctx.authorize)
-            inode = os.stat(f"/proc/{pid}/fd/{target_fd}").st_ino
-        except BaseException:
-            self._drop_installing(ctx)
-            raise
-        self.state = _State(target_fd, inode, start_time, None)
-        self._save_state(ctx)
+        # Catchable signals wait until the new fd is recorded (a few ms): a Ctrl-C of
+        # `ckptd snapshot` while the injecting child works would otherwise lose its
+        # answer, and the target would keep a userfaultfd nobody recorded.
+        with ptrace.signals_held():
+            self.state = _State(INSTALLING, 0, start_time, None)
+            self._save_state(ctx)
+            try:
+                target_fd = self._inject_with_retries(pid, suspend, ctx.authorize)
+                inode = os.stat(f"/proc/{pid}/fd/{target_fd}").st_ino
+            except BaseException:
+                self._drop_installing(ctx)
+                raise
+            self.state = _State(target_fd, inode, start_time, None)
+            self._save_state(ctx)
         log.info("pid %d: userfaultfd installed as fd %d (ino %d)", pid, target_fd, inode)
 
     def _inject_with_retries(self, pid: int, suspend: bool,
