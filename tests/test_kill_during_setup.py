@@ -84,6 +84,19 @@ def _die(root: Path, pid: int, where: str) -> None:
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
 
 
+def _next_ckptd_takes_over(root: Path, pid: int, left: list[int]) -> None:
+    """A new ckptd takes the userfaultfd `left` (the target's only one) over: a full
+    snapshot, then a delta, with no second userfaultfd and a clean store."""
+    with Engine(Store.open(root)) as eng:
+        meta = eng.snapshot(pid)
+        assert meta.tracker == "uffd-wp", meta.tracker_reason
+        assert meta.kind == "full" and "taken over" in (meta.full_reason or "")
+        delta = eng.snapshot(pid)
+    assert delta.tracker == "uffd-wp" and delta.kind == "delta", delta.full_reason
+    assert procfs.userfaultfd_fds(pid) == left
+    assert store_reader.verify(Store.open(root)) == (2, [])
+
+
 def test_target_survives_ckptd_killed_with_injected_registers(tmp_path: Path) -> None:
     """ckptd is SIGKILLed while the target's thread holds the injected registers. The
     injection's own process finishes it: the target lives on unharmed, holding the one
@@ -98,14 +111,7 @@ def test_target_survives_ckptd_killed_with_injected_registers(tmp_path: Path) ->
         left = procfs.userfaultfd_fds(t.pid)
         assert len(left) == 1, left
         assert t.poll() is None, f"target died: {t.returncode}"
-        with Engine(Store.open(root)) as eng:
-            meta = eng.snapshot(t.pid)
-            assert meta.tracker == "uffd-wp", meta.tracker_reason
-            assert meta.kind == "full" and "taken over" in (meta.full_reason or "")
-            delta = eng.snapshot(t.pid)
-        assert delta.tracker == "uffd-wp" and delta.kind == "delta", delta.full_reason
-        assert procfs.userfaultfd_fds(t.pid) == left
-        assert store_reader.verify(Store.open(root)) == (2, [])
+        _next_ckptd_takes_over(root, t.pid, left)
         time.sleep(0.3)  # the counter checks its pages before each write: still running
         assert t.poll() is None, f"target exited {t.returncode}"
     finally:
@@ -125,14 +131,7 @@ def test_tracking_survives_ckptd_killed_before_recording_the_userfaultfd(
         assert t.poll() is None  # only the setup is lost, not the target
         left = procfs.userfaultfd_fds(t.pid)
         assert len(left) == 1
-        with Engine(Store.open(root)) as eng:
-            meta = eng.snapshot(t.pid)
-            assert meta.tracker == "uffd-wp", meta.tracker_reason
-            assert meta.kind == "full" and "taken over" in (meta.full_reason or "")
-            delta = eng.snapshot(t.pid)
-        assert delta.tracker == "uffd-wp" and delta.kind == "delta", delta.full_reason
-        assert procfs.userfaultfd_fds(t.pid) == left
-        assert store_reader.verify(Store.open(root)) == (2, [])
+        _next_ckptd_takes_over(root, t.pid, left)
     finally:
         t.kill()
         t.wait()
