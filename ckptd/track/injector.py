@@ -37,9 +37,12 @@ def in_child(work: Callable[[], tuple[int, int]]) -> tuple[int, int]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         child = os.fork()
-    except BaseException:
+    except BaseException as e:
         ours.close()
         theirs.close()
+        if isinstance(e, OSError):  # EAGAIN (a task limit), ENOMEM: nothing was done
+            raise TrackerUnavailable(f"cannot start the injection process: {e.strerror}") \
+                from e
         raise
     if child == 0:
         _child(theirs, ours, work)  # never returns
