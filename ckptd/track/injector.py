@@ -17,15 +17,13 @@ copied, and leaves with os._exit whatever happens, so none of the parent's other
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import TrackerUnavailable
-
-log = logging.getLogger(__name__)
 
 _MAX_REPLY = 1 << 16
 
@@ -52,20 +50,18 @@ def in_child(work: Callable[[], tuple[int, int]]) -> tuple[int, int]:
             payload, fds, _flags, _addr = socket.recv_fds(ours, _MAX_REPLY, 1)
     finally:
         status = _reap(child)
-    if not payload:
-        for fd in fds:
-            os.close(fd)
-        raise TrackerUnavailable(f"the injection process {child} ended without an answer "
-                                 f"(wait status {status:#x})")
-    kind, value = pickle.loads(payload)
-    if kind == "ok":
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise TrackerUnavailable("the injection process sent no userfaultfd")
+    # ("ok", number) or ("error", exception); ("none", None) if the child said nothing.
+    reply: tuple[str, Any] = pickle.loads(payload) if payload else ("none", None)
+    kind, value = reply
+    if kind == "ok" and len(fds) == 1:
         return int(value), fds[0]
     for fd in fds:
         os.close(fd)
+    if kind == "none":
+        raise TrackerUnavailable(f"the injection process {child} ended without an answer "
+                                 f"(wait status {status:#x})")
+    if kind == "ok":
+        raise TrackerUnavailable("the injection process sent no userfaultfd")
     raise value
 
 

@@ -281,7 +281,7 @@ class UffdWpTracker(Tracker):
             self._save_state(ctx)
             try:
                 target_fd = self._inject_with_retries(pid, suspend, ctx.authorize)
-                inode = os.stat(f"/proc/{pid}/fd/{target_fd}").st_ino
+                inode = os.fstat(self.fd).st_ino  # our copy: the same open file
             except BaseException:
                 self._drop_installing(ctx)
                 raise
